@@ -1,0 +1,19 @@
+-- Seed data of the contract. Idempotent: rows that exist are left as they are (a second run
+-- must not reset stock that orders have taken), and the sequences are moved past the seeded
+-- ids so that new rows never collide with them.
+
+INSERT INTO users (id, email) VALUES
+    (1, 'testuser@example.com'),
+    (2, 'user2@example.com')
+ON CONFLICT (id) DO NOTHING;
+
+INSERT INTO products (id, name, price, stock) VALUES
+    (1, 'Laptop', 75000.00, 10),
+    (2, 'Mouse', 500.00, 50),
+    (3, 'Keyboard', 1500.00, 20),
+    (4, 'Headphones', 2500.00, 5),
+    (5, 'Out of Stock Item', 999.00, 0)
+ON CONFLICT (id) DO NOTHING;
+
+SELECT setval(pg_get_serial_sequence('users', 'id'), (SELECT max(id) FROM users));
+SELECT setval(pg_get_serial_sequence('products', 'id'), (SELECT max(id) FROM products));

@@ -1,0 +1,156 @@
+//! Configuration from the environment, with every default in one place.
+//!
+//! A value that is set but cannot be parsed stops the process with a message naming the
+//! variable: silently falling back to the default would hide a typo in production.
+
+use std::{env, fmt, net::IpAddr, time::Duration};
+
+use crate::log::Level;
+
+/// Used when `DATABASE_URL` is unset: the local PostgreSQL that `make run` expects.
+pub const DEFAULT_DATABASE_URL: &str = "postgresql://postgres:postgres@localhost:5432/ecommerce";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `API_HOST`: address to listen on; all interfaces by default, as a container needs.
+    pub host: IpAddr,
+    /// `API_PORT`: the contract's port, 3000.
+    pub port: u16,
+    /// `DATABASE_URL`: a libpq-style URL or key=value string.
+    pub database_url: String,
+    /// `DB_POOL_SIZE`: most PostgreSQL connections open at once. PostgreSQL on few cores is
+    /// fastest with few active backends, so more connections only add queueing inside it.
+    pub pool_size: usize,
+    /// `DB_POOL_TIMEOUT_MS`: how long a request waits for a free connection before a 503.
+    pub pool_timeout: Duration,
+    /// `DB_CONNECT_TIMEOUT_MS`: how long opening one connection may take.
+    pub connect_timeout: Duration,
+    /// `DB_STATEMENT_TIMEOUT_MS`: PostgreSQL `statement_timeout` (and `lock_timeout`) on every
+    /// connection, so a stuck lock or query cannot hold a connection forever.
+    pub statement_timeout: Duration,
+    /// `REQUEST_TIMEOUT_MS`: deadline for one request from headers read to response ready.
+    pub request_timeout: Duration,
+    /// `HEADER_READ_TIMEOUT_MS`: a client must send its request headers within this time
+    /// (also the idle time a keep-alive connection may wait for its next request).
+    pub header_read_timeout: Duration,
+    /// `MAX_CONNECTIONS`: most client connections served at once; more get a 503 and are closed.
+    pub max_connections: usize,
+    /// `SHUTDOWN_GRACE_MS`: how long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// `DB_STARTUP_TIMEOUT_MS`: how long start-up waits for the database to become reachable.
+    pub startup_timeout: Duration,
+    /// `SEED_ON_START`: load the seed data at start (idempotent), as docker-compose does.
+    pub seed_on_start: bool,
+    /// `LOG_LEVEL`: error, warn, info or debug.
+    pub log_level: Level,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            host: IpAddr::from([0, 0, 0, 0]),
+            port: 3000,
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            pool_size: 16,
+            pool_timeout: Duration::from_millis(2_000),
+            connect_timeout: Duration::from_millis(3_000),
+            statement_timeout: Duration::from_millis(5_000),
+            request_timeout: Duration::from_millis(10_000),
+            header_read_timeout: Duration::from_millis(10_000),
+            max_connections: 1_024,
+            shutdown_grace: Duration::from_millis(8_000),
+            startup_timeout: Duration::from_millis(60_000),
+            seed_on_start: false,
+            log_level: Level::Info,
+        }
+    }
+}
+
+/// A variable that is set to something that cannot be used.
+#[derive(Debug)]
+pub struct ConfigError {
+    variable: &'static str,
+    value: String,
+    expected: &'static str,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={:?} is not valid: expected {}", self.variable, self.value, self.expected)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads the process environment (after `load_dotenv`), keeping the default for every
+    /// variable that is unset or empty.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        set(&mut config.host, "API_HOST", "an IP address", |v| v.parse().ok())?;
+        set(&mut config.port, "API_PORT", "a port number", |v| v.parse().ok())?;
+        set(&mut config.database_url, "DATABASE_URL", "a URL", |v| Some(v.to_owned()))?;
+        set(&mut config.pool_size, "DB_POOL_SIZE", "an integer from 1 to 1000", |v| {
+            v.parse().ok().filter(|n| (1..=1000).contains(n))
+        })?;
+        set(&mut config.pool_timeout, "DB_POOL_TIMEOUT_MS", "milliseconds", millis)?;
+        set(&mut config.connect_timeout, "DB_CONNECT_TIMEOUT_MS", "milliseconds", millis)?;
+        set(&mut config.statement_timeout, "DB_STATEMENT_TIMEOUT_MS", "milliseconds", millis)?;
+        set(&mut config.request_timeout, "REQUEST_TIMEOUT_MS", "milliseconds", millis)?;
+        set(&mut config.header_read_timeout, "HEADER_READ_TIMEOUT_MS", "milliseconds", millis)?;
+        set(&mut config.max_connections, "MAX_CONNECTIONS", "a positive integer", |v| {
+            v.parse().ok().filter(|n| *n > 0)
+        })?;
+        set(&mut config.shutdown_grace, "SHUTDOWN_GRACE_MS", "milliseconds", millis)?;
+        set(&mut config.startup_timeout, "DB_STARTUP_TIMEOUT_MS", "milliseconds", millis)?;
+        set(&mut config.seed_on_start, "SEED_ON_START", "true or false", |v| v.parse().ok())?;
+        set(&mut config.log_level, "LOG_LEVEL", "error, warn, info or debug", Level::parse)?;
+        Ok(config)
+    }
+}
+
+fn set<T>(
+    slot: &mut T,
+    variable: &'static str,
+    expected: &'static str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<(), ConfigError> {
+    match env::var(variable) {
+        Ok(value) if !value.trim().is_empty() => {
+            *slot = parse(value.trim()).ok_or(ConfigError { variable, value, expected })?;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A positive number of milliseconds.
+fn millis(value: &str) -> Option<Duration> {
+    value.parse().ok().filter(|n| *n > 0).map(Duration::from_millis)
+}
+
+/// Loads `KEY=VALUE` lines from `.env` in the working directory, if there is one, without
+/// overriding variables that are already set (the real environment wins, as with dotenv).
+/// Blank lines and `#` comments are skipped; values may be wrapped in single or double quotes.
+pub fn load_dotenv() {
+    let Ok(text) = std::fs::read_to_string(".env") else { return };
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((key, value)) = line.split_once('=') else { continue };
+        let key = key.trim();
+        let value = value.trim();
+        let value = value
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
+            .unwrap_or(value);
+        if env::var_os(key).is_none() {
+            // SAFETY: called at the very start of main, before any thread is spawned.
+            unsafe { env::set_var(key, value) };
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Everything that talks to PostgreSQL: the pool, the migration runner, and one file per
+//! resource holding its SQL. Nothing here knows about HTTP.
+
+pub mod migrate;
+pub mod orders;
+pub mod pool;
+pub mod products;
+
+use tokio_postgres::{Client, NoTls};
+
+pub use pool::{Pool, PoolSettings, PoolStatus, PooledConn};
+
+use crate::log;
+
+/// Failures of the one-off start-up steps (create database, migrate, seed): shown to the
+/// operator and ending the process, so a message is all they need to carry.
+pub type StartupError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The contract's seed data, kept apart from the migrations: it is data, not schema, and a
+/// production database is migrated but not seeded.
+const SEED_SQL: &str = include_str!("../../sql/seed.sql");
+
+/// Opens a single connection outside the pool, for the start-up steps.
+pub async fn connect(database_url: &str) -> Result<Client, StartupError> {
+    let config: tokio_postgres::Config = database_url.parse()?;
+    connect_with(&config).await
+}
+
+async fn connect_with(config: &tokio_postgres::Config) -> Result<Client, StartupError> {
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            log::warn("database connection closed", serde_json::json!({"error": e.to_string()}));
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the database named in `database_url` if it does not exist, connecting to the
+/// server's `postgres` database to do so. For `make run` and the tests; a production
+/// database is created by its operator (or by the postgres image in docker-compose).
+pub async fn create_database_if_missing(database_url: &str) -> Result<(), StartupError> {
+    let config: tokio_postgres::Config = database_url.parse()?;
+    let name = config.get_dbname().ok_or("DATABASE_URL names no database")?.to_owned();
+    let mut admin_config = config.clone();
+    admin_config.dbname("postgres");
+    let admin = connect_with(&admin_config).await?;
+    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        match admin.batch_execute(&format!("CREATE DATABASE {}", quote_identifier(&name))).await {
+            Ok(()) => log::info("database created", serde_json::json!({"database": name})),
+            // Another process created it between our check and our CREATE: just as good.
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            Err(e) => return Err(describe(&e).into()),
+        }
+    }
+    Ok(())
+}
+
+/// Loads the seed data; idempotent (see `sql/seed.sql`).
+pub async fn seed(client: &mut Client) -> Result<(), StartupError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(SEED_SQL).await.map_err(|e| format!("seeding failed: {}", describe(&e)))?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `"name"` with inner quotes doubled: a safe SQL identifier for any database name.
+pub fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The server's message for a failed statement (tokio-postgres' Display says only "db error").
+pub fn describe(error: &tokio_postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
+        None => error.to_string(),
+    }
+}

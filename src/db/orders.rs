@@ -1,0 +1,246 @@
+//! Orders: creation, reading and cancellation, each one transaction.
+//!
+//! Every write follows one locking order, so that no two transactions can deadlock:
+//! the order row first (when there is one), then product rows in ascending id.
+//!
+//! Each transaction is sent as one pipeline (`PooledConn::transaction`): BEGIN, the locking
+//! statements, the writing statement and COMMIT go to PostgreSQL back to back, in one round trip. PostgreSQL runs a
+//! connection's statements one after the other, so the writing statement starts only when
+//! the locking one has taken every lock, and (at READ COMMITTED) it reads the rows as they
+//! are now that they are locked. The writing statement checks the same conditions the Rust
+//! code checks afterwards and writes nothing when one fails, so a rejected order commits an
+//! empty transaction: no row, no stock change. The Rust code then reads the locking
+//! statement's result to say precisely why it was rejected.
+
+use serde::Serialize;
+use tokio_postgres::error::SqlState;
+
+use super::Pool;
+use crate::{
+    domain::{NewOrder, OrderStatus},
+    error::Error,
+    money::Money,
+};
+
+/// The response to a created order.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedOrder {
+    pub order_id: i64,
+    pub status: OrderStatus,
+    pub total_amount: Money,
+}
+
+/// Does the user exist? (The foreign key would also say so, but as an error that aborts the
+/// transaction; asking first gives a clean rejection.)
+const FIND_USER: &str = "SELECT 1 FROM users WHERE id = $1";
+
+/// Locks the ordered products, in ascending id order (the ORDER BY is applied before the row
+/// locks are taken), and reads their stock as it is once locked.
+const LOCK_PRODUCTS: &str = "
+    SELECT id, stock
+    FROM products
+    WHERE id = ANY($1::int4[])
+    ORDER BY id
+    FOR UPDATE";
+
+/// Writes the whole order if, and only if, the user exists and every line's product exists
+/// with enough stock: the order, its lines with the unit price copied, the payment for the
+/// total, and the stock decrement. All the product rows it touches are already locked by
+/// LOCK_PRODUCTS. Returns the new order, or no row when nothing was written.
+/// $1 user id, $2 product ids, $3 quantities (same length, in the client's line order).
+const INSERT_ORDER: &str = "
+    WITH line AS (
+        SELECT r.position, r.product_id, r.quantity, p.price
+        FROM unnest($2::int4[], $3::int4[]) WITH ORDINALITY AS r (product_id, quantity, position)
+        JOIN products p ON p.id = r.product_id
+        WHERE p.stock >= r.quantity
+    ),
+    new_order AS (
+        INSERT INTO orders (user_id, status, total_amount)
+        SELECT $1::int4, 'processing', sum(line.price * line.quantity)
+        FROM line
+        HAVING count(*) = cardinality($2::int4[])
+           AND EXISTS (SELECT 1 FROM users WHERE id = $1::int4)
+        RETURNING id, total_amount
+    ),
+    new_lines AS (
+        INSERT INTO order_items (order_id, product_id, quantity, price)
+        SELECT new_order.id, line.product_id, line.quantity, line.price
+        FROM new_order CROSS JOIN line
+        ORDER BY line.position
+    ),
+    payment AS (
+        INSERT INTO payments (order_id, amount, status)
+        SELECT id, total_amount, 'completed' FROM new_order
+    ),
+    taken AS (
+        UPDATE products
+        SET stock = products.stock - line.quantity
+        FROM line CROSS JOIN new_order
+        WHERE products.id = line.product_id
+    )
+    SELECT id, total_amount FROM new_order";
+
+/// Creates an order in one transaction, or rejects it whole.
+pub async fn create(pool: &Pool, order: &NewOrder) -> Result<CreatedOrder, Error> {
+    let product_ids: Vec<i32> = order.lines.iter().map(|line| line.product_id).collect();
+    let quantities: Vec<i32> = order.lines.iter().map(|line| line.quantity).collect();
+
+    let mut conn = pool.get().await?;
+    let [user, locked, inserted] = conn
+        .transaction([
+            (FIND_USER, &[&order.user_id]),
+            (LOCK_PRODUCTS, &[&product_ids]),
+            (INSERT_ORDER, &[&order.user_id, &product_ids, &quantities]),
+        ])
+        .await
+        .map_err(|e| {
+            if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
+                Error::invalid("the order total is larger than an order can hold")
+            } else {
+                Error::from(e)
+            }
+        })?;
+
+    if let Some(row) = inserted.first() {
+        return Ok(CreatedOrder { order_id: row.get(0), status: OrderStatus::Processing, total_amount: row.get(1) });
+    }
+    // Nothing was written: say why, from what the locking statements saw.
+    if user.is_empty() {
+        return Err(Error::UserNotFound { user_id: order.user_id });
+    }
+    let stock_of =
+        |product_id: i32| locked.iter().find(|row| row.get::<_, i32>(0) == product_id).map(|row| row.get::<_, i32>(1));
+    if let Some(line) = order.lines.iter().find(|line| stock_of(line.product_id).is_none()) {
+        return Err(Error::ProductNotFound { product_id: line.product_id });
+    }
+    for line in &order.lines {
+        let available = stock_of(line.product_id).unwrap_or(0);
+        if available < line.quantity {
+            return Err(Error::InsufficientStock { product_id: line.product_id, requested: line.quantity, available });
+        }
+    }
+    Err(Error::Internal("order not written although every check passed".into()))
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderDetails {
+    pub order_id: i64,
+    pub status: OrderStatus,
+    pub total_amount: Money,
+    pub created_at: String,
+    pub user: OrderUser,
+    pub items: Vec<OrderItem>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OrderUser {
+    pub id: i32,
+    pub email: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderItem {
+    pub product_id: i32,
+    pub product_name: String,
+    pub quantity: i32,
+    pub price: Money,
+}
+
+/// An order with its user and lines, one row per line (an order always has at least one).
+/// `createdAt` is formatted by PostgreSQL as RFC 3339 in UTC with milliseconds.
+const GET_ORDER: &str = r#"
+    SELECT o.id, o.status, o.total_amount,
+           to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+           u.id, u.email,
+           i.product_id, p.name, i.quantity, i.price
+    FROM orders o
+    JOIN users u ON u.id = o.user_id
+    JOIN order_items i ON i.order_id = o.id
+    JOIN products p ON p.id = i.product_id
+    WHERE o.id = $1
+    ORDER BY i.id"#;
+
+pub async fn get(pool: &Pool, order_id: i64) -> Result<OrderDetails, Error> {
+    let rows = pool.get().await?.query(GET_ORDER, &[&order_id]).await?;
+    let first = rows.first().ok_or(Error::OrderNotFound { order_id })?;
+    Ok(OrderDetails {
+        order_id: first.get(0),
+        status: status_of(first.get(1))?,
+        total_amount: first.get(2),
+        created_at: first.get(3),
+        user: OrderUser { id: first.get(4), email: first.get(5) },
+        items: rows
+            .iter()
+            .map(|row| OrderItem {
+                product_id: row.get(6),
+                product_name: row.get(7),
+                quantity: row.get(8),
+                price: row.get(9),
+            })
+            .collect(),
+    })
+}
+
+/// Locks the order row: concurrent cancels of one order queue here, one at a time.
+const LOCK_ORDER: &str = "SELECT status FROM orders WHERE id = $1 FOR UPDATE";
+
+/// Locks, in ascending id order, the products whose stock a cancel will restore. Empty unless
+/// the order (already locked) is still processing, so a repeated cancel takes no product lock.
+const LOCK_ORDER_PRODUCTS: &str = "
+    SELECT p.id
+    FROM products p
+    WHERE p.id IN (SELECT i.product_id
+                   FROM order_items i JOIN orders o ON o.id = i.order_id
+                   WHERE o.id = $1 AND o.status = 'processing')
+    ORDER BY p.id
+    FOR UPDATE OF p";
+
+/// Cancels a processing order: marks it cancelled, puts each line's quantity back in stock
+/// and marks the payment refunded. The `status = 'processing'` condition on the locked row
+/// is what makes the restore happen exactly once. Returns one row if it cancelled.
+const CANCEL_ORDER: &str = "
+    WITH cancelled AS (
+        UPDATE orders
+        SET status = 'cancelled', updated_at = now()
+        WHERE id = $1 AND status = 'processing'
+        RETURNING id
+    ),
+    restored AS (
+        UPDATE products
+        SET stock = products.stock + i.quantity
+        FROM order_items i JOIN cancelled c ON c.id = i.order_id
+        WHERE products.id = i.product_id
+    ),
+    refunded AS (
+        UPDATE payments
+        SET status = 'refunded'
+        FROM cancelled c
+        WHERE payments.order_id = c.id
+    )
+    SELECT id FROM cancelled";
+
+/// Cancels an order. Cancelling a cancelled order is a success that changes nothing.
+pub async fn cancel(pool: &Pool, order_id: i64) -> Result<(), Error> {
+    let mut conn = pool.get().await?;
+    let [locked, _products, cancelled] = conn
+        .transaction([(LOCK_ORDER, &[&order_id]), (LOCK_ORDER_PRODUCTS, &[&order_id]), (CANCEL_ORDER, &[&order_id])])
+        .await?;
+
+    let status = status_of(locked.first().ok_or(Error::OrderNotFound { order_id })?.get(0))?;
+    match status {
+        OrderStatus::Processing if !cancelled.is_empty() => Ok(()),
+        OrderStatus::Cancelled => Ok(()),
+        OrderStatus::Shipped | OrderStatus::Delivered => {
+            Err(Error::OrderNotCancellable { order_id, status: status.to_string() })
+        }
+        OrderStatus::Processing => Err(Error::Internal("processing order was not cancelled".into())),
+    }
+}
+
+fn status_of(text: &str) -> Result<OrderStatus, Error> {
+    OrderStatus::parse(text).ok_or_else(|| Error::Internal(format!("unknown order status {text:?} in the database")))
+}

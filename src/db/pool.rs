@@ -1,0 +1,293 @@
+//! A small pool of tokio-postgres connections.
+//!
+//! What it guarantees, and how:
+//! - **Bounded:** a semaphore holds one permit per connection that may exist; a request waits
+//!   for a permit at most `acquire_timeout`, then gets `Error::Unavailable` (a 503), so a
+//!   saturated database turns into fast, retryable failures instead of a growing queue.
+//! - **Lazy and self-healing:** connections open on demand. A connection whose socket died
+//!   (PostgreSQL restarted, backend terminated) is seen as closed and dropped, never handed
+//!   out again; the next request opens a fresh one. While the database is down, opening fails
+//!   at once (or within `connect_timeout`) and the request gets a 503.
+//! - **Clean:** a connection goes back to the pool only if no transaction was left open on it.
+//!   `transaction` marks the connection while a transaction is open and clears the mark once
+//!   COMMIT has answered. If the future is dropped in between (the request deadline),
+//!   the mark is still set and the connection is closed instead of reused: PostgreSQL then
+//!   rolls the transaction back and releases its locks the moment the socket closes. Rolling
+//!   back and reusing would save a reconnect, but needs a task of its own and is only worth it
+//!   if dropped transactions were common; they are not.
+//! - **Prepared once:** each connection keeps the statements it has prepared, keyed by their
+//!   SQL text, so a hot statement is parsed and planned by PostgreSQL once per connection.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use std::{pin::Pin, task::Poll};
+
+use postgres_types::ToSql;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::{Client, NoTls, Row, Statement};
+
+use crate::{error::Error, log};
+
+/// How the pool is sized and how long it waits.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_size: usize,
+    pub acquire_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Set as PostgreSQL's `statement_timeout` and `lock_timeout` on every connection.
+    pub statement_timeout: Duration,
+}
+
+/// Pool figures for `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStatus {
+    pub max_size: usize,
+    /// Connections open, idle or in use.
+    pub open: usize,
+    /// Connections checked out by a request (or being opened for one).
+    pub in_use: usize,
+    /// Requests waiting for a connection.
+    pub waiting: usize,
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: tokio_postgres::Config,
+    settings: PoolSettings,
+    /// One permit per connection that may be in use; held by `PooledConn` while checked out.
+    permits: Arc<Semaphore>,
+    /// Open connections not in use, most recently returned last (reused first, so rarely
+    /// used connections age out rather than all staying warm).
+    idle: Mutex<Vec<Conn>>,
+    /// Connections currently open (idle, in use, or in the middle of a query).
+    open: AtomicUsize,
+    waiting: AtomicUsize,
+    /// Set by `close`: connections are no longer kept or opened.
+    closed: AtomicBool,
+}
+
+/// One PostgreSQL connection with its prepared statements.
+pub struct Conn {
+    client: Client,
+    statements: HashMap<&'static str, Statement>,
+    /// Set while a transaction may be open on the connection; see the module doc.
+    in_transaction: bool,
+    /// Counts this connection in `Inner::open` until dropped.
+    _open: OpenGuard,
+}
+
+struct OpenGuard(Arc<Inner>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Pool {
+    /// Builds a pool; no connection is opened until the first request needs one.
+    pub fn new(database_url: &str, settings: PoolSettings) -> Result<Pool, tokio_postgres::Error> {
+        let mut config: tokio_postgres::Config = database_url.parse()?;
+        config.connect_timeout(settings.connect_timeout);
+        config.application_name("order-api");
+        // Sent in the startup packet, so setting them costs no round trip.
+        let timeout_ms = settings.statement_timeout.as_millis();
+        config.options(format!("-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}"));
+        Ok(Pool {
+            inner: Arc::new(Inner {
+                config,
+                permits: Arc::new(Semaphore::new(settings.max_size)),
+                settings,
+                idle: Mutex::new(Vec::new()),
+                open: AtomicUsize::new(0),
+                waiting: AtomicUsize::new(0),
+                closed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// A connection for one request: an idle one if there is one, else a new one.
+    pub async fn get(&self) -> Result<PooledConn, Error> {
+        let permit = self.acquire_permit().await?;
+        loop {
+            let reused = self.inner.idle.lock().unwrap().pop();
+            match reused {
+                Some(conn) if conn.client.is_closed() => continue, // died while idle
+                Some(conn) => return Ok(PooledConn { pool: self.inner.clone(), conn: Some(conn), _permit: permit }),
+                None => break,
+            }
+        }
+        let conn = self.connect().await?;
+        Ok(PooledConn { pool: self.inner.clone(), conn: Some(conn), _permit: permit })
+    }
+
+    async fn acquire_permit(&self) -> Result<OwnedSemaphorePermit, Error> {
+        if let Ok(permit) = self.inner.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        self.inner.waiting.fetch_add(1, Ordering::Relaxed);
+        let acquired =
+            tokio::time::timeout(self.inner.settings.acquire_timeout, self.inner.permits.clone().acquire_owned()).await;
+        self.inner.waiting.fetch_sub(1, Ordering::Relaxed);
+        match acquired {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_closed)) => Err(Error::Unavailable("the service is shutting down")),
+            Err(_elapsed) => Err(Error::Unavailable("all database connections are busy; retry")),
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, Error> {
+        if self.inner.closed.load(Ordering::Relaxed) {
+            return Err(Error::Unavailable("the service is shutting down"));
+        }
+        let (client, connection) = self.inner.config.connect(NoTls).await.map_err(|e| {
+            log::warn("database connection failed", serde_json::json!({"error": e.to_string()}));
+            Error::Unavailable("the database cannot be reached; retry")
+        })?;
+        // The connection future does the socket I/O; it ends when the socket closes or the
+        // client is dropped, after which `client.is_closed()` is true.
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                log::warn("database connection closed", serde_json::json!({"error": e.to_string()}));
+            }
+        });
+        self.inner.open.fetch_add(1, Ordering::Relaxed);
+        Ok(Conn { client, statements: HashMap::new(), in_transaction: false, _open: OpenGuard(self.inner.clone()) })
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let max_size = self.inner.settings.max_size;
+        PoolStatus {
+            max_size,
+            open: self.inner.open.load(Ordering::Relaxed),
+            in_use: max_size - self.inner.permits.available_permits(),
+            waiting: self.inner.waiting.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes idle connections and stops keeping returned ones; connections still in use
+    /// close when their request finishes.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
+        self.inner.idle.lock().unwrap().clear();
+    }
+}
+
+/// A checked-out connection; returns to the pool when dropped.
+pub struct PooledConn {
+    pool: Arc<Inner>,
+    conn: Option<Conn>,
+    /// Keeps the pool's count of connections in use; released after the connection is back.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl PooledConn {
+    fn conn(&mut self) -> &mut Conn {
+        self.conn.as_mut().expect("connection present until drop")
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.conn.as_ref().expect("connection present until drop").client
+    }
+
+    /// The prepared form of `sql` on this connection, preparing it on first use.
+    pub async fn statement(&mut self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        let conn = self.conn();
+        if let Some(statement) = conn.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = conn.client.prepare(sql).await?;
+        conn.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs one prepared statement outside any transaction.
+    pub async fn query(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.statement(sql).await?;
+        self.client().query(&statement, params).await
+    }
+
+    /// Runs `steps` as one transaction in one round trip: BEGIN, each statement, COMMIT, sent
+    /// back to back without waiting for answers (pipelining), then returns each statement's
+    /// rows, or the first error in statement order.
+    ///
+    /// PostgreSQL runs them strictly in order, each on a fresh snapshot, so a statement can
+    /// rely on the locks taken by the ones before it. Once one fails, the rest fail with
+    /// "transaction aborted" and COMMIT acts as ROLLBACK: nothing of the transaction remains.
+    /// Whatever happens, when this returns no transaction is open on the connection.
+    pub async fn transaction<const N: usize>(
+        &mut self,
+        steps: [(&'static str, &[&(dyn ToSql + Sync)]); N],
+    ) -> Result<[Vec<Row>; N], tokio_postgres::Error> {
+        const NO_PARAMS: &[&(dyn ToSql + Sync)] = &[];
+        let begin = self.statement("BEGIN").await?;
+        let commit = self.statement("COMMIT").await?;
+        let mut statements = Vec::with_capacity(N + 2);
+        statements.push((begin, NO_PARAMS));
+        for (sql, params) in steps {
+            statements.push((self.statement(sql).await?, params));
+        }
+        statements.push((commit, NO_PARAMS));
+
+        let conn = self.conn();
+        conn.in_transaction = true;
+        let client = &conn.client;
+        let results = join_all(statements.iter().map(|(statement, params)| client.query(statement, params))).await;
+        // Every statement has answered, COMMIT (or the ROLLBACK it became) included.
+        conn.in_transaction = false;
+
+        let mut rows = results.into_iter().collect::<Result<Vec<Vec<Row>>, _>>()?;
+        rows.pop(); // COMMIT
+        rows.remove(0); // BEGIN
+        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
+    }
+}
+
+/// Polls all futures together until each is done, returning their outputs in order. On one
+/// connection this pipelines requests: tokio-postgres sends a request when its future is first
+/// polled, so all are on the wire before the first answer is awaited.
+async fn join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futures: Vec<Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all_done = true;
+        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(value) => *output = Some(value),
+                    Poll::Pending => all_done = false,
+                }
+            }
+        }
+        if all_done { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await;
+    outputs.into_iter().map(|output| output.expect("every future completed")).collect()
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        let reusable = !conn.in_transaction && !conn.client.is_closed() && !self.pool.closed.load(Ordering::Relaxed);
+        if reusable {
+            self.pool.idle.lock().unwrap().push(conn);
+        }
+        // Otherwise the client is dropped here: its socket closes, which ends any open
+        // transaction on the server.
+    }
+}

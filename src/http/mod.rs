@@ -1,0 +1,151 @@
+//! The HTTP server: accept loop, per-connection limits, per-request deadline and logging,
+//! and graceful shutdown.
+
+pub mod request;
+pub mod response;
+pub mod router;
+
+use std::{convert::Infallible, future::Future, sync::Arc, time::Instant};
+
+use hyper::{Request, body::Incoming, header::HeaderValue, server::conn::http1, service::service_fn};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+};
+use serde::Serialize;
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+    sync::Semaphore,
+};
+
+use crate::{AppState, error::Error, log};
+use response::Reply;
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` completes, then stops accepting, lets
+/// in-flight requests finish (up to the configured grace period) and returns.
+pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
+    let config = &state.config;
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout).keep_alive(true);
+    // Limits the client connections served at once; past it, a short 503 and close, so that
+    // an overload is visible to clients instead of a silently growing accept backlog.
+    let connection_slots = Arc::new(Semaphore::new(config.max_connections));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Typically EMFILE: back off briefly instead of spinning.
+                    log::warn("accept failed", serde_json::json!({"error": e.to_string()}));
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        // Requests and responses are small: send each at once rather than waiting to batch.
+        let _ = stream.set_nodelay(true);
+        let Ok(slot) = connection_slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_over_capacity(stream));
+            continue;
+        };
+        let state = state.clone();
+        let service = service_fn(move |request| handle(state.clone(), request));
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            // Errors here are the client's doing (reset, timeout reading headers): nothing to log.
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+
+    drop(listener);
+    log::info("shutting down: draining connections", serde_json::json!({"open_connections": graceful.count()}));
+    if tokio::time::timeout(state.config.shutdown_grace, graceful.shutdown()).await.is_err() {
+        log::warn("shutdown grace period over; closing remaining connections", serde_json::json!({}));
+    }
+}
+
+/// Answers a connection past `MAX_CONNECTIONS` with a 503 and closes it.
+async fn refuse_over_capacity(mut stream: TcpStream) {
+    let body = serde_json::to_string(&Error::Unavailable("the server is at its connection limit; retry").body())
+        .unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {}\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n",
+        crate::error::RETRY_AFTER_SECS,
+        body.len()
+    );
+    let _ = stream.write_all(format!("{head}{body}").as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// One request: route it, run its handler in a task of its own under the request deadline,
+/// render errors, add `X-Request-Id`, record metrics and write the log line.
+async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Reply, Infallible> {
+    let started = Instant::now();
+    let request_id = request::request_id(&request);
+    let method = request.method().clone();
+    let matched = router::find(request.uri().path());
+    let route = matched.as_ref().map_or("unmatched", |m| m.route.template());
+
+    let outcome = match matched {
+        None => Err(Error::RouteNotFound),
+        Some(matched) => {
+            // A task of its own: a panic in a handler becomes a 500 for this request only, and
+            // a client that disconnects does not cut a transaction off half way (it runs to
+            // its end; only the deadline below can drop it).
+            let handler_state = state.clone();
+            let mut task = tokio::spawn(async move { router::dispatch(&handler_state, matched, request).await });
+            match tokio::time::timeout(state.config.request_timeout, &mut task).await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(join_error)) => Err(Error::Internal(format!("handler panicked: {join_error}"))),
+                Err(_elapsed) => {
+                    task.abort();
+                    Err(Error::Unavailable("the request took too long; retry"))
+                }
+            }
+        }
+    };
+
+    let error_detail = outcome.as_ref().err().and_then(|e| e.log_detail().map(str::to_owned));
+    let mut reply = outcome.unwrap_or_else(|error| response::error(&error));
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        reply.headers_mut().insert("x-request-id", value);
+    }
+    let elapsed = started.elapsed();
+    let status = reply.status().as_u16();
+    state.metrics.record_request(route, method.as_str(), status, elapsed);
+    let level = if status >= 500 { log::Level::Error } else { log::Level::Info };
+    if log::enabled(level) {
+        log::event(
+            level,
+            "request",
+            RequestLog {
+                request_id: &request_id,
+                method: method.as_str(),
+                route,
+                status,
+                duration_ms: elapsed.as_micros() as f64 / 1000.0,
+                error: error_detail.as_deref(),
+            },
+        );
+    }
+    Ok(reply)
+}
+
+#[derive(Serialize)]
+struct RequestLog<'a> {
+    request_id: &'a str,
+    method: &'a str,
+    /// The route template, not the raw path: bounded cardinality, no ids in the logs.
+    route: &'a str,
+    status: u16,
+    duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}

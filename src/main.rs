@@ -1,0 +1,124 @@
+//! `order-api [serve|migrate|seed|create-db|healthcheck]`; see `usage()`.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use order_api::{config::Config, db, log};
+use tokio::signal::unix::{SignalKind, signal};
+
+fn usage() -> &'static str {
+    "usage: order-api [COMMAND]
+
+commands:
+  serve        apply pending migrations, then serve HTTP (the default)
+               (SEED_ON_START=true also loads the seed data first)
+  migrate      apply pending migrations and exit
+  seed         apply pending migrations, load the seed data (idempotent) and exit
+  create-db    create the database named in DATABASE_URL if it does not exist, and exit
+  healthcheck  exit 0 if GET /health on the local API_PORT answers 200, else 1
+               (the container HEALTHCHECK: needs no curl in the image)
+
+Configuration comes from the environment and from .env; see .env.example."
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    order_api::config::load_dotenv();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("order-api: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    log::set_level(config.log_level);
+
+    let command = std::env::args().nth(1);
+    if command.as_deref() == Some("healthcheck") {
+        return healthcheck(config.port);
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match command.as_deref() {
+            None | Some("serve") => serve(config, started).await,
+            Some("migrate") => order_api::prepare_database(&config, false).await,
+            Some("seed") => order_api::prepare_database(&config, true).await,
+            Some("create-db") => db::create_database_if_missing(&config.database_url).await,
+            Some("help" | "-h" | "--help") => {
+                println!("{}", usage());
+                Ok(())
+            }
+            Some(other) => Err(format!("unknown command {other:?}\n\n{}", usage()).into()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error("order-api failed", serde_json::json!({"error": e.to_string()}));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config, started: Instant) -> Result<(), db::StartupError> {
+    order_api::prepare_database(&config, config.seed_on_start).await?;
+    let address = SocketAddr::new(config.host, config.port);
+    let listener =
+        tokio::net::TcpListener::bind(address).await.map_err(|e| format!("cannot listen on {address}: {e}"))?;
+    log::info(
+        "listening",
+        serde_json::json!({"address": address.to_string(), "startup_ms": started.elapsed().as_millis()}),
+    );
+    order_api::run(listener, config, shutdown_signal()).await?;
+    log::info("stopped", serde_json::json!({}));
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT. A second one exits at once, for an operator
+/// who does not want to wait for the drain.
+async fn shutdown_signal() {
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    log::info("shutdown signal received; finishing in-flight requests", serde_json::json!({}));
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        log::warn("second shutdown signal: exiting now", serde_json::json!({}));
+        std::process::exit(130);
+    });
+}
+
+/// `GET /health` on the local port over a plain socket; 0 if it answers 200.
+fn healthcheck(port: u16) -> ExitCode {
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let check = || -> std::io::Result<bool> {
+        let mut stream = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        stream.set_write_timeout(Some(TIMEOUT))?;
+        stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head)?;
+        Ok(&head == b"HTTP/1.1 200")
+    };
+    match check() {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("healthcheck: /health did not answer 200");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("healthcheck: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

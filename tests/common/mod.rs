@@ -1,0 +1,339 @@
+//! The test harness: every test gets its own freshly created, migrated and seeded database
+//! and its own server on a random port, in-process, spoken to over a real socket. Tests run
+//! in parallel and never see each other; the database is dropped when the `TestApp` drops.
+//!
+//! PostgreSQL is found through `TEST_DATABASE_URL` (a server URL whose database part is
+//! ignored), by default the local trust-auth server.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use order_api::config::Config;
+use serde_json::Value;
+use tokio::{sync::oneshot, task::JoinHandle};
+use tokio_postgres::NoTls;
+
+pub const DEFAULT_TEST_DATABASE_URL: &str = "postgresql://postgres@127.0.0.1:5432/postgres";
+
+/// Seeded stock of products 1..=5 (the contract's seed).
+pub const SEED_STOCK: [(i32, i32); 5] = [(1, 10), (2, 50), (3, 20), (4, 5), (5, 0)];
+
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`
+    pub address: String,
+    pub port: u16,
+    pub http: reqwest::Client,
+    /// A connection to the test database, to look at (and tamper with) what the API wrote.
+    pub db: tokio_postgres::Client,
+    pub database_name: String,
+    pub database_url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+/// A fresh database, migrated and seeded, and a server on it with the default configuration.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// The same, with configuration changes applied before the server starts.
+pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
+    let (database_name, database_url) = create_test_database().await;
+    let mut config = Config {
+        database_url: database_url.clone(),
+        host: [127, 0, 0, 1].into(),
+        port: 0,
+        log_level: order_api::log::Level::Error,
+        ..Config::default()
+    };
+    order_api::log::set_level(config.log_level);
+    order_api::prepare_database(&config, true).await.expect("migrate and seed the test database");
+    customize(&mut config);
+    let db = connect(&database_url).await;
+    start_server(config, database_name, database_url, db).await
+}
+
+/// A server whose database cannot be reached at all (nothing listens on the port).
+pub async fn spawn_app_without_database() -> TestApp {
+    let (database_name, database_url) = create_test_database().await;
+    let db = connect(&database_url).await;
+    let config = Config {
+        database_url: "postgresql://postgres@127.0.0.1:1/nowhere".into(),
+        host: [127, 0, 0, 1].into(),
+        port: 0,
+        connect_timeout: Duration::from_millis(500),
+        log_level: order_api::log::Level::Error,
+        ..Config::default()
+    };
+    start_server(config, database_name, database_url, db).await
+}
+
+async fn start_server(
+    config: Config,
+    database_name: String,
+    database_url: String,
+    db: tokio_postgres::Client,
+) -> TestApp {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        order_api::run(listener, config, async {
+            let _ = shutdown_rx.await;
+        })
+        .await
+        .expect("server runs");
+    });
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        port,
+        http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+        db,
+        database_name,
+        database_url,
+        shutdown: Some(shutdown),
+        server: Some(server),
+    }
+}
+
+fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_owned())
+}
+
+/// `server_url()` with its database replaced by `name`.
+fn url_for_database(name: &str) -> String {
+    let base = server_url();
+    let without_query = base.split('?').next().unwrap();
+    let (server, _) = without_query.rsplit_once('/').expect("TEST_DATABASE_URL ends in /database");
+    format!("{server}/{name}")
+}
+
+/// A new, empty database with a name no other test uses.
+pub async fn create_test_database() -> (String, String) {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+    let name = format!("order_api_test_{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos);
+    let admin = connect(&server_url()).await;
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+    let url = url_for_database(&name);
+    (name, url)
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+fn drop_database(name: &str) {
+    let name = name.to_owned();
+    // Drop runs outside any runtime guarantee, so the cleanup gets a thread and a runtime.
+    let cleanup = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            if let Ok((client, connection)) = tokio_postgres::connect(&server_url(), NoTls).await {
+                tokio::spawn(connection);
+                let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+            }
+        });
+    });
+    let _ = cleanup.join();
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+        drop_database(&self.database_name);
+    }
+}
+
+/// A response, read whole: status, headers and the body as JSON (`Value::Null` if it is not).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Reply {
+    async fn read(response: reqwest::Response) -> Reply {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply { status, headers, text, json }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// Asserts an error response: the status, a JSON body with this `code`, a non-empty
+    /// human `error` sentence, and the JSON content type.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "status of {}", self.text);
+        assert_eq!(self.json["code"], code, "code of {}", self.text);
+        assert!(self.json["error"].as_str().is_some_and(|e| !e.is_empty()), "error sentence in {}", self.text);
+        assert_eq!(self.header("content-type"), Some("application/json"));
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        Reply::read(self.http.get(self.url(path)).send().await.expect("GET")).await
+    }
+
+    pub async fn put(&self, path: &str) -> Reply {
+        Reply::read(self.http.put(self.url(path)).send().await.expect("PUT")).await
+    }
+
+    pub async fn request(&self, method: reqwest::Method, path: &str) -> Reply {
+        Reply::read(self.http.request(method, self.url(path)).send().await.expect("request")).await
+    }
+
+    /// POST with a JSON body and `Content-Type: application/json`.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Reply {
+        self.post_raw(path, "application/json", body.to_string()).await
+    }
+
+    /// POST with any body and content type, for malformed input.
+    pub async fn post_raw(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> Reply {
+        let request = self.http.post(self.url(path)).header("content-type", content_type).body(body);
+        Reply::read(request.send().await.expect("POST")).await
+    }
+
+    /// Writes `head` then `body` on a new connection (ignoring a write error: the server may
+    /// answer and close early), then reads the response until the server closes or 5 s pass.
+    pub async fn raw_exchange(&self, head: &[u8], body: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
+        let _ = stream.write_all(head).await;
+        let _ = stream.write_all(body).await;
+        let mut response = Vec::new();
+        let mut buffer = [0u8; 8192];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            if n == 0 {
+                break;
+            }
+            response.extend_from_slice(&buffer[..n]);
+        }
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    pub async fn post_order(&self, body: &Value) -> Reply {
+        self.post_json("/api/orders", body).await
+    }
+
+    /// Orders one line and asserts it was created; returns the order id.
+    pub async fn order(&self, product_id: i32, quantity: i32) -> i64 {
+        let reply = self
+            .post_order(&serde_json::json!({"userId": 1, "items": [{"productId": product_id, "quantity": quantity}]}))
+            .await;
+        assert_eq!(reply.status, 201, "{}", reply.text);
+        reply.json["orderId"].as_i64().unwrap()
+    }
+
+    pub async fn cancel(&self, order_id: i64) -> Reply {
+        self.put(&format!("/api/orders/{order_id}/cancel")).await
+    }
+
+    pub async fn stock(&self, product_id: i32) -> i32 {
+        self.db.query_one("SELECT stock FROM products WHERE id = $1", &[&product_id]).await.unwrap().get(0)
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        self.db.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0)
+    }
+
+    /// Everything a request could change, to assert that a rejected one changed nothing.
+    pub async fn snapshot(&self) -> Snapshot {
+        let stock = self.db.query("SELECT id, stock FROM products ORDER BY id", &[]).await.unwrap();
+        Snapshot {
+            orders: self.count("orders").await,
+            order_items: self.count("order_items").await,
+            payments: self.count("payments").await,
+            stock: stock.iter().map(|row| (row.get(0), row.get(1))).collect(),
+            statuses: self
+                .db
+                .query("SELECT id, status FROM orders ORDER BY id", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect(),
+        }
+    }
+
+    /// Sets one product's stock directly (test setup).
+    pub async fn set_stock(&self, product_id: i32, stock: i32) {
+        self.db.execute("UPDATE products SET stock = $2 WHERE id = $1", &[&product_id, &stock]).await.unwrap();
+    }
+
+    /// Sets one order's status directly, bypassing the API (test setup).
+    pub async fn set_status(&self, order_id: i64, status: &str) {
+        self.db.execute("UPDATE orders SET status = $2 WHERE id = $1", &[&order_id, &status]).await.unwrap();
+    }
+
+    /// Live (not cancelled) ordered quantity of a product.
+    pub async fn live_ordered(&self, product_id: i32) -> i64 {
+        self.db
+            .query_one(
+                "SELECT coalesce(sum(i.quantity), 0)::int8 FROM order_items i JOIN orders o ON o.id = i.order_id \
+                 WHERE i.product_id = $1 AND o.status <> 'cancelled'",
+                &[&product_id],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The invariants that must hold after any traffic: no negative stock, and for every
+    /// product, stock + live ordered quantity = seeded stock; every order has its payment
+    /// and a total equal to the sum of its lines.
+    pub async fn assert_invariants(&self) {
+        for (product_id, seeded) in SEED_STOCK {
+            let stock = self.stock(product_id).await;
+            assert!(stock >= 0, "product {product_id} stock {stock} is negative");
+            let live = self.live_ordered(product_id).await;
+            assert_eq!(i64::from(stock) + live, i64::from(seeded), "product {product_id}: stock {stock} + live {live}");
+        }
+        let broken: i64 = self
+            .db
+            .query_one(
+                "SELECT count(*) FROM orders o LEFT JOIN payments p ON p.order_id = o.id \
+                 WHERE p.id IS NULL OR p.amount <> o.total_amount \
+                    OR o.total_amount <> (SELECT sum(i.price * i.quantity) FROM order_items i WHERE i.order_id = o.id)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(broken, 0, "orders without a matching payment or with a wrong total");
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub orders: i64,
+    pub order_items: i64,
+    pub payments: i64,
+    pub stock: Vec<(i32, i32)>,
+    pub statuses: Vec<(i64, String)>,
+}
