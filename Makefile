@@ -1,0 +1,44 @@
+# order-api: `make run` serves on :3000 against the local PostgreSQL; `make test` runs the suite.
+# Settings come from the environment or .env (see .env.example).
+
+CARGO   ?= cargo
+RELEASE := target/release/order-api
+
+.PHONY: run build migrate seed test lint fmt clean
+
+## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
+run: build
+	$(RELEASE) create-db
+	SEED_ON_START=true $(RELEASE) serve
+
+build:
+	$(CARGO) build --release --locked
+
+## migrate: create the database if missing and apply pending migrations
+migrate: build
+	$(RELEASE) create-db
+	$(RELEASE) migrate
+
+## seed: migrate, then load the seed data (idempotent)
+seed: build
+	$(RELEASE) create-db
+	$(RELEASE) seed
+
+## test: the whole suite against the PostgreSQL of TEST_DATABASE_URL (default: local, user postgres)
+test:
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --locked --no-fail-fast; \
+	else \
+		$(CARGO) test --locked; \
+	fi
+
+## lint: formatting check and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean
