@@ -32,11 +32,17 @@ const CREATE_HISTORY: &str = "
         applied_at timestamptz NOT NULL DEFAULT now()
     )";
 
-/// Applies every migration not yet applied; returns the names it applied.
+/// Applies every embedded migration not yet applied; returns the names it applied.
 pub async fn run(client: &mut Client) -> Result<Vec<&'static str>, StartupError> {
+    run_migrations(client, MIGRATIONS).await
+}
+
+/// Applies `migrations` (in the given order) that are not yet applied; `run` with a list of
+/// one's own, for tests.
+pub async fn run_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec<&'static str>, StartupError> {
     // Held for the whole run; released explicitly, or by the server if this process dies.
     client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
-    let result = apply_pending(client, MIGRATIONS).await;
+    let result = apply_pending(client, migrations).await;
     client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await?;
     result
 }

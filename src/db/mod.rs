@@ -8,7 +8,7 @@ pub mod products;
 
 use tokio_postgres::{Client, NoTls};
 
-pub use pool::{Pool, PoolSettings, PoolStatus, PooledConn};
+pub use pool::{Pool, PoolSettings, PoolStatus, PooledConn, REQUEST_DEADLINE};
 
 use crate::log;
 

@@ -9,12 +9,12 @@
 //!   out again; the next request opens a fresh one. While the database is down, opening fails
 //!   at once (or within `connect_timeout`) and the request gets a 503.
 //! - **Clean:** a connection goes back to the pool only if no transaction was left open on it.
-//!   `transaction` marks the connection while a transaction is open and clears the mark once
-//!   COMMIT has answered. If the future is dropped in between (the request deadline),
-//!   the mark is still set and the connection is closed instead of reused: PostgreSQL then
-//!   rolls the transaction back and releases its locks the moment the socket closes. Rolling
-//!   back and reusing would save a reconnect, but needs a task of its own and is only worth it
-//!   if dropped transactions were common; they are not.
+//!   `transaction` marks the connection while a transaction runs and clears the mark once
+//!   COMMIT has answered. A transaction still running at the request's deadline is cancelled
+//!   inside PostgreSQL (see `REQUEST_DEADLINE`), so it ends, rolled back, and the connection is
+//!   reused. Only if the future is dropped in between (the HTTP layer's last-resort timeout,
+//!   when PostgreSQL does not even answer the cancel) is the mark still set: the connection is
+//!   then closed instead of reused, never handed to another request mid-transaction.
 //! - **Prepared once:** each connection keeps the statements it has prepared, keyed by their
 //!   SQL text, so a hot statement is parsed and planned by PostgreSQL once per connection.
 
@@ -34,6 +34,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::{Client, NoTls, Row, Statement};
 
 use crate::{error::Error, log};
+
+tokio::task_local! {
+    /// The deadline of the request being served, set by the HTTP layer around each handler
+    /// (tokio's counterpart of a request context). The pool waits for a connection no longer
+    /// than this, and a transaction still running at the deadline is cancelled inside
+    /// PostgreSQL and rolled back. Code run outside a request (start-up, tests) has none.
+    pub static REQUEST_DEADLINE: tokio::time::Instant;
+}
 
 /// How the pool is sized and how long it waits.
 #[derive(Debug, Clone)]
@@ -247,7 +255,25 @@ impl PooledConn {
         let conn = self.conn();
         conn.in_transaction = true;
         let client = &conn.client;
-        let results = join_all(statements.iter().map(|(statement, params)| client.query(statement, params))).await;
+        let pipeline = join_all(statements.iter().map(|(statement, params)| client.query(statement, params)));
+        let results = match REQUEST_DEADLINE.try_with(|deadline| *deadline) {
+            Err(_no_deadline) => pipeline.await,
+            Ok(deadline) => {
+                tokio::pin!(pipeline);
+                match tokio::time::timeout_at(deadline, &mut pipeline).await {
+                    Ok(results) => results,
+                    Err(_elapsed) => {
+                        // Past the deadline: ask PostgreSQL to cancel the running statement, so
+                        // the transaction fails and COMMIT turns into ROLLBACK, then wait for the
+                        // real outcome. Dropping the pipeline instead would not stop it: the
+                        // statements are already in the server's buffer and COMMIT would still
+                        // run, with the client told the opposite.
+                        let _ = client.cancel_token().cancel_query(NoTls).await;
+                        pipeline.await
+                    }
+                }
+            }
+        };
         // Every statement has answered, COMMIT (or the ROLLBACK it became) included.
         conn.in_transaction = false;
 

@@ -5,7 +5,12 @@ pub mod request;
 pub mod response;
 pub mod router;
 
-use std::{convert::Infallible, future::Future, sync::Arc, time::Instant};
+use std::{
+    convert::Infallible,
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use hyper::{Request, body::Incoming, header::HeaderValue, server::conn::http1, service::service_fn};
 use hyper_util::{
@@ -19,8 +24,12 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::{AppState, error::Error, log};
+use crate::{AppState, db, error::Error, log};
 use response::Reply;
+
+/// How long past its deadline a handler may take to cancel its transaction and report the
+/// real outcome before it is abandoned.
+const DEADLINE_BACKSTOP: Duration = Duration::from_secs(2);
 
 /// Serves HTTP/1.1 on `listener` until `shutdown` completes, then stops accepting, lets
 /// in-flight requests finish (up to the configured grace period) and returns.
@@ -98,10 +107,18 @@ async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Repl
         Some(matched) => {
             // A task of its own: a panic in a handler becomes a 500 for this request only, and
             // a client that disconnects does not cut a transaction off half way (it runs to
-            // its end; only the deadline below can drop it).
+            // its end and its connection goes back to the pool clean).
+            let deadline = tokio::time::Instant::now() + state.config.request_timeout;
             let handler_state = state.clone();
-            let mut task = tokio::spawn(async move { router::dispatch(&handler_state, matched, request).await });
-            match tokio::time::timeout(state.config.request_timeout, &mut task).await {
+            let mut task = tokio::spawn(
+                db::REQUEST_DEADLINE
+                    .scope(deadline, async move { router::dispatch(&handler_state, matched, request).await }),
+            );
+            // The handler honours the deadline itself: its pool wait ends there, and a
+            // transaction still running is cancelled inside PostgreSQL, so the answer tells
+            // the truth about what was written. This later timeout is the backstop for a
+            // database that does not even answer the cancel.
+            match tokio::time::timeout_at(deadline + DEADLINE_BACKSTOP, &mut task).await {
                 Ok(Ok(outcome)) => outcome,
                 Ok(Err(join_error)) => Err(Error::Internal(format!("handler panicked: {join_error}"))),
                 Err(_elapsed) => {

@@ -130,6 +130,21 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
+/// Drops a test database when it goes out of scope, for tests that make one without a server.
+pub struct DropDatabase(String);
+
+impl DropDatabase {
+    pub fn new(name: &str) -> DropDatabase {
+        DropDatabase(name.to_owned())
+    }
+}
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        drop_database(&self.0);
+    }
+}
+
 fn drop_database(name: &str) {
     let name = name.to_owned();
     // Drop runs outside any runtime guarantee, so the cleanup gets a thread and a runtime.

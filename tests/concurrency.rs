@@ -1,0 +1,141 @@
+//! Many concurrent requests on stock, orders and cancellation, with the invariants checked
+//! afterwards: stock never negative, stock + live ordered quantity = seeded stock, a
+//! cancellation restores stock exactly once, no deadlock, no 5xx, no leaked connection.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Reply, TestApp, spawn_app, spawn_app_with};
+use futures::future::join_all;
+use serde_json::{Value, json};
+
+/// Sends all bodies as orders at once and returns the replies.
+async fn post_orders_concurrently(app: &TestApp, bodies: Vec<Value>) -> Vec<Reply> {
+    let requests = bodies.iter().map(|body| app.post_order(body));
+    join_all(requests).await
+}
+
+fn statuses(replies: &[Reply]) -> Vec<u16> {
+    replies.iter().map(|r| r.status).collect()
+}
+
+/// 40 concurrent orders of one unit on a product with stock 10: exactly 10 succeed, the rest
+/// are INSUFFICIENT_STOCK, stock ends at 0, never below.
+#[tokio::test]
+async fn forty_concurrent_orders_for_ten_units_sell_exactly_ten() {
+    let app = spawn_app().await;
+    let bodies = (0..40).map(|_| json!({"userId": 1, "items": [{"productId": 1, "quantity": 1}]})).collect();
+    let replies = post_orders_concurrently(&app, bodies).await;
+
+    let created = replies.iter().filter(|r| r.status == 201).count();
+    let refused = replies.iter().filter(|r| r.status == 400 && r.json["code"] == "INSUFFICIENT_STOCK").count();
+    assert_eq!((created, refused), (10, 30), "statuses: {:?}", statuses(&replies));
+    assert_eq!(app.stock(1).await, 0);
+    assert_eq!(app.count("orders").await, 10);
+    assert_eq!(app.count("payments").await, 10);
+    app.assert_invariants().await;
+}
+
+/// 20 concurrent cancels of one order all answer 200 and restore its stock exactly once.
+#[tokio::test]
+async fn twenty_concurrent_cancels_restore_stock_exactly_once() {
+    let app = spawn_app().await;
+    let order_id = app
+        .post_order(&json!({"userId": 1, "items": [{"productId": 2, "quantity": 7}, {"productId": 3, "quantity": 4}]}))
+        .await
+        .json["orderId"]
+        .as_i64()
+        .unwrap();
+    assert_eq!((app.stock(2).await, app.stock(3).await), (43, 16));
+
+    let replies = join_all((0..20).map(|_| app.cancel(order_id))).await;
+    assert!(replies.iter().all(|r| r.status == 200 && r.json["status"] == "cancelled"), "{:?}", statuses(&replies));
+    assert_eq!((app.stock(2).await, app.stock(3).await), (50, 20));
+    app.assert_invariants().await;
+}
+
+/// 60 concurrent two-line orders naming the same products in opposite orders ([1,2] and
+/// [2,1]) all succeed: locks are taken in id order, so they cannot deadlock.
+#[tokio::test]
+async fn opposite_line_orders_never_deadlock() {
+    let app = spawn_app().await;
+    app.set_stock(1, 1000).await;
+    app.set_stock(2, 1000).await;
+    let bodies = (0..60)
+        .map(|i| {
+            let (first, second) = if i % 2 == 0 { (1, 2) } else { (2, 1) };
+            json!({"userId": 1, "items": [{"productId": first, "quantity": 1}, {"productId": second, "quantity": 2}]})
+        })
+        .collect();
+    let replies = post_orders_concurrently(&app, bodies).await;
+    assert!(replies.iter().all(|r| r.status == 201), "statuses: {:?}", statuses(&replies));
+    // Each order takes 1 of its first product and 2 of its second: 30 * (1 + 2) of each.
+    assert_eq!((app.stock(1).await, app.stock(2).await), (1000 - 90, 1000 - 90));
+    assert_eq!(app.count("order_items").await, 120);
+}
+
+/// 200 rejected orders in a row (each kind of rejection) leave no connection behind: with a
+/// pool of two connections, a valid order right after succeeds at once.
+#[tokio::test]
+async fn rejected_orders_leak_no_connection() {
+    let app = spawn_app_with(|config| {
+        config.pool_size = 2;
+        config.pool_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let rejections = [
+        (json!({"userId": 1, "items": [{"productId": 5, "quantity": 1}]}), "INSUFFICIENT_STOCK"),
+        (json!({"userId": 1, "items": [{"productId": 999, "quantity": 1}]}), "PRODUCT_NOT_FOUND"),
+        (json!({"userId": 999, "items": [{"productId": 1, "quantity": 1}]}), "USER_NOT_FOUND"),
+        (json!({"userId": 1, "items": [{"productId": 1, "quantity": 0}]}), "INVALID_REQUEST"),
+    ];
+    for i in 0..200 {
+        let (body, code) = &rejections[i % rejections.len()];
+        let reply = app.post_order(body).await;
+        assert_eq!((reply.status, reply.json["code"].as_str()), (400, Some(*code)), "{}", reply.text);
+    }
+    let started = Instant::now();
+    app.order(1, 1).await;
+    assert!(started.elapsed() < Duration::from_millis(400), "valid order took {:?}", started.elapsed());
+    let metrics = app.get("/metrics").await.text;
+    assert!(metrics.lines().any(|l| l == "db_pool_in_use_connections 0"), "{metrics}");
+    app.assert_invariants().await;
+}
+
+/// Concurrent orders and cancels on the same products, including repeated cancels of the same
+/// orders: afterwards stock + live ordered quantity = seeded stock for every product.
+#[tokio::test]
+async fn concurrent_orders_and_cancels_keep_stock_balanced() {
+    let app = &spawn_app().await;
+    // A first wave of orders to cancel later.
+    let first_wave: Vec<Value> = (0..20)
+        .map(|i| json!({"userId": 1 + i % 2, "items": [{"productId": 2, "quantity": 1}, {"productId": 3, "quantity": 1}]}))
+        .collect();
+    let created: Vec<i64> = post_orders_concurrently(app, first_wave)
+        .await
+        .iter()
+        .filter(|r| r.status == 201)
+        .map(|r| r.json["orderId"].as_i64().unwrap())
+        .collect();
+    assert_eq!(created.len(), 20);
+
+    // Now cancel each of them twice while new orders compete for the same stock.
+    let cancels = created.iter().flat_map(|id| [*id, *id]).map(|id| async move {
+        let reply = app.cancel(id).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    });
+    let orders = (0..40).map(|i| async move {
+        let body = json!({"userId": 1, "items": [{"productId": 3 - i % 2, "quantity": 1 + i % 3}, {"productId": 4, "quantity": 1}]});
+        let reply = app.post_order(&body).await;
+        assert!(reply.status == 201 || reply.json["code"] == "INSUFFICIENT_STOCK", "{}", reply.text);
+    });
+    let cancel_all = join_all(cancels);
+    let order_all = join_all(orders);
+    tokio::join!(cancel_all, order_all);
+
+    let cancelled: i64 =
+        app.db.query_one("SELECT count(*) FROM orders WHERE status = 'cancelled'", &[]).await.unwrap().get(0);
+    assert_eq!(cancelled, 20);
+    app.assert_invariants().await;
+}

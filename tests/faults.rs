@@ -1,0 +1,198 @@
+//! Faults inside and around a transaction: a failing statement half way, killed connections,
+//! an exhausted pool, lock waits past the timeouts, a request past its deadline, a client
+//! that goes away. Each must roll back completely, answer with a clear status, and leave the
+//! pool healthy.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestApp, spawn_app, spawn_app_with};
+use serde_json::json;
+
+fn one_laptop() -> serde_json::Value {
+    json!({"userId": 1, "items": [{"productId": 1, "quantity": 1}]})
+}
+
+/// Holds a row lock on a product from a separate connection until the returned transaction
+/// is dropped or committed: orders for that product wait behind it.
+async fn lock_product(app: &TestApp, product_id: i32) -> tokio_postgres::Client {
+    let client = common::connect(&app.database_url).await;
+    client.batch_execute("BEGIN").await.unwrap();
+    client.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", &[&product_id]).await.unwrap();
+    client
+}
+
+/// A statement failing in the middle of the order transaction (a trigger makes the payment
+/// insert fail) rolls everything back: no order, no line, no stock change; the client gets a
+/// 500 INTERNAL whose body leaks nothing of the SQL; the next order works.
+#[tokio::test]
+async fn a_failure_mid_transaction_rolls_back_everything_and_leaks_no_sql() {
+    let app = spawn_app().await;
+    app.db
+        .batch_execute(
+            "CREATE FUNCTION fail_payment() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'injected payment failure in table payments'; END $$;
+             CREATE TRIGGER fail_payment BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION fail_payment();",
+        )
+        .await
+        .unwrap();
+    let before = app.snapshot().await;
+
+    let reply = app
+        .post_order(&json!({"userId": 1, "items": [{"productId": 1, "quantity": 2}, {"productId": 2, "quantity": 1}]}))
+        .await;
+    reply.assert_error(500, "INTERNAL");
+    assert_eq!(reply.json.as_object().unwrap().len(), 2, "only error and code: {}", reply.text);
+    for leak in ["payment", "INSERT", "SQL", "trigger", "injected", "relation"] {
+        assert!(!reply.text.to_lowercase().contains(&leak.to_lowercase()), "body leaks {leak}: {}", reply.text);
+    }
+    assert_eq!(app.snapshot().await, before);
+
+    app.db.batch_execute("DROP TRIGGER fail_payment ON payments").await.unwrap();
+    app.order(1, 2).await;
+    assert_eq!(app.stock(1).await, 8);
+    app.assert_invariants().await;
+}
+
+/// Connections killed by `pg_terminate_backend` are noticed and replaced: after the kill the
+/// next requests succeed, without a restart.
+#[tokio::test]
+async fn killed_connections_are_replaced() {
+    let app = spawn_app().await;
+    // Open several pooled connections, then kill every one of them.
+    futures::future::join_all((0..6).map(|_| app.get("/api/products"))).await;
+    let killed: i64 = app
+        .db
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'order-api'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed >= 1, "no API connection found to kill");
+    // The server closes each socket at once; give the client side a moment to see it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    for _ in 0..10 {
+        let reply = app.get("/api/products").await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+    app.order(2, 1).await;
+    assert_eq!(app.get("/health").await.status, 200);
+    app.assert_invariants().await;
+}
+
+/// With every pooled connection busy past the pool wait, a request gets 503
+/// SERVICE_UNAVAILABLE with Retry-After instead of queueing forever; the busy ones finish.
+#[tokio::test]
+async fn an_exhausted_pool_answers_503_with_retry_after() {
+    let app = spawn_app_with(|config| {
+        config.pool_size = 2;
+        config.pool_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let blocker = lock_product(&app, 1).await;
+    // Two orders that take both connections and wait on the lock, in a task of their own.
+    let waiting = tokio::spawn({
+        let (http, url) = (app.http.clone(), app.url("/api/orders"));
+        async move {
+            let send =
+                || http.post(&url).header("content-type", "application/json").body(one_laptop().to_string()).send();
+            futures::future::join_all([send(), send()]).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await; // both connections now wait on the lock
+
+    let started = Instant::now();
+    let reply = app.get("/api/products").await;
+    reply.assert_error(503, "SERVICE_UNAVAILABLE");
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+
+    blocker.batch_execute("COMMIT").await.unwrap();
+    for response in waiting.await.unwrap() {
+        assert_eq!(response.unwrap().status().as_u16(), 201);
+    }
+    assert_eq!(app.get("/api/products").await.status, 200);
+    app.assert_invariants().await;
+}
+
+/// A lock held past PostgreSQL's lock/statement timeout: the order gets 503 (retryable),
+/// nothing is written, and the connection is fine for the next request.
+#[tokio::test]
+async fn a_lock_wait_past_the_statement_timeout_is_a_clean_503() {
+    let app = spawn_app_with(|config| {
+        config.statement_timeout = Duration::from_millis(300);
+        config.pool_size = 1;
+    })
+    .await;
+    let before = app.snapshot().await;
+    let blocker = lock_product(&app, 1).await;
+    let reply = app.post_order(&one_laptop()).await;
+    reply.assert_error(503, "SERVICE_UNAVAILABLE");
+    assert_eq!(app.snapshot().await, before);
+    blocker.batch_execute("COMMIT").await.unwrap();
+
+    app.order(1, 1).await;
+    app.assert_invariants().await;
+}
+
+/// A request past its deadline is answered 503 and its transaction is abandoned: the
+/// connection it held is closed (so PostgreSQL rolls back and frees the locks), nothing of
+/// the order remains, and the pool serves the next request.
+#[tokio::test]
+async fn a_request_past_its_deadline_leaves_nothing_behind() {
+    let app = spawn_app_with(|config| {
+        config.request_timeout = Duration::from_millis(300);
+        config.pool_size = 1;
+    })
+    .await;
+    let before = app.snapshot().await;
+    let blocker = lock_product(&app, 1).await;
+    let reply = app.post_order(&one_laptop()).await;
+    reply.assert_error(503, "SERVICE_UNAVAILABLE");
+    blocker.batch_execute("COMMIT").await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.snapshot().await, before, "the abandoned order must not be written");
+    let open_transactions: i64 = app
+        .db
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+             AND application_name = 'order-api' AND state LIKE 'idle in transaction%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(open_transactions, 0);
+    app.order(1, 1).await;
+    app.assert_invariants().await;
+}
+
+/// A client that disconnects while its order waits on a lock does not cut the transaction
+/// half way: it runs to its end (the whole order is committed), and the pool stays healthy.
+#[tokio::test]
+async fn a_client_that_disconnects_mid_order_leaves_a_whole_order_or_none() {
+    let app = spawn_app_with(|config| config.pool_size = 1).await;
+    let blocker = lock_product(&app, 1).await;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
+    let gone = impatient
+        .post(app.url("/api/orders"))
+        .header("content-type", "application/json")
+        .body(one_laptop().to_string())
+        .send()
+        .await;
+    assert!(gone.is_err(), "the client gave up");
+    blocker.batch_execute("COMMIT").await.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.count("orders").await, 1);
+    assert_eq!(app.count("payments").await, 1);
+    assert_eq!(app.stock(1).await, 9);
+    app.order(1, 1).await;
+    app.assert_invariants().await;
+}
