@@ -39,6 +39,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// `DB_STARTUP_TIMEOUT_MS`: how long start-up waits for the database to become reachable.
     pub startup_timeout: Duration,
+    /// `IDEMPOTENCY_RETENTION_HOURS`: how long an idempotency key and its response are kept.
+    pub idempotency_retention: Duration,
     /// `SEED_ON_START`: load the seed data at start (idempotent), as docker-compose does.
     pub seed_on_start: bool,
     /// `LOG_LEVEL`: error, warn, info or debug.
@@ -60,6 +62,7 @@ impl Default for Config {
             max_connections: 1_024,
             shutdown_grace: Duration::from_millis(8_000),
             startup_timeout: Duration::from_millis(60_000),
+            idempotency_retention: Duration::from_secs(24 * 3600),
             seed_on_start: false,
             log_level: Level::Info,
         }
@@ -103,6 +106,9 @@ impl Config {
         })?;
         set(&mut config.shutdown_grace, "SHUTDOWN_GRACE_MS", "milliseconds", millis)?;
         set(&mut config.startup_timeout, "DB_STARTUP_TIMEOUT_MS", "milliseconds", millis)?;
+        set(&mut config.idempotency_retention, "IDEMPOTENCY_RETENTION_HOURS", "a positive number of hours", |v| {
+            v.parse::<u64>().ok().filter(|h| *h > 0).map(|h| Duration::from_secs(h * 3600))
+        })?;
         set(&mut config.seed_on_start, "SEED_ON_START", "true or false", |v| v.parse().ok())?;
         set(&mut config.log_level, "LOG_LEVEL", "error, warn, info or debug", Level::parse)?;
         Ok(config)

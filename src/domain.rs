@@ -76,6 +76,93 @@ pub fn positive_int4(value: Option<&Value>, field: &str) -> Result<i32, Error> {
         .ok_or_else(|| Error::invalid(format!("{field} must be a positive integer no larger than {}", i32::MAX)))
 }
 
+impl NewOrder {
+    /// The request in a canonical text form: same user and lines, same fingerprint, whatever
+    /// the JSON's spacing, key order or ignored fields. Stored (hashed) with an idempotency key
+    /// to tell a retry from a different request reusing the key.
+    pub fn fingerprint(&self) -> String {
+        let lines: Vec<String> = self.lines.iter().map(|l| format!("{}x{}", l.product_id, l.quantity)).collect();
+        format!("user={};lines={}", self.user_id, lines.join(","))
+    }
+}
+
+/// Longest `Idempotency-Key` accepted: room for a UUID or a client's own scheme, bounded so a
+/// key cannot be used to store arbitrary data.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// A validated `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn parse(header: &[u8]) -> Result<IdempotencyKey, Error> {
+        let valid = !header.is_empty()
+            && header.len() <= MAX_IDEMPOTENCY_KEY_LEN
+            && header.iter().all(|b| b.is_ascii_graphic());
+        match std::str::from_utf8(header) {
+            Ok(key) if valid => Ok(IdempotencyKey(key.to_owned())),
+            _ => Err(Error::invalid(format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} visible ASCII characters"
+            ))),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Most rows a listing returns per page, and how many when the client does not say.
+pub const MAX_PAGE_LIMIT: i64 = 100;
+pub const DEFAULT_PAGE_LIMIT: i64 = 50;
+
+/// A keyset page: the rows with id greater than `after`, at most `limit` of them, by id.
+/// Stable under concurrent inserts: new rows get larger ids, so they never shift a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub after: i64,
+    pub limit: i64,
+}
+
+impl Page {
+    /// From the `limit` and `after` query parameters (already percent-decoded).
+    pub fn parse(limit: Option<&str>, after: Option<&str>) -> Result<Page, Error> {
+        let limit = match limit {
+            None => DEFAULT_PAGE_LIMIT,
+            Some(text) => text.parse::<i64>().ok().filter(|n| (1..=MAX_PAGE_LIMIT).contains(n)).ok_or_else(|| {
+                Error::invalid(format!("limit must be an integer from 1 to {MAX_PAGE_LIMIT}, got {text:?}"))
+            })?,
+        };
+        let after = match after {
+            None => 0,
+            Some(text) => text
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0 && text.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| Error::invalid(format!("after must be a non-negative integer id, got {text:?}")))?,
+        };
+        Ok(Page { after, limit })
+    }
+}
+
+/// A validated `PUT /api/orders/{id}/status` body: `{"status": "shipped"}`.
+pub fn parse_status_change(body: &Value) -> Result<OrderStatus, Error> {
+    let status = body
+        .as_object()
+        .ok_or_else(|| Error::invalid("request body must be a JSON object"))?
+        .get("status")
+        .ok_or_else(|| Error::invalid("status is required"))?;
+    status.as_str().and_then(OrderStatus::parse).ok_or_else(|| {
+        Error::invalid("status must be one of \"processing\", \"shipped\", \"delivered\", \"cancelled\"")
+    })
+}
+
+/// A validated `POST /api/products/{id}/restock` body: `{"quantity": N}`, N a positive int4.
+pub fn parse_restock(body: &Value) -> Result<i32, Error> {
+    let object = body.as_object().ok_or_else(|| Error::invalid("request body must be a JSON object"))?;
+    positive_int4(object.get("quantity"), "quantity")
+}
+
 /// An id from the URL path: a positive integer that fits PostgreSQL `bigint`.
 pub fn parse_path_id(text: &str, name: &str) -> Result<i64, Error> {
     text.parse::<i64>()
@@ -109,6 +196,17 @@ impl OrderStatus {
 
     pub fn parse(text: &str) -> Option<OrderStatus> {
         OrderStatus::ALL.into_iter().find(|status| status.as_str() == text)
+    }
+
+    /// The status an order must have to move to this one, if it can be moved to at all
+    /// (cancellation has its own path: it also restores stock).
+    pub fn reached_from(self) -> Option<OrderStatus> {
+        match self {
+            OrderStatus::Shipped => Some(OrderStatus::Processing),
+            OrderStatus::Delivered => Some(OrderStatus::Shipped),
+            OrderStatus::Cancelled => Some(OrderStatus::Processing),
+            OrderStatus::Processing => None,
+        }
     }
 }
 
@@ -170,6 +268,45 @@ mod tests {
         assert!(message(NewOrder::parse(&duplicate)).contains("more than one line"));
         let many: Vec<_> = (1..=101).map(|id| json!({"productId": id, "quantity": 1})).collect();
         assert!(message(NewOrder::parse(&json!({"userId": 1, "items": many}))).contains("at most 100"));
+    }
+
+    #[test]
+    fn fingerprints_ignore_formatting_but_not_content() {
+        let a = NewOrder::parse(&json!({"userId": 1, "items": [{"quantity": 2, "productId": 3}], "x": 1})).unwrap();
+        let b = NewOrder::parse(&json!({"items": [{"productId": 3, "quantity": 2}], "userId": 1})).unwrap();
+        let c = NewOrder::parse(&json!({"userId": 1, "items": [{"productId": 3, "quantity": 1}]})).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+
+    #[test]
+    fn pages_default_and_bound_their_limit() {
+        assert_eq!(Page::parse(None, None).unwrap(), Page { after: 0, limit: DEFAULT_PAGE_LIMIT });
+        assert_eq!(Page::parse(Some("5"), Some("42")).unwrap(), Page { after: 42, limit: 5 });
+        for (limit, after) in
+            [(Some("0"), None), (Some("101"), None), (Some("x"), None), (None, Some("-1")), (None, Some("1e3"))]
+        {
+            assert!(Page::parse(limit, after).is_err(), "{limit:?} {after:?}");
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_are_bounded_visible_ascii() {
+        assert!(IdempotencyKey::parse(b"a1b2-c3d4").is_ok());
+        assert!(IdempotencyKey::parse(b"").is_err());
+        assert!(IdempotencyKey::parse(b"has space").is_err());
+        assert!(IdempotencyKey::parse("é".as_bytes()).is_err());
+        assert!(IdempotencyKey::parse(&[b'k'; 256]).is_err());
+    }
+
+    #[test]
+    fn status_changes_and_restocks_parse_strictly() {
+        assert_eq!(parse_status_change(&json!({"status": "shipped"})).unwrap(), OrderStatus::Shipped);
+        for bad in [json!({"status": "SHIPPED"}), json!({"status": 1}), json!({}), json!("shipped")] {
+            assert!(parse_status_change(&bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_restock(&json!({"quantity": 5})).unwrap(), 5);
+        assert!(parse_restock(&json!({"quantity": 0})).is_err());
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum Error {
     UserNotFound { user_id: i32 },
     /// 404 `ORDER_NOT_FOUND`.
     OrderNotFound { order_id: i64 },
+    /// 404 `PRODUCT_NOT_FOUND`: the product named in the path does not exist.
+    NoSuchProduct { product_id: i64 },
     /// 404 `NOT_FOUND`: no route has this path.
     RouteNotFound,
     /// 405 `METHOD_NOT_ALLOWED`, with the route's methods in `Allow`.
@@ -32,6 +34,14 @@ pub enum Error {
     UnsupportedMediaType,
     /// 409 `ORDER_NOT_CANCELLABLE`: the order has shipped or been delivered.
     OrderNotCancellable { order_id: i64, status: String },
+    /// 409 `INVALID_STATUS_TRANSITION`: the lifecycle does not allow this move from the
+    /// order's current status.
+    InvalidStatusTransition { order_id: i64, status: String, requested: String },
+    /// 409 `IDEMPOTENCY_IN_PROGRESS`: a request with this key is still running and did not
+    /// finish while this one waited for it.
+    IdempotencyInProgress,
+    /// 422 `IDEMPOTENCY_KEY_REUSED`: the key was used before with a different request.
+    IdempotencyKeyReused,
     /// 503 `SERVICE_UNAVAILABLE` with `Retry-After`: the database cannot be reached, no pooled
     /// connection came free in time, or the request ran past its deadline. The text says which
     /// and is safe to show.
@@ -65,11 +75,14 @@ impl Error {
             | Error::InsufficientStock { .. }
             | Error::ProductNotFound { .. }
             | Error::UserNotFound { .. } => StatusCode::BAD_REQUEST,
-            Error::OrderNotFound { .. } | Error::RouteNotFound => StatusCode::NOT_FOUND,
+            Error::OrderNotFound { .. } | Error::NoSuchProduct { .. } | Error::RouteNotFound => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Error::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Error::OrderNotCancellable { .. } => StatusCode::CONFLICT,
+            Error::OrderNotCancellable { .. }
+            | Error::InvalidStatusTransition { .. }
+            | Error::IdempotencyInProgress => StatusCode::CONFLICT,
+            Error::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -79,7 +92,7 @@ impl Error {
         match self {
             Error::InvalidRequest(_) => "INVALID_REQUEST",
             Error::InsufficientStock { .. } => "INSUFFICIENT_STOCK",
-            Error::ProductNotFound { .. } => "PRODUCT_NOT_FOUND",
+            Error::ProductNotFound { .. } | Error::NoSuchProduct { .. } => "PRODUCT_NOT_FOUND",
             Error::UserNotFound { .. } => "USER_NOT_FOUND",
             Error::OrderNotFound { .. } => "ORDER_NOT_FOUND",
             Error::RouteNotFound => "NOT_FOUND",
@@ -87,6 +100,9 @@ impl Error {
             Error::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
             Error::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             Error::OrderNotCancellable { .. } => "ORDER_NOT_CANCELLABLE",
+            Error::InvalidStatusTransition { .. } => "INVALID_STATUS_TRANSITION",
+            Error::IdempotencyInProgress => "IDEMPOTENCY_IN_PROGRESS",
+            Error::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
             Error::Unavailable(_) => "SERVICE_UNAVAILABLE",
             Error::Internal(_) => "INTERNAL",
         }
@@ -107,6 +123,9 @@ impl Error {
             Error::OrderNotFound { order_id } => {
                 (format!("order {order_id} does not exist"), json!({"orderId": order_id}))
             }
+            Error::NoSuchProduct { product_id } => {
+                (format!("product {product_id} does not exist"), json!({"productId": product_id}))
+            }
             Error::RouteNotFound => ("no such path".to_owned(), json!({})),
             Error::MethodNotAllowed { allow } => {
                 (format!("method not allowed; this path allows {allow}"), json!({"allow": allow}))
@@ -121,6 +140,16 @@ impl Error {
                 format!("order {order_id} is {status} and can no longer be cancelled"),
                 json!({"orderId": order_id, "status": status}),
             ),
+            Error::InvalidStatusTransition { order_id, status, requested } => (
+                format!("order {order_id} is {status} and cannot move to {requested}"),
+                json!({"orderId": order_id, "status": status, "requested": requested}),
+            ),
+            Error::IdempotencyInProgress => {
+                ("a request with this Idempotency-Key is still being processed; retry shortly".to_owned(), json!({}))
+            }
+            Error::IdempotencyKeyReused => {
+                ("this Idempotency-Key was already used with a different request".to_owned(), json!({}))
+            }
             Error::Unavailable(reason) => ((*reason).to_owned(), json!({})),
             Error::Internal(_) => ("internal error".to_owned(), json!({})),
         };

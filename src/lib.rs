@@ -45,6 +45,9 @@ pub struct AppState {
     pub metrics: Metrics,
 }
 
+/// How often expired idempotency keys are deleted.
+const IDEMPOTENCY_PURGE_INTERVAL: Duration = Duration::from_secs(600);
+
 /// First wait between attempts to reach the database at start-up; doubles up to the max.
 const STARTUP_RETRY_FIRST: Duration = Duration::from_millis(100);
 const STARTUP_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -93,8 +96,14 @@ pub async fn run(
             statement_timeout: config.statement_timeout,
         },
     )?;
+    let purge = tokio::spawn(db::idempotency::purge_periodically(
+        pool.clone(),
+        config.idempotency_retention,
+        IDEMPOTENCY_PURGE_INTERVAL,
+    ));
     let state = Arc::new(AppState { config, pool: pool.clone(), metrics: Metrics::default() });
     http::serve(listener, state, shutdown).await;
+    purge.abort();
     pool.close();
     Ok(())
 }

@@ -60,8 +60,8 @@ async fn twenty_concurrent_cancels_restore_stock_exactly_once() {
 #[tokio::test]
 async fn opposite_line_orders_never_deadlock() {
     let app = spawn_app().await;
-    app.set_stock(1, 1000).await;
-    app.set_stock(2, 1000).await;
+    app.restock(1, 990).await;
+    app.restock(2, 950).await;
     let bodies = (0..60)
         .map(|i| {
             let (first, second) = if i % 2 == 0 { (1, 2) } else { (2, 1) };
@@ -73,6 +73,7 @@ async fn opposite_line_orders_never_deadlock() {
     // Each order takes 1 of its first product and 2 of its second: 30 * (1 + 2) of each.
     assert_eq!((app.stock(1).await, app.stock(2).await), (1000 - 90, 1000 - 90));
     assert_eq!(app.count("order_items").await, 120);
+    app.assert_invariants().await;
 }
 
 /// 200 rejected orders in a row (each kind of rejection) leave no connection behind: with a

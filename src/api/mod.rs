@@ -2,5 +2,38 @@
 //! response. No SQL here, no socket handling.
 
 pub mod health;
+pub mod openapi;
 pub mod orders;
 pub mod products;
+
+use hyper::header::{HeaderValue, LINK};
+
+use crate::{domain::Page, http::response::Reply};
+
+/// The raw listing parameters of a query string (`limit`, `after`), parsed by the endpoint.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub limit: Option<String>,
+    pub after: Option<String>,
+}
+
+/// Adds `Link: <path?filters&limit=L&after=ID>; rel="next"` when the page came back full, so
+/// there may be more (RFC 8288; the body stays a plain array, as for the unpaginated listing).
+/// `filters` are already-validated `(name, value)` pairs whose values need no escaping.
+pub fn next_page_link(
+    reply: &mut Reply,
+    path: &str,
+    filters: &[(&str, String)],
+    page: Page,
+    rows: usize,
+    last_id: Option<i64>,
+) {
+    let Some(last_id) = last_id.filter(|_| rows as i64 >= page.limit) else { return };
+    let mut query: Vec<String> = filters.iter().map(|(name, value)| format!("{name}={value}")).collect();
+    query.push(format!("limit={}", page.limit));
+    query.push(format!("after={last_id}"));
+    let link = format!("<{path}?{}>; rel=\"next\"", query.join("&"));
+    if let Ok(value) = HeaderValue::from_str(&link) {
+        reply.headers_mut().insert(LINK, value);
+    }
+}

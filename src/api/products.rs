@@ -1,15 +1,38 @@
-//! `GET /api/products`.
+//! `GET /api/products`, `GET /api/products/{productId}`, `POST /api/products/{productId}/restock`.
 
 use hyper::StatusCode;
+use serde_json::Value;
 
+use super::{Listing, next_page_link};
 use crate::{
     AppState, db,
+    domain::{Page, parse_restock},
     error::Error,
     http::response::{Reply, json},
 };
 
-/// Every product, ordered by id.
-pub async fn list(state: &AppState) -> Result<Reply, Error> {
-    let products = db::products::list_all(&state.pool).await?;
-    Ok(json(StatusCode::OK, &products))
+/// Without `limit` or `after`: every product, ordered by id (the replaced service's shape, for
+/// old clients). With either: one keyset page, and a `Link: <...>; rel="next"` header when
+/// there may be more.
+pub async fn list(state: &AppState, listing: Listing) -> Result<Reply, Error> {
+    if listing.limit.is_none() && listing.after.is_none() {
+        return Ok(json(StatusCode::OK, &db::products::list_all(&state.pool).await?));
+    }
+    let page = Page::parse(listing.limit.as_deref(), listing.after.as_deref())?;
+    let products = db::products::list_page(&state.pool, page).await?;
+    let last_id = products.last().map(|product| i64::from(product.id));
+    let mut reply = json(StatusCode::OK, &products);
+    next_page_link(&mut reply, "/api/products", &[], page, products.len(), last_id);
+    Ok(reply)
+}
+
+pub async fn get(state: &AppState, product_id: i64) -> Result<Reply, Error> {
+    Ok(json(StatusCode::OK, &db::products::get(&state.pool, product_id).await?))
+}
+
+/// Adds `{"quantity": N}` units to a product's stock (an operator's action, recorded in the
+/// inventory ledger); answers with the product as it is now.
+pub async fn restock(state: &AppState, product_id: i64, body: Value) -> Result<Reply, Error> {
+    let quantity = parse_restock(&body)?;
+    Ok(json(StatusCode::OK, &db::products::restock(&state.pool, product_id, quantity).await?))
 }

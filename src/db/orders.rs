@@ -15,9 +15,9 @@
 use serde::Serialize;
 use tokio_postgres::error::SqlState;
 
-use super::Pool;
+use super::{Pool, PooledConn, pool::Step};
 use crate::{
-    domain::{NewOrder, OrderStatus},
+    domain::{NewOrder, OrderStatus, Page},
     error::Error,
     money::Money,
 };
@@ -46,7 +46,7 @@ const LOCK_PRODUCTS: &str = "
 
 /// Writes the whole order if, and only if, the user exists and every line's product exists
 /// with enough stock: the order, its lines with the unit price copied, the payment for the
-/// total, and the stock decrement. All the product rows it touches are already locked by
+/// total, the stock decrement and its inventory movements. All the product rows it touches are already locked by
 /// LOCK_PRODUCTS. Returns the new order, or no row when nothing was written.
 /// $1 user id, $2 product ids, $3 quantities (same length, in the client's line order).
 const INSERT_ORDER: &str = "
@@ -79,29 +79,53 @@ const INSERT_ORDER: &str = "
         SET stock = products.stock - line.quantity
         FROM line CROSS JOIN new_order
         WHERE products.id = line.product_id
+    ),
+    ledger AS (
+        INSERT INTO inventory_movements (product_id, delta, reason, order_id)
+        SELECT line.product_id, -line.quantity, 'order', new_order.id
+        FROM line CROSS JOIN new_order
     )
     SELECT id, total_amount FROM new_order";
 
 /// Creates an order in one transaction, or rejects it whole.
 pub async fn create(pool: &Pool, order: &NewOrder) -> Result<CreatedOrder, Error> {
+    let mut conn = pool.get().await?;
+    place(&mut conn, order, Transaction::Whole).await
+}
+
+/// Creates an order inside the transaction the caller opened on `conn` (to claim an
+/// idempotency key first); the caller commits or rolls back. On a rejection the transaction
+/// is still open and nothing of the order was written.
+pub async fn create_in_transaction(conn: &mut PooledConn, order: &NewOrder) -> Result<CreatedOrder, Error> {
+    place(conn, order, Transaction::AlreadyOpen).await
+}
+
+enum Transaction {
+    /// BEGIN and COMMIT around the order's statements, all in one round trip.
+    Whole,
+    /// The caller's open transaction.
+    AlreadyOpen,
+}
+
+async fn place(conn: &mut PooledConn, order: &NewOrder, transaction: Transaction) -> Result<CreatedOrder, Error> {
     let product_ids: Vec<i32> = order.lines.iter().map(|line| line.product_id).collect();
     let quantities: Vec<i32> = order.lines.iter().map(|line| line.quantity).collect();
-
-    let mut conn = pool.get().await?;
-    let [user, locked, inserted] = conn
-        .transaction([
-            (FIND_USER, &[&order.user_id]),
-            (LOCK_PRODUCTS, &[&product_ids]),
-            (INSERT_ORDER, &[&order.user_id, &product_ids, &quantities]),
-        ])
-        .await
-        .map_err(|e| {
-            if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
-                Error::invalid("the order total is larger than an order can hold")
-            } else {
-                Error::from(e)
-            }
-        })?;
+    let steps: [Step; 3] = [
+        (FIND_USER, &[&order.user_id]),
+        (LOCK_PRODUCTS, &[&product_ids]),
+        (INSERT_ORDER, &[&order.user_id, &product_ids, &quantities]),
+    ];
+    let results = match transaction {
+        Transaction::Whole => conn.transaction(steps).await,
+        Transaction::AlreadyOpen => conn.then(steps).await,
+    };
+    let [user, locked, inserted] = results.map_err(|e| {
+        if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
+            Error::invalid("the order total is larger than an order can hold")
+        } else {
+            Error::from(e)
+        }
+    })?;
 
     if let Some(row) = inserted.first() {
         return Ok(CreatedOrder { order_id: row.get(0), status: OrderStatus::Processing, total_amount: row.get(1) });
@@ -199,13 +223,13 @@ const LOCK_ORDER_PRODUCTS: &str = "
     ORDER BY p.id
     FOR UPDATE OF p";
 
-/// Cancels a processing order: marks it cancelled, puts each line's quantity back in stock
-/// and marks the payment refunded. The `status = 'processing'` condition on the locked row
+/// Cancels a processing order: marks it cancelled (the lifecycle trigger timestamps it), puts
+/// each line's quantity back in stock with its inventory movement, and marks the payment refunded. The `status = 'processing'` condition on the locked row
 /// is what makes the restore happen exactly once. Returns one row if it cancelled.
 const CANCEL_ORDER: &str = "
     WITH cancelled AS (
         UPDATE orders
-        SET status = 'cancelled', updated_at = now()
+        SET status = 'cancelled'
         WHERE id = $1 AND status = 'processing'
         RETURNING id
     ),
@@ -214,6 +238,11 @@ const CANCEL_ORDER: &str = "
         SET stock = products.stock + i.quantity
         FROM order_items i JOIN cancelled c ON c.id = i.order_id
         WHERE products.id = i.product_id
+    ),
+    ledger AS (
+        INSERT INTO inventory_movements (product_id, delta, reason, order_id)
+        SELECT i.product_id, i.quantity, 'cancel', c.id
+        FROM order_items i JOIN cancelled c ON c.id = i.order_id
     ),
     refunded AS (
         UPDATE payments
@@ -239,6 +268,86 @@ pub async fn cancel(pool: &Pool, order_id: i64) -> Result<(), Error> {
         }
         OrderStatus::Processing => Err(Error::Internal("processing order was not cancelled".into())),
     }
+}
+
+/// Moves a processing order to shipped or a shipped one to delivered. $1 order id, $2 the
+/// new status, $3 the status the order must have now. Runs after LOCK_ORDER in the same
+/// transaction; the lifecycle trigger refuses any other move and timestamps this one.
+const ADVANCE_ORDER: &str = "UPDATE orders SET status = $2 WHERE id = $1 AND status = $3 RETURNING id";
+
+/// Moves an order along its lifecycle. Setting the status it already has changes nothing and
+/// succeeds (PUT is idempotent); cancelling goes through `cancel`, which restores stock.
+pub async fn set_status(pool: &Pool, order_id: i64, target: OrderStatus) -> Result<(), Error> {
+    if target == OrderStatus::Cancelled {
+        return cancel(pool, order_id).await;
+    }
+    let mut conn = pool.get().await?;
+    let (locked, advanced) = match target.reached_from() {
+        Some(from) => {
+            let [locked, advanced] = conn
+                .transaction([
+                    (LOCK_ORDER, &[&order_id]),
+                    (ADVANCE_ORDER, &[&order_id, &target.as_str(), &from.as_str()]),
+                ])
+                .await?;
+            (locked, !advanced.is_empty())
+        }
+        None => (conn.query(ORDER_STATUS, &[&order_id]).await?, false),
+    };
+    let current = status_of(locked.first().ok_or(Error::OrderNotFound { order_id })?.get(0))?;
+    if advanced || current == target {
+        return Ok(());
+    }
+    Err(Error::InvalidStatusTransition { order_id, status: current.to_string(), requested: target.to_string() })
+}
+
+/// The status alone, for a move that can only be a no-op (back to processing).
+const ORDER_STATUS: &str = "SELECT status FROM orders WHERE id = $1";
+
+/// One row of an order listing.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderSummary {
+    pub order_id: i64,
+    pub user_id: i32,
+    pub status: OrderStatus,
+    pub total_amount: Money,
+    pub created_at: String,
+}
+
+/// Which orders to list.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OrderFilter {
+    pub user_id: Option<i32>,
+    pub status: Option<OrderStatus>,
+}
+
+/// One keyset page of orders, optionally of one user and/or one status. A NULL filter
+/// parameter matches everything. $1 user id, $2 status, $3 after this id, $4 limit.
+const LIST_ORDERS: &str = r#"
+    SELECT id, user_id, status, total_amount,
+           to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+    FROM orders
+    WHERE ($1::int4 IS NULL OR user_id = $1)
+      AND ($2::text IS NULL OR status = $2)
+      AND id > $3
+    ORDER BY id
+    LIMIT $4"#;
+
+pub async fn list(pool: &Pool, filter: OrderFilter, page: Page) -> Result<Vec<OrderSummary>, Error> {
+    let status = filter.status.map(OrderStatus::as_str);
+    let rows = pool.get().await?.query(LIST_ORDERS, &[&filter.user_id, &status, &page.after, &page.limit]).await?;
+    rows.iter()
+        .map(|row| {
+            Ok(OrderSummary {
+                order_id: row.get(0),
+                user_id: row.get(1),
+                status: status_of(row.get(2))?,
+                total_amount: row.get(3),
+                created_at: row.get(4),
+            })
+        })
+        .collect()
 }
 
 fn status_of(text: &str) -> Result<OrderStatus, Error> {

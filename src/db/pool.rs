@@ -31,7 +31,7 @@ use std::{pin::Pin, task::Poll};
 
 use postgres_types::ToSql;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{Client, NoTls, Row, Statement};
+use tokio_postgres::{Client, Error as PgError, NoTls, Row, Statement};
 
 use crate::{error::Error, log};
 
@@ -209,6 +209,11 @@ impl PooledConn {
         &self.conn.as_ref().expect("connection present until drop").client
     }
 
+    /// Whether a transaction opened with `begin` is still open (not yet committed or rolled back).
+    pub fn in_transaction(&self) -> bool {
+        self.conn.as_ref().is_some_and(|conn| conn.in_transaction)
+    }
+
     /// The prepared form of `sql` on this connection, preparing it on first use.
     pub async fn statement(&mut self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
         let conn = self.conn();
@@ -220,14 +225,18 @@ impl PooledConn {
         Ok(statement)
     }
 
-    /// Runs one prepared statement outside any transaction.
-    pub async fn query(
-        &mut self,
-        sql: &'static str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+    /// Runs one prepared statement on its own (a transaction of one statement).
+    pub async fn query(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
         let statement = self.statement(sql).await?;
-        self.client().query(&statement, params).await
+        let client = self.client();
+        within_deadline(client, client.query(&statement, params)).await
+    }
+
+    /// Runs one prepared statement on its own and returns the number of rows it changed.
+    pub async fn execute(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, PgError> {
+        let statement = self.statement(sql).await?;
+        let client = self.client();
+        within_deadline(client, client.execute(&statement, params)).await
     }
 
     /// Runs `steps` as one transaction in one round trip: BEGIN, each statement, COMMIT, sent
@@ -238,50 +247,111 @@ impl PooledConn {
     /// rely on the locks taken by the ones before it. Once one fails, the rest fail with
     /// "transaction aborted" and COMMIT acts as ROLLBACK: nothing of the transaction remains.
     /// Whatever happens, when this returns no transaction is open on the connection.
-    pub async fn transaction<const N: usize>(
-        &mut self,
-        steps: [(&'static str, &[&(dyn ToSql + Sync)]); N],
-    ) -> Result<[Vec<Row>; N], tokio_postgres::Error> {
+    pub async fn transaction<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
+        let rows = self.pipeline(Open::Begin, &steps, Close::Commit).await?;
+        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
+    }
+
+    /// Like `transaction`, for a transaction that needs more than one round trip: BEGIN and
+    /// `steps`, leaving the transaction open for `then` and `commit` (or `rollback`). If a step
+    /// fails, the transaction is rolled back before the error is returned.
+    pub async fn begin<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
+        let rows = self.pipeline(Open::Begin, &steps, Close::KeepOpen).await?;
+        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
+    }
+
+    /// More `steps` in the transaction opened by `begin`, in one round trip.
+    pub async fn then<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
+        let rows = self.pipeline(Open::AlreadyOpen, &steps, Close::KeepOpen).await?;
+        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
+    }
+
+    /// The last `steps` of the transaction opened by `begin`, and COMMIT, in one round trip.
+    pub async fn commit<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
+        let rows = self.pipeline(Open::AlreadyOpen, &steps, Close::Commit).await?;
+        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
+    }
+
+    /// Ends the transaction opened by `begin` without keeping anything.
+    pub async fn rollback(&mut self) -> Result<(), PgError> {
+        self.pipeline(Open::AlreadyOpen, &[], Close::Rollback).await.map(drop)
+    }
+
+    /// Sends [BEGIN,] steps [, COMMIT | ROLLBACK] as one pipeline and collects the answers.
+    async fn pipeline(&mut self, open: Open, steps: &[Step<'_>], close: Close) -> Result<Vec<Vec<Row>>, PgError> {
         const NO_PARAMS: &[&(dyn ToSql + Sync)] = &[];
-        let begin = self.statement("BEGIN").await?;
-        let commit = self.statement("COMMIT").await?;
-        let mut statements = Vec::with_capacity(N + 2);
-        statements.push((begin, NO_PARAMS));
-        for (sql, params) in steps {
-            statements.push((self.statement(sql).await?, params));
+        let mut statements = Vec::with_capacity(steps.len() + 2);
+        if open == Open::Begin {
+            statements.push((self.statement("BEGIN").await?, NO_PARAMS));
         }
-        statements.push((commit, NO_PARAMS));
+        for (sql, params) in steps {
+            statements.push((self.statement(sql).await?, *params));
+        }
+        match close {
+            Close::Commit => statements.push((self.statement("COMMIT").await?, NO_PARAMS)),
+            Close::Rollback => statements.push((self.statement("ROLLBACK").await?, NO_PARAMS)),
+            Close::KeepOpen => {}
+        }
 
         let conn = self.conn();
         conn.in_transaction = true;
         let client = &conn.client;
         let pipeline = join_all(statements.iter().map(|(statement, params)| client.query(statement, params)));
-        let results = match REQUEST_DEADLINE.try_with(|deadline| *deadline) {
-            Err(_no_deadline) => pipeline.await,
-            Ok(deadline) => {
-                tokio::pin!(pipeline);
-                match tokio::time::timeout_at(deadline, &mut pipeline).await {
-                    Ok(results) => results,
-                    Err(_elapsed) => {
-                        // Past the deadline: ask PostgreSQL to cancel the running statement, so
-                        // the transaction fails and COMMIT turns into ROLLBACK, then wait for the
-                        // real outcome. Dropping the pipeline instead would not stop it: the
-                        // statements are already in the server's buffer and COMMIT would still
-                        // run, with the client told the opposite.
-                        let _ = client.cancel_token().cancel_query(NoTls).await;
-                        pipeline.await
-                    }
-                }
-            }
-        };
-        // Every statement has answered, COMMIT (or the ROLLBACK it became) included.
-        conn.in_transaction = false;
+        let mut results = within_deadline(client, pipeline).await;
+        let failed = results.iter().any(Result::is_err);
+        if close == Close::KeepOpen && failed {
+            // The transaction is aborted; end it so the connection is clean for the caller.
+            client.batch_execute("ROLLBACK").await?;
+        }
+        // After COMMIT or ROLLBACK has answered (or the rollback above), no transaction is open.
+        conn.in_transaction = close == Close::KeepOpen && !failed;
 
-        let mut rows = results.into_iter().collect::<Result<Vec<Vec<Row>>, _>>()?;
-        rows.pop(); // COMMIT
-        rows.remove(0); // BEGIN
-        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
+        // The first failure in pipeline order is the cause; the later ones only echo it.
+        let closed = if close == Close::KeepOpen { None } else { results.pop() };
+        if open == Open::Begin {
+            results.remove(0)?;
+        }
+        let rows = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        if let Some(closed) = closed {
+            closed?;
+        }
+        Ok(rows)
     }
+}
+
+/// Awaits `work` (requests already sent or about to be sent on `client`) until the request's
+/// deadline, if there is one. Past it, asks PostgreSQL to cancel the running statement, so a
+/// transaction fails and its COMMIT turns into ROLLBACK, then waits for the real outcome.
+/// Dropping `work` instead would not stop it: the statements are already in the server's
+/// buffer and would still run, COMMIT included, with the client told the opposite.
+async fn within_deadline<F: Future>(client: &Client, work: F) -> F::Output {
+    let Ok(deadline) = REQUEST_DEADLINE.try_with(|deadline| *deadline) else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    match tokio::time::timeout_at(deadline, &mut work).await {
+        Ok(output) => output,
+        Err(_elapsed) => {
+            let _ = client.cancel_token().cancel_query(NoTls).await;
+            work.await
+        }
+    }
+}
+
+/// One statement of a pipeline and its parameters.
+pub type Step<'a> = (&'static str, &'a [&'a (dyn ToSql + Sync)]);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    Begin,
+    AlreadyOpen,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Close {
+    Commit,
+    Rollback,
+    KeepOpen,
 }
 
 /// Polls all futures together until each is done, returning their outputs in order. On one

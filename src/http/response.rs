@@ -37,7 +37,7 @@ pub fn error(error: &Error) -> Reply {
         Error::MethodNotAllowed { allow } => {
             headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        Error::Unavailable(_) => {
+        Error::Unavailable(_) | Error::IdempotencyInProgress => {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         _ => {}

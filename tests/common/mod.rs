@@ -296,14 +296,24 @@ impl TestApp {
         }
     }
 
-    /// Sets one product's stock directly (test setup).
-    pub async fn set_stock(&self, product_id: i32, stock: i32) {
-        self.db.execute("UPDATE products SET stock = $2 WHERE id = $1", &[&product_id, &stock]).await.unwrap();
+    /// Adds stock to a product through the API (recorded in the inventory ledger).
+    pub async fn restock(&self, product_id: i32, quantity: i32) {
+        let reply = self
+            .post_json(&format!("/api/products/{product_id}/restock"), &serde_json::json!({"quantity": quantity}))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
     }
 
-    /// Sets one order's status directly, bypassing the API (test setup).
+    pub async fn put_json(&self, path: &str, body: &Value) -> Reply {
+        let request = self.http.put(self.url(path)).header("content-type", "application/json").body(body.to_string());
+        Reply::read(request.send().await.expect("PUT")).await
+    }
+
+    /// Moves an order to `status` through the API and asserts it worked.
     pub async fn set_status(&self, order_id: i64, status: &str) {
-        self.db.execute("UPDATE orders SET status = $2 WHERE id = $1", &[&order_id, &status]).await.unwrap();
+        let reply =
+            self.put_json(&format!("/api/orders/{order_id}/status"), &serde_json::json!({"status": status})).await;
+        assert_eq!(reply.status, 200, "{}", reply.text);
     }
 
     /// Live (not cancelled) ordered quantity of a product.
@@ -319,28 +329,66 @@ impl TestApp {
             .get(0)
     }
 
-    /// The invariants that must hold after any traffic: no negative stock, and for every
-    /// product, stock + live ordered quantity = seeded stock; every order has its payment
-    /// and a total equal to the sum of its lines.
+    /// Sum of the inventory movements of one product, of one reason or all (`None`).
+    pub async fn movements(&self, product_id: i32, reason: Option<&str>) -> i64 {
+        self.db
+            .query_one(
+                "SELECT coalesce(sum(delta), 0)::int8 FROM inventory_movements
+                 WHERE product_id = $1 AND ($2::text IS NULL OR reason = $2)",
+                &[&product_id, &reason],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The invariants that must hold after any traffic, for every seeded product: stock is
+    /// never negative; stock + live ordered quantity = seeded stock + restocked quantity; the
+    /// inventory ledger balances (stock = sum of movements); and every order has its payment,
+    /// a total equal to the sum of its lines, and (if cancelled) exactly one restoring
+    /// movement per line, else none.
     pub async fn assert_invariants(&self) {
         for (product_id, seeded) in SEED_STOCK {
-            let stock = self.stock(product_id).await;
+            let stock = i64::from(self.stock(product_id).await);
             assert!(stock >= 0, "product {product_id} stock {stock} is negative");
             let live = self.live_ordered(product_id).await;
-            assert_eq!(i64::from(stock) + live, i64::from(seeded), "product {product_id}: stock {stock} + live {live}");
+            let restocked = self.movements(product_id, Some("restock")).await;
+            assert_eq!(
+                stock + live,
+                i64::from(seeded) + restocked,
+                "product {product_id}: stock {stock} + live {live} != seeded {seeded} + restocked {restocked}"
+            );
+            assert_eq!(stock, self.movements(product_id, None).await, "ledger of product {product_id}");
         }
         let broken: i64 = self
             .db
             .query_one(
-                "SELECT count(*) FROM orders o LEFT JOIN payments p ON p.order_id = o.id \
-                 WHERE p.id IS NULL OR p.amount <> o.total_amount \
-                    OR o.total_amount <> (SELECT sum(i.price * i.quantity) FROM order_items i WHERE i.order_id = o.id)",
+                "SELECT count(*) FROM orders o LEFT JOIN payments p ON p.order_id = o.id
+                 WHERE p.id IS NULL OR p.amount <> o.total_amount
+                    OR o.total_amount <> (SELECT sum(i.price * i.quantity) FROM order_items i WHERE i.order_id = o.id)
+                    OR (o.status = 'cancelled') <> (p.status = 'refunded')",
                 &[],
             )
             .await
             .unwrap()
             .get(0);
         assert_eq!(broken, 0, "orders without a matching payment or with a wrong total");
+        let unbalanced_lines: i64 = self
+            .db
+            .query_one(
+                "SELECT count(*) FROM order_items i JOIN orders o ON o.id = i.order_id
+                 WHERE (SELECT count(*) FROM inventory_movements m
+                        WHERE m.order_id = i.order_id AND m.product_id = i.product_id AND m.reason = 'order'
+                          AND m.delta = -i.quantity) <> 1
+                    OR (SELECT count(*) FROM inventory_movements m
+                        WHERE m.order_id = i.order_id AND m.product_id = i.product_id AND m.reason = 'cancel'
+                          AND m.delta = i.quantity) <> (o.status = 'cancelled')::int",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(unbalanced_lines, 0, "order lines whose ledger movements do not match the order");
     }
 }
 
