@@ -4,7 +4,7 @@
 CARGO   ?= cargo
 RELEASE := target/release/order-api
 
-.PHONY: run build migrate seed test lint fmt clean
+.PHONY: run build migrate seed test lint fuzz fmt clean
 
 ## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
 run: build
@@ -36,6 +36,10 @@ test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+## fuzz: schemathesis against /openapi.json of a live server on a fresh database (FUZZ_SECONDS, default 60)
+fuzz:
+	fuzz/run $(or $(FUZZ_SECONDS),60)
 
 fmt:
 	$(CARGO) fmt --all

@@ -166,6 +166,53 @@ impl Error {
     }
 }
 
+#[cfg(test)]
+impl Error {
+    /// One value of every variant, for tests that must cover them all (the `match` below
+    /// stops compiling when a variant is added and not listed).
+    pub fn examples() -> Vec<Error> {
+        let all = vec![
+            Error::InvalidRequest("x".into()),
+            Error::InsufficientStock { product_id: 1, requested: 2, available: 1 },
+            Error::ProductNotFound { product_id: 1 },
+            Error::UserNotFound { user_id: 1 },
+            Error::OrderNotFound { order_id: 1 },
+            Error::NoSuchProduct { product_id: 1 },
+            Error::RouteNotFound,
+            Error::MethodNotAllowed { allow: "GET" },
+            Error::PayloadTooLarge { limit: 1 },
+            Error::UnsupportedMediaType,
+            Error::OrderNotCancellable { order_id: 1, status: "shipped".into() },
+            Error::InvalidStatusTransition { order_id: 1, status: "shipped".into(), requested: "processing".into() },
+            Error::IdempotencyInProgress,
+            Error::IdempotencyKeyReused,
+            Error::Unavailable("x"),
+            Error::Internal("x".into()),
+        ];
+        for error in &all {
+            match error {
+                Error::InvalidRequest(_)
+                | Error::InsufficientStock { .. }
+                | Error::ProductNotFound { .. }
+                | Error::UserNotFound { .. }
+                | Error::OrderNotFound { .. }
+                | Error::NoSuchProduct { .. }
+                | Error::RouteNotFound
+                | Error::MethodNotAllowed { .. }
+                | Error::PayloadTooLarge { .. }
+                | Error::UnsupportedMediaType
+                | Error::OrderNotCancellable { .. }
+                | Error::InvalidStatusTransition { .. }
+                | Error::IdempotencyInProgress
+                | Error::IdempotencyKeyReused
+                | Error::Unavailable(_)
+                | Error::Internal(_) => {}
+            }
+        }
+        all
+    }
+}
+
 /// A database error is the client's fault only in the cases a caller maps explicitly; here
 /// the rest splits into "try again" (the database is away, busy or timed out) and bugs.
 impl From<tokio_postgres::Error> for Error {

@@ -11,3 +11,67 @@ pub const DOCUMENT: &str = include_str!("openapi.json");
 pub fn document() -> Reply {
     bytes_reply(StatusCode::OK, HeaderValue::from_static("application/json"), DOCUMENT)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{error::Error, http::router::Route};
+    use serde_json::Value;
+
+    fn document() -> Value {
+        serde_json::from_str(DOCUMENT).expect("openapi.json is valid JSON")
+    }
+
+    /// Every route is documented with exactly the methods it answers, and nothing else is.
+    #[test]
+    fn documents_every_route_and_method_and_no_other() {
+        let doc = document();
+        let paths = doc["paths"].as_object().unwrap();
+        assert_eq!(paths.len(), Route::ALL.len());
+        for route in Route::ALL {
+            let item = paths.get(route.template()).unwrap_or_else(|| panic!("{} is not documented", route.template()));
+            let mut documented: Vec<String> = item.as_object().unwrap().keys().map(|m| m.to_uppercase()).collect();
+            documented.sort();
+            let mut served: Vec<String> = route.allow().split(", ").map(str::to_owned).collect();
+            served.sort();
+            assert_eq!(documented, served, "methods of {}", route.template());
+        }
+    }
+
+    /// Every error code the service can answer is in the document's `Error.code` enum.
+    #[test]
+    fn documents_every_error_code() {
+        let doc = document();
+        let codes: Vec<&str> = doc["components"]["schemas"]["Error"]["properties"]["code"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        for error in Error::examples() {
+            assert!(codes.contains(&error.code()), "{} is not documented", error.code());
+        }
+        let served: std::collections::BTreeSet<&str> = Error::examples().iter().map(Error::code).collect();
+        assert_eq!(codes.len(), served.len(), "documented codes the service never answers");
+    }
+
+    /// Every `$ref` points at something that exists.
+    #[test]
+    fn every_reference_resolves() {
+        let doc = document();
+        fn walk(value: &Value, doc: &Value) {
+            match value {
+                Value::Object(map) => {
+                    if let Some(Value::String(target)) = map.get("$ref") {
+                        let pointer = target.strip_prefix('#').expect("local reference");
+                        assert!(doc.pointer(pointer).is_some(), "dangling {target}");
+                    }
+                    map.values().for_each(|v| walk(v, doc));
+                }
+                Value::Array(items) => items.iter().for_each(|v| walk(v, doc)),
+                _ => {}
+            }
+        }
+        walk(&doc, &doc);
+    }
+}

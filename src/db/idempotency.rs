@@ -5,7 +5,7 @@
 //! primary key's unique index until the first transaction ends: if it committed, the waiter
 //! finds the stored response and replays it; if it rolled back (a 5xx, nothing stored), the
 //! waiter claims the key itself. Either way there is never a second order. A waiter that
-//! waits past `lock_timeout` gets 409 IDEMPOTENCY_IN_PROGRESS.
+//! waits past `lock_timeout` (or its deadline) gets 409 IDEMPOTENCY_IN_PROGRESS.
 
 use std::time::Duration;
 
@@ -57,9 +57,15 @@ pub async fn claim(
 ) -> Result<Claim, Error> {
     let retention_secs = retention.as_secs_f64();
     let params: [&(dyn postgres_types::ToSql + Sync); 4] = [&user_id, &key.as_str(), &fingerprint, &retention_secs];
-    let [claimed, found] = conn.begin([(CLAIM_KEY, &params), (FIND_KEY, &params[..3])]).await.map_err(|e| {
-        if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) { Error::IdempotencyInProgress } else { Error::from(e) }
-    })?;
+    // The only wait here is on a concurrent request holding the key; if that wait ends in a
+    // lock or statement timeout (or the request's deadline), the first request is still running.
+    let [claimed, found] =
+        conn.begin([(CLAIM_KEY, &params), (FIND_KEY, &params[..3])]).await.map_err(|e| match e.code() {
+            Some(code) if *code == SqlState::LOCK_NOT_AVAILABLE || *code == SqlState::QUERY_CANCELED => {
+                Error::IdempotencyInProgress
+            }
+            _ => Error::from(e),
+        })?;
     if !claimed.is_empty() {
         return Ok(Claim::Claimed);
     }

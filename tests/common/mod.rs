@@ -182,6 +182,10 @@ pub struct Reply {
 }
 
 impl Reply {
+    pub async fn read_response(response: reqwest::Response) -> Reply {
+        Reply::read(response).await
+    }
+
     async fn read(response: reqwest::Response) -> Reply {
         let status = response.status().as_u16();
         let headers = response.headers().clone();

@@ -1,0 +1,99 @@
+//! The inventory ledger: every stock change is a movement written in the same transaction,
+//! so that for every product stock = sum of its movements, and each cancellation restored
+//! each line exactly once. Restocking is how operators add stock.
+
+mod common;
+
+use common::spawn_app;
+use futures::future::join_all;
+use serde_json::json;
+
+/// A fresh database's ledger holds the seeded stock as opening balances.
+#[tokio::test]
+async fn the_seed_opens_the_ledger() {
+    let app = spawn_app().await;
+    for (product_id, seeded) in common::SEED_STOCK {
+        assert_eq!(app.movements(product_id, Some("seed")).await, i64::from(seeded));
+    }
+    app.assert_invariants().await;
+}
+
+/// Restocking adds stock, answers the product as it is now, and is recorded.
+#[tokio::test]
+async fn restocking_adds_stock_with_a_movement() {
+    let app = spawn_app().await;
+    let reply = app.post_json("/api/products/5/restock", &json!({"quantity": 7})).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.text, r#"{"id":5,"name":"Out of Stock Item","price":999.00,"stock":7}"#);
+    assert_eq!(app.movements(5, Some("restock")).await, 7);
+    app.order(5, 7).await;
+    app.assert_invariants().await;
+}
+
+/// Bad restocks are refused and change nothing: bad quantities, unknown products, a stock
+/// that would overflow int4.
+#[tokio::test]
+async fn bad_restocks_change_nothing() {
+    let app = spawn_app().await;
+    let before = app.snapshot().await;
+    for body in [
+        json!({}),
+        json!({"quantity": 0}),
+        json!({"quantity": -5}),
+        json!({"quantity": 1.5}),
+        json!({"quantity": "3"}),
+        json!([1]),
+    ] {
+        app.post_json("/api/products/1/restock", &body).await.assert_error(400, "INVALID_REQUEST");
+    }
+    app.post_json("/api/products/77/restock", &json!({"quantity": 1})).await.assert_error(404, "PRODUCT_NOT_FOUND");
+    app.post_json("/api/products/abc/restock", &json!({"quantity": 1})).await.assert_error(400, "INVALID_REQUEST");
+    app.post_json("/api/products/1/restock", &json!({"quantity": i32::MAX})).await.assert_error(400, "INVALID_REQUEST");
+    assert_eq!(app.snapshot().await, before);
+    app.assert_invariants().await;
+}
+
+/// Heavy concurrent traffic (multi-line orders in both line orders, cancels, repeated and
+/// concurrent cancels of the same orders, restocks) leaves a ledger that balances for every
+/// product, with exactly one restoring movement per cancelled line.
+#[tokio::test]
+async fn the_ledger_balances_after_concurrent_orders_cancels_and_restocks() {
+    let app = &spawn_app().await;
+    let rounds = (0..8).map(|round| async move {
+        let orders = (0..10).map(|i| async move {
+            let (a, b) = if (round + i) % 2 == 0 { (2, 3) } else { (3, 2) };
+            let body = json!({"userId": 1, "items": [{"productId": a, "quantity": 1 + i % 3}, {"productId": b, "quantity": 1}]});
+            app.post_order(&body).await
+        });
+        let created: Vec<i64> = join_all(orders).await.iter().filter_map(|r| r.json["orderId"].as_i64()).collect();
+        let cancels = created.iter().filter(|id| *id % 2 == 0).flat_map(|id| [*id, *id, *id]).map(|id| app.cancel(id));
+        let two_more = json!({"quantity": 2});
+        let restock = app.post_json("/api/products/3/restock", &two_more);
+        let (cancelled, restocked) = tokio::join!(join_all(cancels), restock);
+        assert!(cancelled.iter().all(|r| r.status == 200));
+        assert_eq!(restocked.status, 200);
+    });
+    join_all(rounds).await;
+
+    let cancelled: i64 =
+        app.db.query_one("SELECT count(*) FROM orders WHERE status = 'cancelled'", &[]).await.unwrap().get(0);
+    assert!(cancelled > 0);
+    app.assert_invariants().await;
+}
+
+/// The database itself refuses a second restore of one cancelled line.
+#[tokio::test]
+async fn the_ledger_refuses_a_second_restore_of_a_line() {
+    let app = spawn_app().await;
+    let order_id = app.order(2, 2).await;
+    app.cancel(order_id).await;
+    let error = app
+        .db
+        .execute(
+            "INSERT INTO inventory_movements (product_id, delta, reason, order_id) VALUES (2, 2, 'cancel', $1)",
+            &[&order_id],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
+}

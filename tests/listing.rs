@@ -1,0 +1,131 @@
+//! Reading products and orders: one product, pages of products and orders with keyset
+//! pagination (stable while orders are inserted), and the unpaginated listing of old clients.
+
+mod common;
+
+use common::{TestApp, spawn_app};
+use serde_json::{Value, json};
+
+/// `GET /api/products/{id}` answers the product; unknown ids 404, malformed ones 400.
+#[tokio::test]
+async fn one_product_by_id() {
+    let app = spawn_app().await;
+    let reply = app.get("/api/products/3").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text, r#"{"id":3,"name":"Keyboard","price":1500.00,"stock":20}"#);
+    let missing = app.get("/api/products/99").await;
+    missing.assert_error(404, "PRODUCT_NOT_FOUND");
+    assert_eq!(missing.json["productId"], 99);
+    app.get("/api/products/3000000000").await.assert_error(404, "PRODUCT_NOT_FOUND");
+    for bad in ["0", "-2", "abc", "1.5"] {
+        app.get(&format!("/api/products/{bad}")).await.assert_error(400, "INVALID_REQUEST");
+    }
+}
+
+/// Follows `Link: <...>; rel="next"` from `first` to the end; returns every row seen and
+/// the number of pages.
+async fn follow_pages(app: &TestApp, first: &str) -> (Vec<Value>, usize) {
+    let mut rows = Vec::new();
+    let mut pages = 0;
+    let mut next = Some(first.to_owned());
+    while let Some(path) = next {
+        let reply = app.get(&path).await;
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text);
+        rows.extend(reply.json.as_array().unwrap().iter().cloned());
+        pages += 1;
+        next = reply.header("link").map(|link| {
+            let target = link.strip_prefix('<').and_then(|l| l.split_once(">; rel=\"next\"")).expect(link).0;
+            target.to_owned()
+        });
+        assert!(pages < 1000, "pagination does not end");
+    }
+    (rows, pages)
+}
+
+/// Without parameters the catalogue is one array (as before); with `limit` it comes in
+/// pages linked by `Link` headers that together give the same array.
+#[tokio::test]
+async fn products_page_through_the_same_catalogue() {
+    let app = spawn_app().await;
+    let everything = app.get("/api/products").await;
+    assert!(everything.header("link").is_none());
+    let first = app.get("/api/products?limit=2").await;
+    assert_eq!(first.header("link"), Some(r#"</api/products?limit=2&after=2>; rel="next""#));
+    let (rows, pages) = follow_pages(&app, "/api/products?limit=2").await;
+    assert_eq!(Value::Array(rows), everything.json);
+    assert_eq!(pages, 3);
+    let after = app.get("/api/products?after=3").await;
+    let ids: Vec<i64> = after.json.as_array().unwrap().iter().map(|p| p["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, vec![4, 5]);
+}
+
+/// Out-of-range or malformed paging parameters are 400, not clamped.
+#[tokio::test]
+async fn paging_parameters_are_validated() {
+    let app = spawn_app().await;
+    for query in ["limit=0", "limit=101", "limit=-1", "limit=ten", "after=-1", "after=x", "limit=", "after=1e2"] {
+        app.get(&format!("/api/products?{query}")).await.assert_error(400, "INVALID_REQUEST");
+        app.get(&format!("/api/orders?{query}")).await.assert_error(400, "INVALID_REQUEST");
+    }
+    for query in ["userId=0", "userId=abc", "userId=2147483648", "status=lost", "status=SHIPPED"] {
+        app.get(&format!("/api/orders?{query}")).await.assert_error(400, "INVALID_REQUEST");
+    }
+}
+
+/// Orders list by id, filtered by user and by status, with the summary shape.
+#[tokio::test]
+async fn orders_list_filtered_by_user_and_status() {
+    let app = spawn_app().await;
+    let mut ids = Vec::new();
+    for user_id in [1, 2, 1, 2, 1] {
+        let reply = app.post_order(&json!({"userId": user_id, "items": [{"productId": 2, "quantity": 1}]})).await;
+        ids.push(reply.json["orderId"].as_i64().unwrap());
+    }
+    app.set_status(ids[2], "shipped").await;
+    app.cancel(ids[4]).await;
+
+    let all = app.get("/api/orders").await;
+    assert_eq!(all.json.as_array().unwrap().len(), 5);
+    let first = &all.json[0];
+    assert_eq!(first["orderId"], ids[0]);
+    assert_eq!(first["userId"], 1);
+    assert_eq!(first["status"], "processing");
+    assert!(all.text.contains(r#""totalAmount":500.00,"#));
+    assert!(first["createdAt"].as_str().unwrap().ends_with('Z'));
+
+    let ids_of = |reply: &common::Reply| -> Vec<i64> {
+        reply.json.as_array().unwrap().iter().map(|o| o["orderId"].as_i64().unwrap()).collect()
+    };
+    assert_eq!(ids_of(&app.get("/api/orders?userId=1").await), vec![ids[0], ids[2], ids[4]]);
+    assert_eq!(ids_of(&app.get("/api/orders?userId=1&status=processing").await), vec![ids[0]]);
+    assert_eq!(ids_of(&app.get("/api/orders?status=cancelled").await), vec![ids[4]]);
+    assert_eq!(ids_of(&app.get("/api/orders?userId=2&status=shipped").await), Vec::<i64>::new());
+    let page = app.get("/api/orders?userId=1&limit=2").await;
+    assert_eq!(page.header("link").unwrap(), format!(r#"</api/orders?userId=1&limit=2&after={}>; rel="next""#, ids[2]));
+}
+
+/// Paging through orders while new ones are inserted concurrently: every order that existed
+/// before is seen exactly once, ids only grow, and nothing is skipped or repeated.
+#[tokio::test]
+async fn order_pages_are_stable_under_concurrent_inserts() {
+    let app = &spawn_app().await;
+    app.restock(2, 1000).await;
+    let mut existing = Vec::new();
+    for _ in 0..30 {
+        existing.push(app.order(2, 1).await);
+    }
+    let inserting = async {
+        for _ in 0..40 {
+            app.order(2, 1).await;
+        }
+    };
+    let paging = follow_pages(app, "/api/orders?limit=7");
+    let ((rows, _pages), ()) = tokio::join!(paging, inserting);
+
+    let seen: Vec<i64> = rows.iter().map(|o| o["orderId"].as_i64().unwrap()).collect();
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "ids must strictly increase: {seen:?}");
+    for id in &existing {
+        assert_eq!(seen.iter().filter(|s| *s == id).count(), 1, "order {id} seen once");
+    }
+    app.assert_invariants().await;
+}
