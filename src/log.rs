@@ -42,6 +42,12 @@ impl Level {
     }
 }
 
+tokio::task_local! {
+    /// The id of the request being served, set by the HTTP layer around each handler, so that
+    /// every line logged while serving it carries its `request_id`.
+    pub static REQUEST_ID: String;
+}
+
 /// The most verbose level written; set once at start.
 static MAX_LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
 
@@ -66,8 +72,20 @@ pub fn event(level: Level, msg: &str, fields: impl Serialize) {
         level: &'static str,
         msg: &'a str,
     }
-    let head = Head { time: rfc3339_utc(SystemTime::now()), level: level.name(), msg };
-    let mut line = serde_json::to_string(&head).unwrap_or_default();
+    #[derive(Serialize)]
+    struct HeadWithRequest<'a> {
+        time: String,
+        level: &'static str,
+        msg: &'a str,
+        request_id: &'a str,
+    }
+    let time = rfc3339_utc(SystemTime::now());
+    let head = REQUEST_ID
+        .try_with(|request_id| {
+            serde_json::to_string(&HeadWithRequest { time: time.clone(), level: level.name(), msg, request_id })
+        })
+        .unwrap_or_else(|_| serde_json::to_string(&Head { time, level: level.name(), msg }));
+    let mut line = head.unwrap_or_default();
     line.pop(); // the closing brace
     match serde_json::to_string(&fields) {
         Ok(fields) if fields.starts_with('{') && fields.len() > 2 => {

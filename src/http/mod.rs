@@ -110,10 +110,9 @@ async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Repl
             // its end and its connection goes back to the pool clean).
             let deadline = tokio::time::Instant::now() + state.config.request_timeout;
             let handler_state = state.clone();
-            let mut task = tokio::spawn(
-                db::REQUEST_DEADLINE
-                    .scope(deadline, async move { router::dispatch(&handler_state, matched, request).await }),
-            );
+            let handler = db::REQUEST_DEADLINE
+                .scope(deadline, async move { router::dispatch(&handler_state, matched, request).await });
+            let mut task = tokio::spawn(log::REQUEST_ID.scope(request_id.clone(), handler));
             // The handler honours the deadline itself: its pool wait ends there, and a
             // transaction still running is cancelled inside PostgreSQL, so the answer tells
             // the truth about what was written. This later timeout is the backstop for a

@@ -1,0 +1,90 @@
+//! Connection-level limits: clients that send their headers too slowly (or nothing at all)
+//! are cut off by the header-read timeout without disturbing others, and connections past
+//! `MAX_CONNECTIONS` get a clear 503 instead of an endless wait.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestApp, spawn_app_with};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+/// Reads until the server closes the connection (or `limit` passes); returns what was read
+/// and when the close came.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(tokio::time::Instant::from_std(started + limit), stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return (String::from_utf8_lossy(&received).into_owned(), Some(started.elapsed()));
+            }
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+            Err(_) => return (String::from_utf8_lossy(&received).into_owned(), None),
+        }
+    }
+}
+
+async fn connect(app: &TestApp) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", app.port)).await.unwrap()
+}
+
+/// A client that sends half its headers and stalls, or connects and sends nothing, is
+/// disconnected after the header-read timeout; a normal client is served meanwhile.
+#[tokio::test]
+async fn slow_and_silent_clients_are_cut_off_by_the_header_timeout() {
+    let app = spawn_app_with(|config| config.header_read_timeout = Duration::from_millis(300)).await;
+    let mut slow = connect(&app).await;
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+    let mut silent = connect(&app).await;
+
+    assert_eq!(app.get("/health").await.status, 200, "others are served meanwhile");
+    for stream in [&mut slow, &mut silent] {
+        let (_, closed_after) = read_until_closed(stream, Duration::from_secs(3)).await;
+        let closed_after = closed_after.expect("the server closes the connection");
+        assert!(closed_after < Duration::from_secs(2), "closed after {closed_after:?}");
+    }
+}
+
+/// Trickling one header byte at a time does not reset the timeout: the whole head must arrive
+/// in time.
+#[tokio::test]
+async fn trickling_headers_byte_by_byte_does_not_extend_the_timeout() {
+    let app = spawn_app_with(|config| config.header_read_timeout = Duration::from_millis(400)).await;
+    let mut stream = connect(&app).await;
+    let started = Instant::now();
+    let head = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    for byte in head {
+        if stream.write_all(&[*byte]).await.is_err() {
+            break; // the server has closed the connection
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (response, _) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
+    assert!(!response.contains("200 OK"), "a trickled head must not be served: {response}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+}
+
+/// Past `MAX_CONNECTIONS`, a new connection gets a 503 SERVICE_UNAVAILABLE with Retry-After
+/// and is closed; once a slot frees, connections are served again.
+#[tokio::test]
+async fn connections_past_the_limit_get_503_and_are_closed() {
+    let app = spawn_app_with(|config| config.max_connections = 2).await;
+    let held = [connect(&app).await, connect(&app).await];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut third = connect(&app).await;
+    let (response, closed) = read_until_closed(&mut third, Duration::from_secs(3)).await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(response.to_ascii_lowercase().contains("retry-after: 1"), "{response}");
+    assert!(response.contains(r#""code":"SERVICE_UNAVAILABLE""#), "{response}");
+    assert!(closed.is_some(), "the refused connection is closed");
+
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(app.get("/health").await.status, 200);
+}
