@@ -196,3 +196,48 @@ async fn a_client_that_disconnects_mid_order_leaves_a_whole_order_or_none() {
     app.order(1, 1).await;
     app.assert_invariants().await;
 }
+
+/// The database goes away (connections refused and every API connection killed): requests
+/// fail fast with 503 and Retry-After, /health says unhealthy; when it is back, the service
+/// heals by itself, its first order succeeding within 2 s.
+#[tokio::test]
+async fn the_service_fails_fast_while_the_database_is_away_and_heals_when_it_returns() {
+    let app = spawn_app().await;
+    app.order(1, 1).await;
+    let admin = common::admin().await;
+    let database = app.database_name.clone();
+    admin.batch_execute(&format!("ALTER DATABASE {database} WITH ALLOW_CONNECTIONS false")).await.unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'order-api'",
+            &[&database],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let before = app.snapshot().await;
+    let started = Instant::now();
+    for _ in 0..20 {
+        let reply = app.post_order(&one_laptop()).await;
+        reply.assert_error(503, "SERVICE_UNAVAILABLE");
+        assert_eq!(reply.header("retry-after"), Some("1"));
+    }
+    assert!(started.elapsed() < Duration::from_secs(2), "20 refusals took {:?}", started.elapsed());
+    assert_eq!(app.get("/health").await.status, 503);
+    assert_eq!(app.snapshot().await, before);
+
+    admin.batch_execute(&format!("ALTER DATABASE {database} WITH ALLOW_CONNECTIONS true")).await.unwrap();
+    let back = Instant::now();
+    loop {
+        let reply = app.post_order(&one_laptop()).await;
+        if reply.status == 201 {
+            break;
+        }
+        assert_eq!(reply.status, 503, "{}", reply.text);
+        assert!(back.elapsed() < Duration::from_secs(2), "not healed after {:?}", back.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.get("/health").await.status, 200);
+    app.assert_invariants().await;
+}

@@ -7,7 +7,8 @@
 //! - **Lazy and self-healing:** connections open on demand. A connection whose socket died
 //!   (PostgreSQL restarted, backend terminated) is seen as closed and dropped, never handed
 //!   out again; the next request opens a fresh one. While the database is down, opening fails
-//!   at once (or within `connect_timeout`) and the request gets a 503.
+//!   at once (or within `connect_timeout`) and the request gets a 503; after a failure, new
+//!   attempts back off (25 ms doubling to 500 ms), failing fast in between.
 //! - **Clean:** a connection goes back to the pool only if no transaction was left open on it.
 //!   `transaction` marks the connection while a transaction runs and clears the mark once
 //!   COMMIT has answered. A transaction still running at the request's deadline is cancelled
@@ -25,6 +26,7 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
+    time::Instant,
 };
 
 use std::{pin::Pin, task::Poll};
@@ -75,9 +77,12 @@ struct Inner {
     settings: PoolSettings,
     /// One permit per connection that may be in use; held by `PooledConn` while checked out.
     permits: Arc<Semaphore>,
-    /// Open connections not in use, most recently returned last (reused first, so rarely
-    /// used connections age out rather than all staying warm).
+    /// Open connections not in use, most recently returned last and reused first.
     idle: Mutex<Vec<Conn>>,
+    /// After a failed connect, new connects wait out a short, growing pause (the requests in
+    /// between fail fast with 503), so a database that is down or restarting is not hammered by
+    /// every request, and the service still notices its return within `MAX_CONNECT_BACKOFF`.
+    backoff: Mutex<Backoff>,
     /// Connections currently open (idle, in use, or in the middle of a query).
     open: AtomicUsize,
     waiting: AtomicUsize,
@@ -118,6 +123,7 @@ impl Pool {
                 permits: Arc::new(Semaphore::new(settings.max_size)),
                 settings,
                 idle: Mutex::new(Vec::new()),
+                backoff: Mutex::new(Backoff::default()),
                 open: AtomicUsize::new(0),
                 waiting: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
@@ -159,10 +165,24 @@ impl Pool {
         if self.inner.closed.load(Ordering::Relaxed) {
             return Err(Error::Unavailable("the service is shutting down"));
         }
-        let (client, connection) = self.inner.config.connect(NoTls).await.map_err(|e| {
-            log::warn("database connection failed", serde_json::json!({"error": e.to_string()}));
-            Error::Unavailable("the database cannot be reached; retry")
-        })?;
+        let unreachable = Error::Unavailable("the database cannot be reached; retry");
+        if self.inner.backoff.lock().unwrap().retry_at.is_some_and(|at| Instant::now() < at) {
+            return Err(unreachable);
+        }
+        let (client, connection) = match self.inner.config.connect(NoTls).await {
+            Ok(connected) => {
+                self.inner.backoff.lock().unwrap().succeeded();
+                connected
+            }
+            Err(e) => {
+                let pause = self.inner.backoff.lock().unwrap().failed();
+                log::warn(
+                    "database connection failed",
+                    serde_json::json!({"error": e.to_string(), "next_attempt_in_ms": pause.as_millis()}),
+                );
+                return Err(unreachable);
+            }
+        };
         // The connection future does the socket I/O; it ends when the socket closes or the
         // client is dropped, after which `client.is_closed()` is true.
         tokio::spawn(async move {
@@ -189,6 +209,30 @@ impl Pool {
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Relaxed);
         self.inner.idle.lock().unwrap().clear();
+    }
+}
+
+/// First pause after a failed connect; it doubles with each failure in a row, up to the max.
+const MIN_CONNECT_BACKOFF: Duration = Duration::from_millis(25);
+const MAX_CONNECT_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The connect backoff state: consecutive failures and when the next attempt may start.
+#[derive(Debug, Default)]
+struct Backoff {
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl Backoff {
+    fn failed(&mut self) -> Duration {
+        let pause = MIN_CONNECT_BACKOFF.saturating_mul(1 << self.failures.min(16)).min(MAX_CONNECT_BACKOFF);
+        self.failures += 1;
+        self.retry_at = Some(Instant::now() + pause);
+        pause
+    }
+
+    fn succeeded(&mut self) {
+        *self = Backoff::default();
     }
 }
 

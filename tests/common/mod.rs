@@ -124,6 +124,12 @@ pub async fn create_test_database() -> (String, String) {
     (name, url)
 }
 
+/// A connection to the server's maintenance database, for what a test database cannot do to
+/// itself (ALTER DATABASE, watching other databases' sessions).
+pub async fn admin() -> tokio_postgres::Client {
+    connect(&server_url()).await
+}
+
 pub async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("connect to PostgreSQL");
     tokio::spawn(connection);
