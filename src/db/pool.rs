@@ -21,15 +21,14 @@
 
 use std::{
     collections::HashMap,
+    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    time::Duration,
-    time::Instant,
+    task::Poll,
+    time::{Duration, Instant},
 };
-
-use std::{pin::Pin, task::Poll};
 
 use postgres_types::ToSql;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -151,8 +150,11 @@ impl Pool {
             return Ok(permit);
         }
         self.inner.waiting.fetch_add(1, Ordering::Relaxed);
-        let acquired =
-            tokio::time::timeout(self.inner.settings.acquire_timeout, self.inner.permits.clone().acquire_owned()).await;
+        let mut wait_until = tokio::time::Instant::now() + self.inner.settings.acquire_timeout;
+        if let Ok(deadline) = REQUEST_DEADLINE.try_with(|deadline| *deadline) {
+            wait_until = wait_until.min(deadline);
+        }
+        let acquired = tokio::time::timeout_at(wait_until, self.inner.permits.clone().acquire_owned()).await;
         self.inner.waiting.fetch_sub(1, Ordering::Relaxed);
         match acquired {
             Ok(Ok(permit)) => Ok(permit),
