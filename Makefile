@@ -3,8 +3,11 @@
 
 CARGO   ?= cargo
 RELEASE := target/release/order-api
+# Compose v2 (`docker compose`) when the Docker CLI has it, else v1 (`docker-compose`).
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+IMAGE   ?= order-api
 
-.PHONY: run build migrate seed test lint fuzz fmt clean
+.PHONY: run build migrate seed test lint fuzz fmt clean docker-build up down logs
 
 ## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
 run: build
@@ -46,3 +49,21 @@ fmt:
 
 clean:
 	$(CARGO) clean
+
+## docker-build: build the image alone, tagged $(IMAGE) (the tag docker-compose.yml uses)
+docker-build:
+	docker build -t $(IMAGE) .
+
+## up: build the image and start PostgreSQL and the API in the background, migrated and
+## seeded, on localhost:$API_PORT (3000); `make logs` follows them, `make down` stops them
+up:
+	$(COMPOSE) up --build -d
+	@echo "started in the background; the API answers on localhost:3000 (or API_PORT) once 'docker ps' shows it healthy"
+
+## down: stop and remove the containers; the database volume stays (add -v by hand to drop it)
+down:
+	$(COMPOSE) down
+
+## logs: follow the logs of both services
+logs:
+	$(COMPOSE) logs -f --tail=100
