@@ -1,0 +1,378 @@
+//! Graceful shutdown of the real binary, as a container runs it: PID 1 gets SIGTERM from
+//! `docker stop` while requests are in flight. It must stop accepting, let every request it
+//! has already taken finish with a complete response, and exit 0 well within Docker's 10 s.
+//!
+//! The server runs as a child process (`CARGO_BIN_EXE_order-api`), not in-process, so that
+//! the signal handling of `main` is what is tested.
+
+mod common;
+
+use std::{
+    io::Read,
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use common::DropDatabase;
+use serde_json::{Value, json};
+
+/// Requests that are certainly in flight at SIGTERM: each waits inside PostgreSQL for a row
+/// lock that the test holds.
+const BLOCKED_ORDERS: usize = 4;
+/// Tasks sending a steady stream of requests around the signal. Only the first one sends
+/// orders (alternating with product lists), so that the load never waits for a row lock
+/// itself and the lock waiters counted are exactly the blocked orders.
+const LOAD_TASKS: usize = 4;
+/// How long the blocked requests are kept waiting after SIGTERM, to show that the drain
+/// waits for them rather than cutting them off.
+const HOLD_AFTER_SIGNAL: Duration = Duration::from_millis(700);
+/// The process must have exited this soon after its last request could finish.
+const EXIT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The binary, running on its own port against its own database; killed if a test fails
+/// before it exits.
+struct ServerProcess {
+    child: Child,
+    port: u16,
+    /// Collects the JSON log lines from stdout, to show when an assertion fails.
+    stdout: Option<JoinHandle<String>>,
+}
+
+impl ServerProcess {
+    /// Starts `order-api serve` with `SEED_ON_START=true` (so it migrates and seeds the empty
+    /// database) and waits until `GET /health` answers 200.
+    async fn start(database_url: &str) -> ServerProcess {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_order-api"))
+            .arg("serve")
+            // Not the repository root: a developer's .env there must not change the test.
+            .current_dir(std::env::temp_dir())
+            .env("DATABASE_URL", database_url)
+            .env("API_HOST", "127.0.0.1")
+            .env("API_PORT", port.to_string())
+            .env("SEED_ON_START", "true")
+            .env("SHUTDOWN_GRACE_MS", "8000")
+            .env("DB_STATEMENT_TIMEOUT_MS", "10000")
+            .env("LOG_LEVEL", "info")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the order-api binary");
+        let mut pipe = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = pipe.read_to_string(&mut text);
+            text
+        });
+        let mut server = ServerProcess { child, port, stdout: Some(stdout) };
+
+        let http = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("order-api exited during start-up with {status}:\n{}", server.logs());
+            }
+            if let Ok(reply) = http.get(server.url("/health")).send().await
+                && reply.status() == 200
+            {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "order-api not healthy within 30 s:\n{}", server.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `kill -TERM <pid>`, as `docker stop` does to PID 1.
+    fn terminate(&self) {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    async fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    }
+
+    /// Whether a new TCP connection is refused: the listener is closed.
+    fn refuses_connections(&self) -> bool {
+        TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], self.port)), Duration::from_millis(200)).is_err()
+    }
+
+    /// Everything the process wrote to stdout; only complete once it has exited.
+    fn logs(&mut self) -> String {
+        if self.child.try_wait().ok().flatten().is_none() {
+            return "(still running; logs not collected)".into();
+        }
+        self.stdout.take().map(|reader| reader.join().unwrap_or_default()).unwrap_or_default()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A port nothing listens on: bound and released at once. Another process could take it in
+/// between; unlikely enough for a test.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A client that opens a new connection for every request, so that once the listener is
+/// closed every new request is refused at connect, and nothing depends on keep-alive reuse.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(20)).build().unwrap()
+}
+
+/// What became of one request of the load.
+#[derive(Debug)]
+enum Outcome {
+    /// A complete, valid 201 for an order, or 200 for the product list.
+    Complete { order: bool },
+    /// The connection was refused: the listener was already closed. The request never left.
+    Refused,
+    /// The connection was accepted by the kernel but closed (reset) with no response at all:
+    /// the request was still in the accept backlog when the listener closed, or its bytes had
+    /// not been read yet when the drain began (hyper then closes the connection as idle).
+    /// Nothing of it was processed, so a client may retry it; see the test's doc.
+    NoResponse(String),
+    /// A response that is cut off, or not the expected status or body: never acceptable.
+    Broken(String),
+}
+
+/// One request of the load: an order for product 2 (a write transaction) or the product list.
+async fn load_request(http: &reqwest::Client, server_url: &str, order: bool) -> Outcome {
+    let request = if order {
+        http.post(format!("{server_url}/api/orders"))
+            .json(&json!({"userId": 2, "items": [{"productId": 2, "quantity": 1}]}))
+    } else {
+        http.get(format!("{server_url}/api/products"))
+    };
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(e) if e.is_connect() => return Outcome::Refused,
+        Err(e) => return Outcome::NoResponse(format!("{e:?}")),
+    };
+    let status = response.status().as_u16();
+    let body = match response.text().await {
+        Ok(body) => body,
+        Err(e) => return Outcome::Broken(format!("status {status}, body cut off: {e:?}")),
+    };
+    let json: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    let valid = if order {
+        status == 201
+            && json["orderId"].as_i64().is_some_and(|id| id > 0)
+            && json["status"] == "processing"
+            && body.ends_with(r#""totalAmount":500.00}"#)
+    } else {
+        status == 200 && json.as_array().is_some_and(|products| products.len() == 5)
+    };
+    if valid { Outcome::Complete { order } } else { Outcome::Broken(format!("status {status}, body {body}")) }
+}
+
+/// One request of the load and what became of it.
+#[derive(Debug)]
+struct Sent {
+    /// SIGTERM had been sent before the request started.
+    started_after_signal: bool,
+    /// SIGTERM had been sent by the time the outcome was known.
+    ended_after_signal: bool,
+    outcome: Outcome,
+}
+
+/// Sends requests one after another until the server refuses connections (or 20 s pass):
+/// orders and product lists in turn if `orders`, else product lists.
+async fn load_loop(server_url: String, orders: bool, signalled: Arc<AtomicBool>) -> Vec<Sent> {
+    let http = client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut outcomes = Vec::new();
+    let mut order = orders;
+    while Instant::now() < deadline {
+        let started_after_signal = signalled.load(Ordering::SeqCst);
+        let outcome = load_request(&http, &server_url, order).await;
+        let ended_after_signal = signalled.load(Ordering::SeqCst);
+        let refused = matches!(outcome, Outcome::Refused);
+        outcomes.push(Sent { started_after_signal, ended_after_signal, outcome });
+        if refused && ended_after_signal {
+            break;
+        }
+        order = orders && !order;
+    }
+    outcomes
+}
+
+/// SIGTERM while requests are in flight: the process stops accepting at once, every request
+/// it had already taken completes with 201 (even those still waiting for a row lock well
+/// after the signal), every response any client got is complete and valid, and the process
+/// exits 0 promptly once the last request is done. No order is acknowledged and lost, none
+/// is written without its response.
+///
+/// What is allowed: a request that races the signal itself, sent on a connection the server
+/// had not read from yet, may be closed unanswered (`Outcome::NoResponse`). It was not
+/// processed (the order count proves it for orders); like a refused connection, it is for
+/// the client to retry. Before the signal, every request must succeed.
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
+    let (database, database_url) = common::create_test_database().await;
+    let _cleanup = DropDatabase::new(&database);
+    let mut server = ServerProcess::start(&database_url).await;
+    let db = common::connect(&database_url).await;
+    // Enough stock for the whole load on product 2.
+    db.execute("UPDATE products SET stock = 1000000 WHERE id = 2", &[]).await.unwrap();
+
+    // A steady stream of requests, started before the signal and running through it.
+    let signalled = Arc::new(AtomicBool::new(false));
+    let load: Vec<_> =
+        (0..LOAD_TASKS).map(|task| tokio::spawn(load_loop(server.url(""), task == 0, signalled.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Requests that are certainly in flight: orders for product 1, whose row the test locks.
+    let mut lock = common::connect(&database_url).await;
+    let lock_tx = lock.transaction().await.unwrap();
+    lock_tx.execute("SELECT stock FROM products WHERE id = 1 FOR UPDATE", &[]).await.unwrap();
+    let blocked: Vec<_> = (0..BLOCKED_ORDERS)
+        .map(|_| {
+            let (http, url) = (client(), server.url("/api/orders"));
+            tokio::spawn(async move {
+                let reply = http
+                    .post(url)
+                    .json(&json!({"userId": 1, "items": [{"productId": 1, "quantity": 1}]}))
+                    .send()
+                    .await
+                    .expect("a blocked order gets a response");
+                let status = reply.status().as_u16();
+                (status, reply.text().await.expect("a blocked order gets its whole body"))
+            })
+        })
+        .collect();
+    wait_for_lock_waiters(&db, &database, BLOCKED_ORDERS).await;
+
+    signalled.store(true, Ordering::SeqCst);
+    server.terminate();
+    let signal_sent = Instant::now();
+
+    // The listener closes at once, while the blocked orders are still waiting.
+    while !server.refuses_connections() {
+        assert!(signal_sent.elapsed() < Duration::from_secs(3), "still accepting connections 3 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(HOLD_AFTER_SIGNAL).await;
+    assert!(server.child.try_wait().unwrap().is_none(), "exited with requests still in flight");
+    assert!(blocked.iter().all(|request| !request.is_finished()), "a blocked order finished before its lock was free");
+
+    lock_tx.commit().await.unwrap();
+    let released = Instant::now();
+    let status = server.wait_for_exit(EXIT_DEADLINE).await;
+    let exited = Instant::now();
+    let logs = server.logs();
+    let status = status.unwrap_or_else(|| panic!("still running {EXIT_DEADLINE:?} after the last request:\n{logs}"));
+    assert_eq!(status.code(), Some(0), "exit status {status}:\n{logs}");
+    assert!(logs.contains("shutdown signal received") && logs.contains(r#""msg":"stopped""#), "{logs}");
+
+    for request in blocked {
+        let (status, body) = request.await.unwrap();
+        assert_eq!(status, 201, "{body}");
+        assert!(body.starts_with(r#"{"orderId":"#), "{body}");
+        assert!(body.ends_with(r#","status":"processing","totalAmount":75000.00}"#), "{body}");
+    }
+
+    let mut completed_before = 0;
+    let mut completed_after = 0;
+    let mut acknowledged_orders = 0;
+    let mut no_response = Vec::new();
+    for task in load {
+        for sent in task.await.unwrap() {
+            match sent.outcome {
+                Outcome::Complete { order } => {
+                    acknowledged_orders += i64::from(order);
+                    if sent.started_after_signal { completed_after += 1 } else { completed_before += 1 }
+                }
+                Outcome::Broken(ref detail) => panic!("a broken response: {detail} ({sent:?})"),
+                // Refused or unanswered: only acceptable once the shutdown has begun.
+                Outcome::Refused | Outcome::NoResponse(_) if !sent.ended_after_signal => {
+                    panic!("a request failed before SIGTERM: {sent:?}")
+                }
+                Outcome::NoResponse(error) => no_response.push(error),
+                Outcome::Refused => {}
+            }
+        }
+    }
+    println!(
+        "load: {completed_before} complete before SIGTERM, {completed_after} after, {} closed unanswered at \
+         the signal (first: {:?}); exit 0 {:?} after the blocked orders were released, {:?} after SIGTERM",
+        no_response.len(),
+        no_response.first(),
+        exited - released,
+        exited - signal_sent,
+    );
+    assert!(completed_before >= LOAD_TASKS, "the load hardly ran: {completed_before} requests");
+
+    // Every acknowledged order is in the database, and nothing else: the blocked orders took
+    // their stock of product 1, and the load (user 2) has exactly as many orders as 201s.
+    let row = db.query_one("SELECT stock FROM products WHERE id = 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 10 - BLOCKED_ORDERS as i32);
+    let load_orders: i64 = db.query_one("SELECT count(*) FROM orders WHERE user_id = 2", &[]).await.unwrap().get(0);
+    assert_eq!(load_orders, acknowledged_orders, "orders written by the load vs 201s it received");
+}
+
+/// Waits until `count` backends of `database` are waiting for a lock, i.e. the blocked
+/// requests have reached PostgreSQL and are held there.
+async fn wait_for_lock_waiters(db: &tokio_postgres::Client, database: &str, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
+                &[&database],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting as usize >= count {
+            return;
+        }
+        assert!(Instant::now() < deadline, "only {waiting} of {count} orders waiting for the row lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An idle server exits 0 at once on SIGTERM, even with an idle keep-alive connection open:
+/// the drain waits for requests, not for connections, so `docker stop` never waits out the
+/// grace period for nothing.
+#[tokio::test]
+async fn sigterm_with_only_idle_keep_alive_connections_exits_zero_at_once() {
+    let (database, database_url) = common::create_test_database().await;
+    let _cleanup = DropDatabase::new(&database);
+    let mut server = ServerProcess::start(&database_url).await;
+    let keep_alive = reqwest::Client::new();
+    let reply = keep_alive.get(server.url("/api/products")).send().await.unwrap();
+    assert_eq!(reply.status(), 200);
+    reply.text().await.unwrap();
+
+    server.terminate();
+    let status = server.wait_for_exit(Duration::from_secs(1)).await;
+    let logs = server.logs();
+    let status = status.unwrap_or_else(|| panic!("still running 1 s after SIGTERM:\n{logs}"));
+    assert_eq!(status.code(), Some(0), "exit status {status}:\n{logs}");
+    drop(keep_alive);
+}
