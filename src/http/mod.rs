@@ -136,7 +136,12 @@ async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Repl
     let elapsed = started.elapsed();
     let status = reply.status().as_u16();
     state.metrics.record_request(route, method.as_str(), status, elapsed);
-    let level = if status >= 500 { log::Level::Error } else { log::Level::Info };
+    let level = match (status, route) {
+        (500.., _) => log::Level::Error,
+        // Healthchecks and metric scrapes come every few seconds and say nothing new.
+        (200, "/health" | "/metrics") => log::Level::Debug,
+        _ => log::Level::Info,
+    };
     if log::enabled(level) {
         log::event(
             level,
