@@ -37,6 +37,10 @@ pub struct Config {
     pub max_connections: usize,
     /// `SHUTDOWN_GRACE_MS`: how long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// `DB_TRANSACTION_POOLER`: true when `DATABASE_URL` points at a transaction-mode pooler
+    /// such as PgBouncer (before 1.21): statements are then sent unnamed and no session
+    /// options are sent (set `statement_timeout` and `lock_timeout` on the database role).
+    pub transaction_pooler: bool,
     /// `DB_STARTUP_TIMEOUT_MS`: how long start-up waits for the database to become reachable.
     pub startup_timeout: Duration,
     /// `IDEMPOTENCY_RETENTION_HOURS`: how long an idempotency key and its response are kept.
@@ -61,6 +65,7 @@ impl Default for Config {
             header_read_timeout: Duration::from_millis(10_000),
             max_connections: 1_024,
             shutdown_grace: Duration::from_millis(8_000),
+            transaction_pooler: false,
             startup_timeout: Duration::from_millis(60_000),
             idempotency_retention: Duration::from_secs(24 * 3600),
             seed_on_start: false,
@@ -105,6 +110,7 @@ impl Config {
             v.parse().ok().filter(|n| *n > 0)
         })?;
         set(&mut config.shutdown_grace, "SHUTDOWN_GRACE_MS", "milliseconds", millis)?;
+        set(&mut config.transaction_pooler, "DB_TRANSACTION_POOLER", "true or false", |v| v.parse().ok())?;
         set(&mut config.startup_timeout, "DB_STARTUP_TIMEOUT_MS", "milliseconds", millis)?;
         set(&mut config.idempotency_retention, "IDEMPOTENCY_RETENTION_HOURS", "a positive number of hours", |v| {
             v.parse::<u64>().ok().filter(|h| *h > 0).map(|h| Duration::from_secs(h * 3600))

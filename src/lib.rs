@@ -94,6 +94,7 @@ pub async fn run(
             acquire_timeout: config.pool_timeout,
             connect_timeout: config.connect_timeout,
             statement_timeout: config.statement_timeout,
+            unnamed_statements: config.transaction_pooler,
         },
     )?;
     let purge = tokio::spawn(db::idempotency::purge_periodically(

@@ -183,5 +183,6 @@ fn pool_settings() -> order_api::db::PoolSettings {
         acquire_timeout: Duration::from_secs(1),
         connect_timeout: Duration::from_secs(1),
         statement_timeout: Duration::from_secs(1),
+        unnamed_statements: false,
     }
 }

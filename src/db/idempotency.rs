@@ -9,9 +9,10 @@
 
 use std::time::Duration;
 
+use postgres_types::Type;
 use tokio_postgres::error::SqlState;
 
-use super::{Pool, PooledConn};
+use super::{Pool, PooledConn, pool::Sql};
 use crate::{domain::IdempotencyKey, error::Error, log};
 
 /// What a key says about a request.
@@ -26,25 +27,34 @@ pub enum Claim {
 
 /// Inserts the key, or takes over an expired one; returns a row only if the key is now ours.
 /// $1 user, $2 key, $3 request fingerprint, $4 retention in seconds.
-const CLAIM_KEY: &str = "
+const CLAIM_KEY: Sql = Sql {
+    params: &[Type::INT4, Type::TEXT, Type::TEXT, Type::FLOAT8],
+    text: "
     INSERT INTO idempotency_keys AS k (user_id, key, request_hash)
     VALUES ($1, $2, md5($3))
     ON CONFLICT (user_id, key) DO UPDATE
         SET request_hash = EXCLUDED.request_hash, response_status = NULL, response_body = NULL, created_at = now()
         WHERE k.created_at < now() - make_interval(secs => $4)
-    RETURNING true";
+    RETURNING true",
+};
 
 /// The key as it stands after the claim: whether it was made for the same request, and its
 /// stored response (NULL when it is our own claim). Same parameters as CLAIM_KEY.
-const FIND_KEY: &str = "
+const FIND_KEY: Sql = Sql {
+    params: &[Type::INT4, Type::TEXT, Type::TEXT],
+    text: "
     SELECT request_hash = md5($3), response_status, response_body
     FROM idempotency_keys
-    WHERE user_id = $1 AND key = $2";
+    WHERE user_id = $1 AND key = $2",
+};
 
 /// $1 user, $2 key, $3 status, $4 body.
-const SAVE_RESPONSE: &str = "
+const SAVE_RESPONSE: Sql = Sql {
+    params: &[Type::INT4, Type::TEXT, Type::INT2, Type::TEXT],
+    text: "
     UPDATE idempotency_keys SET response_status = $3, response_body = $4
-    WHERE user_id = $1 AND key = $2";
+    WHERE user_id = $1 AND key = $2",
+};
 
 /// Opens a transaction on `conn` and claims `key` for `fingerprint`, waiting for a concurrent
 /// request with the same key to finish first.
@@ -60,7 +70,7 @@ pub async fn claim(
     // The only wait here is on a concurrent request holding the key; if that wait ends in a
     // lock or statement timeout (or the request's deadline), the first request is still running.
     let [claimed, found] =
-        conn.begin([(CLAIM_KEY, &params), (FIND_KEY, &params[..3])]).await.map_err(|e| match e.code() {
+        conn.begin([(&CLAIM_KEY, &params), (&FIND_KEY, &params[..3])]).await.map_err(|e| match e.code() {
             Some(code) if *code == SqlState::LOCK_NOT_AVAILABLE || *code == SqlState::QUERY_CANCELED => {
                 Error::IdempotencyInProgress
             }
@@ -90,18 +100,25 @@ pub async fn save(
     body: &str,
 ) -> Result<(), Error> {
     let status = status as i16;
-    conn.commit([(SAVE_RESPONSE, &[&user_id, &key.as_str(), &status, &body])]).await?;
+    conn.commit([(&SAVE_RESPONSE, &[&user_id, &key.as_str(), &status, &body])]).await?;
     Ok(())
 }
 
-/// Deletes up to $2 keys older than $1 seconds. SKIP LOCKED: a key that a request holds right
-/// now is left for the next round, so purging never makes a request wait.
-const PURGE_EXPIRED: &str = "
-    DELETE FROM idempotency_keys
-    WHERE ctid IN (SELECT ctid FROM idempotency_keys
-                   WHERE created_at < now() - make_interval(secs => $1)
-                   LIMIT $2
-                   FOR UPDATE SKIP LOCKED)";
+/// Deletes up to $2 keys older than $1 seconds and counts them. SKIP LOCKED: a key that a
+/// request holds right now is left for the next round, so purging never makes a request wait.
+const PURGE_EXPIRED: Sql = Sql {
+    params: &[Type::FLOAT8, Type::INT8],
+    text: "
+    WITH purged AS (
+        DELETE FROM idempotency_keys
+        WHERE ctid IN (SELECT ctid FROM idempotency_keys
+                       WHERE created_at < now() - make_interval(secs => $1)
+                       LIMIT $2
+                       FOR UPDATE SKIP LOCKED)
+        RETURNING 1
+    )
+    SELECT count(*) FROM purged",
+};
 
 /// Keys deleted per statement: small enough that each delete is brief.
 const PURGE_BATCH: i64 = 1_000;
@@ -111,9 +128,10 @@ pub async fn purge_expired(pool: &Pool, retention: Duration) -> Result<u64, Erro
     let retention_secs = retention.as_secs_f64();
     let mut deleted = 0;
     loop {
-        let batch = pool.get().await?.execute(PURGE_EXPIRED, &[&retention_secs, &PURGE_BATCH]).await?;
-        deleted += batch;
-        if batch < PURGE_BATCH as u64 {
+        let rows = pool.get().await?.query(&PURGE_EXPIRED, &[&retention_secs, &PURGE_BATCH]).await?;
+        let batch: i64 = rows.first().map_or(0, |row| row.get(0));
+        deleted += batch as u64;
+        if batch < PURGE_BATCH {
             return Ok(deleted);
         }
     }

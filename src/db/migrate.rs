@@ -1,12 +1,13 @@
 //! The embedded migration runner.
 //!
 //! Each file of `sql/` (embedded at build time by `build.rs`) is applied once, in file-name
-//! order, in its own transaction, and recorded with its checksum in `schema_migrations`. A
-//! session advisory lock makes replicas that start together take turns: the first applies
-//! the migrations, the others wait, then find nothing left to do. An applied file whose text
+//! order, in its own transaction, and recorded with its checksum in `schema_migrations`. An
+//! advisory lock makes replicas that start together take turns: the first applies each
+//! migration, the others wait, then find nothing left to do. An applied file whose text
 //! changed stops the start-up: the database no longer matches what the code was written for,
 //! and guessing would be worse than a clear message.
 
+use postgres_types::Type;
 use tokio_postgres::Client;
 
 use super::{StartupError, describe};
@@ -39,25 +40,25 @@ pub async fn run(client: &mut Client) -> Result<Vec<&'static str>, StartupError>
 
 /// Applies `migrations` (in the given order) that are not yet applied; `run` with a list of
 /// one's own, for tests.
+///
+/// Each file gets a transaction of its own that first takes a transaction-scoped advisory
+/// lock, then checks the history and applies the file if it is new. So concurrent runners
+/// take turns file by file, and the lock cannot outlive its transaction. A session-scoped lock
+/// would be simpler, but behind a transaction-mode pooler the session is not ours: the unlock
+/// could reach another server connection than the lock. For the same reason every statement
+/// here goes unnamed (simple protocol or `query_typed`), never as a prepared statement.
 pub async fn run_migrations(client: &mut Client, migrations: &[Migration]) -> Result<Vec<&'static str>, StartupError> {
-    // Held for the whole run; released explicitly, or by the server if this process dies.
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
-    let result = apply_pending(client, migrations).await;
-    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await?;
-    result
-}
-
-async fn apply_pending(client: &mut Client, migrations: &[Migration]) -> Result<Vec<&'static str>, StartupError> {
-    client.batch_execute(CREATE_HISTORY).await?;
-    let applied = client.query("SELECT name, checksum FROM schema_migrations ORDER BY name", &[]).await?;
-
     let mut newly_applied = Vec::new();
     for migration in migrations {
+        let tx = client.transaction().await?;
+        tx.batch_execute(&format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY}); {CREATE_HISTORY}")).await?;
         // md5 computed by PostgreSQL: stable across Rust versions, no hashing crate needed.
-        let checksum: String = client.query_one("SELECT md5($1::text)", &[&migration.sql]).await?.get(0);
-        let recorded = applied.iter().find(|row| row.get::<_, &str>(0) == migration.name);
+        let checksum: String = tx.query_typed_one("SELECT md5($1)", &[(&migration.sql, Type::TEXT)]).await?.get(0);
+        let recorded = tx
+            .query_typed_opt("SELECT checksum FROM schema_migrations WHERE name = $1", &[(&migration.name, Type::TEXT)])
+            .await?;
         if let Some(row) = recorded {
-            let recorded_checksum: &str = row.get(1);
+            let recorded_checksum: &str = row.get(0);
             if recorded_checksum != checksum {
                 return Err(format!(
                     "migration {} was edited after it was applied (checksum {} in the database, {} in this build); \
@@ -66,20 +67,24 @@ async fn apply_pending(client: &mut Client, migrations: &[Migration]) -> Result<
                 )
                 .into());
             }
+            tx.commit().await?;
             continue;
         }
-        let tx = client.transaction().await?;
         tx.batch_execute(migration.sql)
             .await
             .map_err(|e| format!("migration {} failed: {}", migration.name, describe(&e)))?;
-        tx.execute("INSERT INTO schema_migrations (name, checksum) VALUES ($1, $2)", &[&migration.name, &checksum])
-            .await?;
+        tx.query_typed(
+            "INSERT INTO schema_migrations (name, checksum) VALUES ($1, $2)",
+            &[(&migration.name, Type::TEXT), (&checksum, Type::TEXT)],
+        )
+        .await?;
         tx.commit().await?;
         log::info("migration applied", serde_json::json!({"migration": migration.name}));
         newly_applied.push(migration.name);
     }
 
-    for row in &applied {
+    let recorded = client.query_typed("SELECT name FROM schema_migrations ORDER BY name", &[]).await?;
+    for row in &recorded {
         let name: &str = row.get(0);
         if !migrations.iter().any(|m| m.name == name) {
             log::warn(

@@ -46,7 +46,10 @@ pub async fn create_database_if_missing(database_url: &str) -> Result<(), Startu
     let mut admin_config = config.clone();
     admin_config.dbname("postgres");
     let admin = connect_with(&admin_config).await?;
-    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    let exists = admin
+        .query_typed_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[(&name, postgres_types::Type::TEXT)])
+        .await?
+        .is_some();
     if !exists {
         match admin.batch_execute(&format!("CREATE DATABASE {}", quote_identifier(&name))).await {
             Ok(()) => log::info("database created", serde_json::json!({"database": name})),

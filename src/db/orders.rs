@@ -15,12 +15,16 @@
 use serde::Serialize;
 use tokio_postgres::error::SqlState;
 
-use super::{Pool, PooledConn, pool::Step};
+use super::{
+    Pool, PooledConn,
+    pool::{Sql, Step},
+};
 use crate::{
     domain::{NewOrder, OrderStatus, Page},
     error::Error,
     money::Money,
 };
+use postgres_types::Type;
 
 /// The response to a created order.
 #[derive(Debug, Serialize)]
@@ -33,23 +37,28 @@ pub struct CreatedOrder {
 
 /// Does the user exist? (The foreign key would also say so, but as an error that aborts the
 /// transaction; asking first gives a clean rejection.)
-const FIND_USER: &str = "SELECT 1 FROM users WHERE id = $1";
+const FIND_USER: Sql = Sql { params: &[Type::INT4], text: "SELECT 1 FROM users WHERE id = $1" };
 
 /// Locks the ordered products, in ascending id order (the ORDER BY is applied before the row
 /// locks are taken), and reads their stock as it is once locked.
-const LOCK_PRODUCTS: &str = "
+const LOCK_PRODUCTS: Sql = Sql {
+    params: &[Type::INT4_ARRAY],
+    text: "
     SELECT id, stock
     FROM products
     WHERE id = ANY($1::int4[])
     ORDER BY id
-    FOR UPDATE";
+    FOR UPDATE",
+};
 
 /// Writes the whole order if, and only if, the user exists and every line's product exists
 /// with enough stock: the order, its lines with the unit price copied, the payment for the
 /// total, the stock decrement and its inventory movements. All the product rows it touches are already locked by
 /// LOCK_PRODUCTS. Returns the new order, or no row when nothing was written.
 /// $1 user id, $2 product ids, $3 quantities (same length, in the client's line order).
-const INSERT_ORDER: &str = "
+const INSERT_ORDER: Sql = Sql {
+    params: &[Type::INT4, Type::INT4_ARRAY, Type::INT4_ARRAY],
+    text: "
     WITH line AS (
         SELECT r.position, r.product_id, r.quantity, p.price
         FROM unnest($2::int4[], $3::int4[]) WITH ORDINALITY AS r (product_id, quantity, position)
@@ -85,7 +94,8 @@ const INSERT_ORDER: &str = "
         SELECT line.product_id, -line.quantity, 'order', new_order.id
         FROM line CROSS JOIN new_order
     )
-    SELECT id, total_amount FROM new_order";
+    SELECT id, total_amount FROM new_order",
+};
 
 /// Creates an order in one transaction, or rejects it whole.
 pub async fn create(pool: &Pool, order: &NewOrder) -> Result<CreatedOrder, Error> {
@@ -111,9 +121,9 @@ async fn place(conn: &mut PooledConn, order: &NewOrder, transaction: Transaction
     let product_ids: Vec<i32> = order.lines.iter().map(|line| line.product_id).collect();
     let quantities: Vec<i32> = order.lines.iter().map(|line| line.quantity).collect();
     let steps: [Step; 3] = [
-        (FIND_USER, &[&order.user_id]),
-        (LOCK_PRODUCTS, &[&product_ids]),
-        (INSERT_ORDER, &[&order.user_id, &product_ids, &quantities]),
+        (&FIND_USER, &[&order.user_id]),
+        (&LOCK_PRODUCTS, &[&product_ids]),
+        (&INSERT_ORDER, &[&order.user_id, &product_ids, &quantities]),
     ];
     let results = match transaction {
         Transaction::Whole => conn.transaction(steps).await,
@@ -176,7 +186,9 @@ pub struct OrderItem {
 
 /// An order with its user and lines, one row per line (an order always has at least one).
 /// `createdAt` is formatted by PostgreSQL as RFC 3339 in UTC with milliseconds.
-const GET_ORDER: &str = r#"
+const GET_ORDER: Sql = Sql {
+    params: &[Type::INT8],
+    text: r#"
     SELECT o.id, o.status, o.total_amount,
            to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
            u.id, u.email,
@@ -186,10 +198,11 @@ const GET_ORDER: &str = r#"
     JOIN order_items i ON i.order_id = o.id
     JOIN products p ON p.id = i.product_id
     WHERE o.id = $1
-    ORDER BY i.id"#;
+    ORDER BY i.id"#,
+};
 
 pub async fn get(pool: &Pool, order_id: i64) -> Result<OrderDetails, Error> {
-    let rows = pool.get().await?.query(GET_ORDER, &[&order_id]).await?;
+    let rows = pool.get().await?.query(&GET_ORDER, &[&order_id]).await?;
     let first = rows.first().ok_or(Error::OrderNotFound { order_id })?;
     Ok(OrderDetails {
         order_id: first.get(0),
@@ -210,23 +223,28 @@ pub async fn get(pool: &Pool, order_id: i64) -> Result<OrderDetails, Error> {
 }
 
 /// Locks the order row: concurrent cancels of one order queue here, one at a time.
-const LOCK_ORDER: &str = "SELECT status FROM orders WHERE id = $1 FOR UPDATE";
+const LOCK_ORDER: Sql = Sql { params: &[Type::INT8], text: "SELECT status FROM orders WHERE id = $1 FOR UPDATE" };
 
 /// Locks, in ascending id order, the products whose stock a cancel will restore. Empty unless
 /// the order (already locked) is still processing, so a repeated cancel takes no product lock.
-const LOCK_ORDER_PRODUCTS: &str = "
+const LOCK_ORDER_PRODUCTS: Sql = Sql {
+    params: &[Type::INT8],
+    text: "
     SELECT p.id
     FROM products p
     WHERE p.id IN (SELECT i.product_id
                    FROM order_items i JOIN orders o ON o.id = i.order_id
                    WHERE o.id = $1 AND o.status = 'processing')
     ORDER BY p.id
-    FOR UPDATE OF p";
+    FOR UPDATE OF p",
+};
 
 /// Cancels a processing order: marks it cancelled (the lifecycle trigger timestamps it), puts
 /// each line's quantity back in stock with its inventory movement, and marks the payment refunded. The `status = 'processing'` condition on the locked row
 /// is what makes the restore happen exactly once. Returns one row if it cancelled.
-const CANCEL_ORDER: &str = "
+const CANCEL_ORDER: Sql = Sql {
+    params: &[Type::INT8],
+    text: "
     WITH cancelled AS (
         UPDATE orders
         SET status = 'cancelled'
@@ -250,13 +268,14 @@ const CANCEL_ORDER: &str = "
         FROM cancelled c
         WHERE payments.order_id = c.id
     )
-    SELECT id FROM cancelled";
+    SELECT id FROM cancelled",
+};
 
 /// Cancels an order. Cancelling a cancelled order is a success that changes nothing.
 pub async fn cancel(pool: &Pool, order_id: i64) -> Result<(), Error> {
     let mut conn = pool.get().await?;
     let [locked, _products, cancelled] = conn
-        .transaction([(LOCK_ORDER, &[&order_id]), (LOCK_ORDER_PRODUCTS, &[&order_id]), (CANCEL_ORDER, &[&order_id])])
+        .transaction([(&LOCK_ORDER, &[&order_id]), (&LOCK_ORDER_PRODUCTS, &[&order_id]), (&CANCEL_ORDER, &[&order_id])])
         .await?;
 
     let status = status_of(locked.first().ok_or(Error::OrderNotFound { order_id })?.get(0))?;
@@ -273,7 +292,10 @@ pub async fn cancel(pool: &Pool, order_id: i64) -> Result<(), Error> {
 /// Moves a processing order to shipped or a shipped one to delivered. $1 order id, $2 the
 /// new status, $3 the status the order must have now. Runs after LOCK_ORDER in the same
 /// transaction; the lifecycle trigger refuses any other move and timestamps this one.
-const ADVANCE_ORDER: &str = "UPDATE orders SET status = $2 WHERE id = $1 AND status = $3 RETURNING id";
+const ADVANCE_ORDER: Sql = Sql {
+    params: &[Type::INT8, Type::TEXT, Type::TEXT],
+    text: "UPDATE orders SET status = $2 WHERE id = $1 AND status = $3 RETURNING id",
+};
 
 /// Moves an order along its lifecycle. Setting the status it already has changes nothing and
 /// succeeds (PUT is idempotent); cancelling goes through `cancel`, which restores stock.
@@ -286,13 +308,13 @@ pub async fn set_status(pool: &Pool, order_id: i64, target: OrderStatus) -> Resu
         Some(from) => {
             let [locked, advanced] = conn
                 .transaction([
-                    (LOCK_ORDER, &[&order_id]),
-                    (ADVANCE_ORDER, &[&order_id, &target.as_str(), &from.as_str()]),
+                    (&LOCK_ORDER, &[&order_id]),
+                    (&ADVANCE_ORDER, &[&order_id, &target.as_str(), &from.as_str()]),
                 ])
                 .await?;
             (locked, !advanced.is_empty())
         }
-        None => (conn.query(ORDER_STATUS, &[&order_id]).await?, false),
+        None => (conn.query(&ORDER_STATUS, &[&order_id]).await?, false),
     };
     let current = status_of(locked.first().ok_or(Error::OrderNotFound { order_id })?.get(0))?;
     if advanced || current == target {
@@ -302,7 +324,7 @@ pub async fn set_status(pool: &Pool, order_id: i64, target: OrderStatus) -> Resu
 }
 
 /// The status alone, for a move that can only be a no-op (back to processing).
-const ORDER_STATUS: &str = "SELECT status FROM orders WHERE id = $1";
+const ORDER_STATUS: Sql = Sql { params: &[Type::INT8], text: "SELECT status FROM orders WHERE id = $1" };
 
 /// One row of an order listing.
 #[derive(Debug, Serialize)]
@@ -324,7 +346,9 @@ pub struct OrderFilter {
 
 /// One keyset page of orders, optionally of one user and/or one status. A NULL filter
 /// parameter matches everything. $1 user id, $2 status, $3 after this id, $4 limit.
-const LIST_ORDERS: &str = r#"
+const LIST_ORDERS: Sql = Sql {
+    params: &[Type::INT4, Type::TEXT, Type::INT8, Type::INT8],
+    text: r#"
     SELECT id, user_id, status, total_amount,
            to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
     FROM orders
@@ -332,11 +356,12 @@ const LIST_ORDERS: &str = r#"
       AND ($2::text IS NULL OR status = $2)
       AND id > $3
     ORDER BY id
-    LIMIT $4"#;
+    LIMIT $4"#,
+};
 
 pub async fn list(pool: &Pool, filter: OrderFilter, page: Page) -> Result<Vec<OrderSummary>, Error> {
     let status = filter.status.map(OrderStatus::as_str);
-    let rows = pool.get().await?.query(LIST_ORDERS, &[&filter.user_id, &status, &page.after, &page.limit]).await?;
+    let rows = pool.get().await?.query(&LIST_ORDERS, &[&filter.user_id, &status, &page.after, &page.limit]).await?;
     rows.iter()
         .map(|row| {
             Ok(OrderSummary {

@@ -18,6 +18,8 @@
 //!   then closed instead of reused, never handed to another request mid-transaction.
 //! - **Prepared once:** each connection keeps the statements it has prepared, keyed by their
 //!   SQL text, so a hot statement is parsed and planned by PostgreSQL once per connection.
+//!   Behind a transaction-mode pooler (`unnamed_statements`), statements are sent unnamed
+//!   instead: parsed with every execution, but valid on whichever server connection runs them.
 
 use std::{
     collections::HashMap,
@@ -30,7 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use postgres_types::ToSql;
+use postgres_types::{ToSql, Type};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::{Client, Error as PgError, NoTls, Row, Statement};
 
@@ -52,6 +54,11 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     /// Set as PostgreSQL's `statement_timeout` and `lock_timeout` on every connection.
     pub statement_timeout: Duration,
+    /// Behind a transaction-mode pooler (PgBouncer before 1.21): send statements unnamed, since
+    /// a statement prepared on one server connection is gone when the next transaction runs on
+    /// another, and send no session options (the pooler refuses them; set the timeouts on the
+    /// database role instead).
+    pub unnamed_statements: bool,
 }
 
 /// Pool figures for `/metrics`.
@@ -113,9 +120,11 @@ impl Pool {
         let mut config: tokio_postgres::Config = database_url.parse()?;
         config.connect_timeout(settings.connect_timeout);
         config.application_name("order-api");
-        // Sent in the startup packet, so setting them costs no round trip.
-        let timeout_ms = settings.statement_timeout.as_millis();
-        config.options(format!("-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}"));
+        if !settings.unnamed_statements {
+            // Sent in the startup packet, so setting them costs no round trip.
+            let timeout_ms = settings.statement_timeout.as_millis();
+            config.options(format!("-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}"));
+        }
         Ok(Pool {
             inner: Arc::new(Inner {
                 config,
@@ -260,29 +269,10 @@ impl PooledConn {
         self.conn.as_ref().is_some_and(|conn| conn.in_transaction)
     }
 
-    /// The prepared form of `sql` on this connection, preparing it on first use.
-    pub async fn statement(&mut self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
-        let conn = self.conn();
-        if let Some(statement) = conn.statements.get(sql) {
-            return Ok(statement.clone());
-        }
-        let statement = conn.client.prepare(sql).await?;
-        conn.statements.insert(sql, statement.clone());
-        Ok(statement)
-    }
-
-    /// Runs one prepared statement on its own (a transaction of one statement).
-    pub async fn query(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
-        let statement = self.statement(sql).await?;
-        let client = self.client();
-        within_deadline(client, client.query(&statement, params)).await
-    }
-
-    /// Runs one prepared statement on its own and returns the number of rows it changed.
-    pub async fn execute(&mut self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, PgError> {
-        let statement = self.statement(sql).await?;
-        let client = self.client();
-        within_deadline(client, client.execute(&statement, params)).await
+    /// Runs one statement on its own (a transaction of one statement).
+    pub async fn query(&mut self, sql: &'static Sql, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
+        let mut rows = self.pipeline(Open::AlreadyOpen, &[(sql, params)], Close::KeepOpen).await?;
+        Ok(rows.pop().unwrap_or_default())
     }
 
     /// Runs `steps` as one transaction in one round trip: BEGIN, each statement, COMMIT, sent
@@ -325,32 +315,55 @@ impl PooledConn {
 
     /// Sends [BEGIN,] steps [, COMMIT | ROLLBACK] as one pipeline and collects the answers.
     async fn pipeline(&mut self, open: Open, steps: &[Step<'_>], close: Close) -> Result<Vec<Vec<Row>>, PgError> {
-        const NO_PARAMS: &[&(dyn ToSql + Sync)] = &[];
-        let mut statements = Vec::with_capacity(steps.len() + 2);
+        let mut sent: Vec<Step> = Vec::with_capacity(steps.len() + 2);
         if open == Open::Begin {
-            statements.push((self.statement("BEGIN").await?, NO_PARAMS));
+            sent.push((&BEGIN, &[]));
         }
-        for (sql, params) in steps {
-            statements.push((self.statement(sql).await?, *params));
-        }
+        sent.extend_from_slice(steps);
         match close {
-            Close::Commit => statements.push((self.statement("COMMIT").await?, NO_PARAMS)),
-            Close::Rollback => statements.push((self.statement("ROLLBACK").await?, NO_PARAMS)),
+            Close::Commit => sent.push((&COMMIT, &[])),
+            Close::Rollback => sent.push((&ROLLBACK, &[])),
             Close::KeepOpen => {}
         }
+        for (sql, params) in &sent {
+            // A statement given the wrong number of values is a bug in this crate, not input.
+            assert_eq!(params.len(), sql.params.len(), "parameters of {}", sql.text.trim());
+        }
+        let prepared = if self.pool.settings.unnamed_statements {
+            vec![None; sent.len()]
+        } else {
+            let mut prepared = Vec::with_capacity(sent.len());
+            for (sql, _) in &sent {
+                prepared.push(Some(self.prepared(sql).await?));
+            }
+            prepared
+        };
+        let typed: Vec<Vec<(&(dyn ToSql + Sync), Type)>> =
+            sent.iter().map(|(sql, params)| params.iter().copied().zip(sql.params.iter().cloned()).collect()).collect();
 
+        let in_transaction_before = self.in_transaction();
         let conn = self.conn();
         conn.in_transaction = true;
         let client = &conn.client;
-        let pipeline = join_all(statements.iter().map(|(statement, params)| client.query(statement, params)));
-        let mut results = within_deadline(client, pipeline).await;
+        let requests = sent.iter().zip(&prepared).zip(&typed).map(|(((sql, params), statement), typed)| -> Request {
+            match statement {
+                Some(statement) => Box::pin(client.query(statement, params)),
+                None => Box::pin(client.query_typed(sql.text, typed)),
+            }
+        });
+        let mut results = within_deadline(client, join_all(requests)).await;
         let failed = results.iter().any(Result::is_err);
-        if close == Close::KeepOpen && failed {
-            // The transaction is aborted; end it so the connection is clean for the caller.
-            client.batch_execute("ROLLBACK").await?;
-        }
-        // After COMMIT or ROLLBACK has answered (or the rollback above), no transaction is open.
-        conn.in_transaction = close == Close::KeepOpen && !failed;
+        let still_open = match close {
+            // COMMIT or ROLLBACK has answered: no transaction is open any more.
+            Close::Commit | Close::Rollback => false,
+            // An aborted transaction is ended here, so the connection is clean for the caller.
+            Close::KeepOpen if failed && (open == Open::Begin || in_transaction_before) => {
+                client.batch_execute("ROLLBACK").await?;
+                false
+            }
+            Close::KeepOpen => open == Open::Begin || in_transaction_before,
+        };
+        conn.in_transaction = still_open;
 
         // The first failure in pipeline order is the cause; the later ones only echo it.
         let closed = if close == Close::KeepOpen { None } else { results.pop() };
@@ -363,7 +376,25 @@ impl PooledConn {
         }
         Ok(rows)
     }
+
+    /// The prepared form of `sql` on this connection, preparing it on first use.
+    async fn prepared(&mut self, sql: &'static Sql) -> Result<Statement, PgError> {
+        let conn = self.conn();
+        if let Some(statement) = conn.statements.get(sql.text) {
+            return Ok(statement.clone());
+        }
+        let statement = conn.client.prepare_typed(sql.text, sql.params).await?;
+        conn.statements.insert(sql.text, statement.clone());
+        Ok(statement)
+    }
 }
+
+/// One request of a pipeline, prepared or unnamed.
+type Request<'a> = Pin<Box<dyn Future<Output = Result<Vec<Row>, PgError>> + Send + 'a>>;
+
+const BEGIN: Sql = Sql { params: &[], text: "BEGIN" };
+const COMMIT: Sql = Sql { params: &[], text: "COMMIT" };
+const ROLLBACK: Sql = Sql { params: &[], text: "ROLLBACK" };
 
 /// Awaits `work` (requests already sent or about to be sent on `client`) until the request's
 /// deadline, if there is one. Past it, asks PostgreSQL to cancel the running statement, so a
@@ -384,8 +415,18 @@ async fn within_deadline<F: Future>(client: &Client, work: F) -> F::Output {
     }
 }
 
+/// A statement of the service: its text and the PostgreSQL types of its parameters, in order
+/// (`$1`, `$2`, ...). The types let a statement be sent unnamed (parse, bind and execute in
+/// one message) when the service runs behind a transaction-mode pooler, and they say at the
+/// statement what each parameter is.
+#[derive(Debug)]
+pub struct Sql {
+    pub params: &'static [Type],
+    pub text: &'static str,
+}
+
 /// One statement of a pipeline and its parameters.
-pub type Step<'a> = (&'static str, &'a [&'a (dyn ToSql + Sync)]);
+pub type Step<'a> = (&'static Sql, &'a [&'a (dyn ToSql + Sync)]);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Open {

@@ -58,6 +58,15 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
     start_server(config, database_name, database_url, db).await
 }
 
+/// A server with `config` (already migrated) on the existing test database `database_name`,
+/// which the test inspects through `direct_url`; the database is dropped with the app.
+pub async fn spawn_app_on(mut config: Config, database_name: &str, direct_url: &str) -> TestApp {
+    config.log_level = order_api::log::Level::Error;
+    order_api::log::set_level(config.log_level);
+    let db = connect(direct_url).await;
+    start_server(config, database_name.to_owned(), direct_url.to_owned(), db).await
+}
+
 /// A server whose database cannot be reached at all (nothing listens on the port).
 pub async fn spawn_app_without_database() -> TestApp {
     let (database_name, database_url) = create_test_database().await;
