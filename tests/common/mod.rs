@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod process;
+
 use std::{
     net::SocketAddr,
     sync::atomic::{AtomicU32, Ordering},

@@ -1,0 +1,64 @@
+//! What the real binary writes on stdout: one JSON object per line; one line per request with
+//! its request id, method, route template (never the raw path), status and duration; and the
+//! request id on every line written while serving a request.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{DropDatabase, process::ServerProcess};
+use serde_json::Value;
+
+#[tokio::test]
+async fn every_request_is_one_json_line_with_its_id_route_status_and_duration() {
+    let (name, url) = common::create_test_database().await;
+    let _cleanup = DropDatabase::new(&name);
+    let mut server = ServerProcess::start(&url).await;
+    let http = reqwest::Client::new();
+    let order = http
+        .post(server.url("/api/orders"))
+        .header("x-request-id", "trace-order-1")
+        .json(&serde_json::json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(order.status(), 201);
+    let missing =
+        http.get(server.url("/api/orders/987654")).header("x-request-id", "trace-missing").send().await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let generated = http.get(server.url("/api/products/3")).send().await.unwrap();
+    let generated_id = generated.headers()["x-request-id"].to_str().unwrap().to_owned();
+
+    server.terminate();
+    assert!(server.wait_for_exit(Duration::from_secs(10)).await.is_some_and(|status| status.success()));
+    let logs = server.logs();
+    let lines: Vec<Value> = logs
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}")))
+        .collect();
+    for line in &lines {
+        assert!(line["time"].as_str().is_some_and(|t| t.ends_with('Z')), "{line}");
+        assert!(line["level"].is_string() && line["msg"].is_string(), "{line}");
+    }
+    let request = |id: &str| -> &Value {
+        lines
+            .iter()
+            .find(|l| l["msg"] == "request" && l["request_id"] == id)
+            .unwrap_or_else(|| panic!("no line for {id}:\n{logs}"))
+    };
+    let order_line = request("trace-order-1");
+    assert_eq!(
+        (order_line["method"].as_str(), order_line["route"].as_str(), order_line["status"].as_u64()),
+        (Some("POST"), Some("/api/orders"), Some(201))
+    );
+    assert!(order_line["duration_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{order_line}");
+    let missing_line = request("trace-missing");
+    assert_eq!(missing_line["route"], "/api/orders/{orderId}", "the template, not the raw path");
+    assert_eq!(missing_line["status"], 404);
+    assert_eq!(request(&generated_id)["route"], "/api/products/{productId}");
+    assert_eq!(
+        lines.iter().filter(|l| l["msg"] == "request").count(),
+        3,
+        "one line per request (health checks log at debug):\n{logs}"
+    );
+}
