@@ -7,7 +7,7 @@ RELEASE := target/release/order-api
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 IMAGE   ?= order-api
 
-.PHONY: run build migrate seed test lint fuzz fmt clean docker-build up down logs
+.PHONY: run build migrate seed test lint fuzz bench fmt clean docker-build up down logs
 
 ## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
 run: build
@@ -43,6 +43,12 @@ lint:
 ## fuzz: schemathesis against /openapi.json of a live server on a fresh database (FUZZ_SECONDS, default 60)
 fuzz:
 	fuzz/run $(or $(FUZZ_SECONDS),60)
+
+## bench: the API under wrk next to pgbench running the same SQL; table + target/bench/*.json
+## (needs wrk and pgbench; DURATION=seconds per run, default 15; see bench/run.py --help)
+DURATION ?= 15
+bench: build
+	python3 bench/run.py --duration $(DURATION)
 
 fmt:
 	$(CARGO) fmt --all

@@ -1,0 +1,14 @@
+-- pgbench reference (a): the order transaction of POST /api/orders (one line, quantity 1),
+-- written the plain way, one statement per network round trip: lock the product row, take the
+-- stock, insert the order, its line and its payment. Seven round trips with BEGIN and COMMIT.
+-- Variables: -D products=N spreads orders over products 1..N (N=1: one hot product),
+-- -D user_id=1 -D quantity=1.
+\set product_id random(1, :products)
+BEGIN;
+SELECT price FROM products WHERE id = :product_id FOR UPDATE \gset
+UPDATE products SET stock = stock - :quantity WHERE id = :product_id AND stock >= :quantity;
+INSERT INTO orders (user_id, status, total_amount) VALUES (:user_id, 'processing', :price::numeric * :quantity)
+    RETURNING id AS order_id \gset
+INSERT INTO order_items (order_id, product_id, quantity, price) VALUES (:order_id, :product_id, :quantity, :price);
+INSERT INTO payments (order_id, amount, status) VALUES (:order_id, :price::numeric * :quantity, 'completed');
+COMMIT;

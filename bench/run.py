@@ -1,0 +1,653 @@
+#!/usr/bin/env python3
+"""`make bench`: the API under load, next to PostgreSQL's own ceiling for the same work.
+
+One run, on one fresh database:
+
+1. Builds nothing (the Makefile builds the release binary first); drops and recreates the
+   database `order_api_bench`, migrates and seeds it with `order-api seed`, and raises the stock
+   of the four in-stock products so that no order is ever refused for stock.
+2. Starts the release server on 127.0.0.1:3100 (not 3000, which container tests may hold),
+   timing process start to the first healthy `GET /health`, and reads its idle RSS.
+3. Runs each API scenario with wrk on loopback: a warm-up, then a measured run.
+4. Stops the server and runs the pgbench references against the same database: the order
+   transaction (a) one statement per round trip and (b) as the API sends it, pipelined in one
+   round trip, with the SQL taken verbatim from src/db/orders.rs; and the API's read queries.
+   Each at 8, 16 and 64 clients; the reference for a scenario is the best of those.
+5. Checks that the stock taken equals the order lines written, prints the tables and writes
+   everything to target/bench/.
+
+Between runs it VACUUMs the benchmark tables (the local cluster runs with autovacuum off, so
+dead row versions of the five hot product rows would otherwise pile up and make later runs
+slower than earlier ones) and takes a CHECKPOINT, so that no run pays for an earlier one's
+dirty pages. It changes no server setting.
+
+CPU is accounted per run from /proc (100% = one core, the machine has two): the API process,
+PostgreSQL (live backends plus the postmaster's reaped children), the load generator (its
+rusage), and "other", the rest of the machine's busy time. A large "other" means someone
+else was using the machine and the figures of that run are not worth much.
+
+Python 3 standard library only. `python3 bench/run.py --help` lists the options.
+"""
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "target" / "bench"
+BINARY = ROOT / "target" / "release" / "order-api"
+WRK_SCRIPT = ROOT / "bench" / "wrk" / "api.lua"
+ORDER_A_SCRIPT = ROOT / "bench" / "pgbench" / "order_a.sql"
+
+# Stock given to each in-stock product: more than any run can take (int4 holds 2.1e9).
+STOCK = 1_000_000_000
+IN_STOCK_PRODUCTS = 4
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    env = os.environ.get
+    p.add_argument("--duration", type=int, default=int(env("DURATION") or 15), help="seconds per measured run")
+    p.add_argument("--warmup", type=int, default=int(env("WARMUP") or 3), help="seconds of warm-up before each")
+    p.add_argument("--port", type=int, default=int(env("BENCH_PORT") or 3100))
+    p.add_argument("--pg", default=env("BENCH_PG") or "postgresql://postgres@127.0.0.1:5432",
+                   help="PostgreSQL server URL, without database name")
+    p.add_argument("--database", default="order_api_bench")
+    p.add_argument("--pgbench-clients", default=env("PGBENCH_CLIENTS") or "8,16,64")
+    p.add_argument("--wrk-threads", type=int, default=2)
+    p.add_argument("--pool-size", default=env("DB_POOL_SIZE"), help="DB_POOL_SIZE for the server (default: its own)")
+    p.add_argument("--log-level", default=env("BENCH_LOG_LEVEL") or "info",
+                   help="the server's LOG_LEVEL; its stdout goes to target/bench/server.log")
+    p.add_argument("--only", default=env("BENCH_ONLY") or "",
+                   help="comma-separated scenario name prefixes to run (e.g. api.orders,pg.order_b)")
+    p.add_argument("--tag", default=env("BENCH_TAG") or "", help="a label written into the JSON file name")
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------
+# The scenarios
+
+
+class ApiScenario:
+    def __init__(self, name, title, connections, wrk_args, reference_a=None, reference_b=None):
+        self.name, self.title, self.connections, self.wrk_args = name, title, connections, wrk_args
+        # pgbench runs this one is compared with: (a) at the same client count, (b) at its best.
+        self.reference_a, self.reference_b = reference_a, reference_b
+
+
+API_SCENARIOS = [
+    ApiScenario("api.orders.16", "POST /api/orders, 4 products", 16, ["orders", "4"], "pg.order_a.spread", "pg.order_b.spread"),
+    ApiScenario("api.orders.64", "POST /api/orders, 4 products", 64, ["orders", "4"], "pg.order_a.spread", "pg.order_b.spread"),
+    ApiScenario("api.orders_hot.64", "POST /api/orders, 1 hot product", 64, ["orders", "1"], "pg.order_a.hot", "pg.order_b.hot"),
+    ApiScenario("api.order.64", "GET /api/orders/:id", 64, ["order"], None, "pg.get_order"),
+    ApiScenario("api.products.64", "GET /api/products", 64, ["products"], None, "pg.products"),
+]
+
+# pgbench references: name -> (title, script, -D variables). Scripts marked "generated" are
+# written from the API's own SQL (see pgbench_scripts()).
+PG_SCENARIOS = {
+    "pg.order_a.spread": ("(a) order, 7 round trips, 4 prod.", "order_a", {"products": 4}),
+    "pg.order_b.spread": ("(b) order, API SQL pipelined, 4 prod", "order_b", {"products": 4}),
+    "pg.order_a.hot": ("(a) order, 7 round trips, hot prod.", "order_a", {"products": 1}),
+    "pg.order_b.hot": ("(b) order, API SQL pipelined, hot", "order_b", {"products": 1}),
+    "pg.get_order": ("GET_ORDER select, random id", "get_order", {}),
+    "pg.products": ("LIST_ALL select (products)", "products", {}),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# pgbench scripts from the API's SQL
+
+
+def rust_consts(path):
+    """The `const NAME: &str = "...";` (or r#"..."#) string constants of a Rust file."""
+    text = (ROOT / path).read_text()
+    found = {}
+    for m in re.finditer(r'const (\w+): &str =\s*(?:r#"(.*?)"#|"(.*?)(?<!\\)");', text, re.S):
+        found[m.group(1)] = m.group(2) if m.group(2) is not None else m.group(3)
+    return found
+
+
+def with_params(sql, params):
+    """Replaces $1, $2, ... by pgbench expressions; ':' inside string literals is escaped from
+    pgbench's variable substitution by splitting the literal around it."""
+
+    def literal(m):
+        return m.group(0).replace(":", "' || ':' || '")
+
+    sql = re.sub(r"'[^']*'", literal, sql) if ":" in sql else sql
+    return re.sub(r"\$(\d+)", lambda m: params[int(m.group(1)) - 1], sql).strip() + ";"
+
+
+def pgbench_scripts():
+    """Writes the pgbench scripts made from src/db/*.rs into target/bench/ and returns
+    name -> path. Parameters map as in db::orders::create: user id, product ids, quantities."""
+    orders = rust_consts("src/db/orders.rs")
+    products = rust_consts("src/db/products.rs")
+    for name in ("FIND_USER", "LOCK_PRODUCTS", "INSERT_ORDER", "GET_ORDER"):
+        if name not in orders:
+            sys.exit(f"bench: src/db/orders.rs has no const {name}; update bench/run.py pgbench_scripts()")
+    user, ids, quantities = ":user_id", "ARRAY[:product_id]", "ARRAY[:quantity]"
+    header = "-- Generated by bench/run.py from {}: the API's own SQL, parameters as pgbench variables.\n"
+    scripts = {
+        "order_b": header.format("src/db/orders.rs (db::orders::create)")
+        + "-- Pipeline mode: BEGIN .. COMMIT sent back to back, one round trip, as PooledConn::transaction does.\n"
+        + "\\set product_id random(1, :products)\n\\startpipeline\nBEGIN;\n"
+        + with_params(orders["FIND_USER"], [user]) + "\n"
+        + with_params(orders["LOCK_PRODUCTS"], [ids]) + "\n"
+        + with_params(orders["INSERT_ORDER"], [user, ids, quantities]) + "\n"
+        + "COMMIT;\n\\endpipeline\n",
+        "get_order": header.format("src/db/orders.rs (GET_ORDER)")
+        + "\\set order_id random(1, :orders)\n"
+        + with_params(orders["GET_ORDER"], [":order_id"]) + "\n",
+        "products": header.format("src/db/products.rs (LIST_ALL)") + with_params(products["LIST_ALL"], []) + "\n",
+    }
+    paths = {"order_a": ORDER_A_SCRIPT}
+    for name, text in scripts.items():
+        paths[name] = OUT / f"pgbench_{name}.sql"
+        paths[name].write_text(text)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: CPU and memory from /proc
+
+
+def proc_stat(pid):
+    """(utime+stime, cutime+cstime) of a process in clock ticks, or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
+
+
+def postgres_pids():
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/comm").read_text().strip() == "postgres":
+                    pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+def postmaster_pid():
+    for pid in postgres_pids():
+        try:
+            parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            if Path(f"/proc/{parent}/comm").read_text().strip() != "postgres":
+                return pid
+        except OSError:
+            pass
+    return None
+
+
+def machine_ticks():
+    """(busy, total) clock ticks of the whole machine since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values[:8]) - idle, sum(values[:8])
+
+
+class CpuMeter:
+    """CPU used between start() and stop(): the API, PostgreSQL, the load generator, the rest.
+
+    PostgreSQL's share is its live processes plus the postmaster's cutime/cstime, which grows
+    by the whole CPU time of each backend it reaps: a pgbench backend that starts and ends
+    within the run is counted whole, one that lives on is counted by its difference."""
+
+    def __init__(self, api_pid=None):
+        self.api_pid = api_pid
+        self.postmaster = postmaster_pid()  # None if PostgreSQL is not a local process
+
+    def postgres_ticks(self):
+        ticks = {}
+        for pid in postgres_pids():
+            stat = proc_stat(pid)
+            if stat:
+                ticks[pid] = stat[0]
+        reaped = (proc_stat(self.postmaster) or (0, 0))[1] if self.postmaster else 0
+        return ticks, reaped
+
+    def start(self):
+        self.t0 = time.monotonic()
+        self.machine0 = machine_ticks()
+        self.pg0 = self.postgres_ticks()
+        self.api0 = (proc_stat(self.api_pid) or (0, 0))[0] if self.api_pid else 0
+        self.children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def stop(self):
+        seconds = time.monotonic() - self.t0
+        busy1, _ = machine_ticks()
+        pg1 = self.postgres_ticks()
+        api1 = (proc_stat(self.api_pid) or (0, 0))[0] if self.api_pid else 0
+        children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        live0, reaped0 = self.pg0
+        live1, reaped1 = pg1
+        # A process alive at both ends counts its difference; one born in between counts whole;
+        # one that died in between was counted in the postmaster's reaped time.
+        pg = sum(t - live0.get(pid, 0) for pid, t in live1.items()) - sum(
+            t for pid, t in live0.items() if pid not in live1) + (reaped1 - reaped0)
+        loadgen_s = (children1.ru_utime + children1.ru_stime) - (self.children0.ru_utime + self.children0.ru_stime)
+        api = api1 - self.api0
+        busy = busy1 - self.machine0[0]
+
+        def pct(ticks):
+            return round(100.0 * ticks / CLOCK_TICKS / seconds, 1)
+
+        loadgen = round(100.0 * loadgen_s / seconds, 1)
+        result = {"api": pct(api), "postgres": pct(pg), "loadgen": loadgen, "machine": pct(busy)}
+        result["other"] = round(max(0.0, result["machine"] - result["api"] - result["postgres"] - loadgen), 1)
+        return result
+
+
+def status_kb(pid, field):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def reset_peak_rss(pid):
+    """Resets the process's VmHWM (Linux: `echo 5 > /proc/PID/clear_refs`) so that each run
+    reports its own peak; returns False where that is not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_quiet(seconds=3.0):
+    """The machine's busy share (of all cores) over a few seconds, before anything starts."""
+    busy0, total0 = machine_ticks()
+    time.sleep(seconds)
+    busy1, total1 = machine_ticks()
+    return round(100.0 * (busy1 - busy0) / max(1, total1 - total0), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL helpers
+
+
+class Database:
+    def __init__(self, server_url, name):
+        self.server_url = server_url.rstrip("/")
+        self.name = name
+        self.url = f"{self.server_url}/{name}"
+        u = urllib.parse.urlparse(self.server_url)
+        self.host, self.port, self.user = u.hostname or "127.0.0.1", str(u.port or 5432), u.username or "postgres"
+
+    def psql(self, sql, database=None):
+        out = subprocess.run(
+            ["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-d", f"{self.server_url}/{database or self.name}",
+             "-c", sql],
+            check=True, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    def settle(self):
+        """Same starting conditions for every run: no dead rows, no dirty pages left over."""
+        self.psql("VACUUM (ANALYZE) products, orders, order_items, payments")
+        self.psql("CHECKPOINT")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the load generators
+
+
+def percentile(sorted_values, p):
+    if not sorted_values:
+        return None
+    k = min(len(sorted_values) - 1, max(0, round(p / 100.0 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[k]
+
+
+def run_wrk(args, url, connections, seconds, extra):
+    command = ["wrk", f"-t{min(args.wrk_threads, connections)}", f"-c{connections}", f"-d{seconds}s",
+               "--timeout", "5s", "-s", str(WRK_SCRIPT), url, "--"] + extra
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("BENCH_JSON "))
+    return json.loads(line[len("BENCH_JSON "):]), out
+
+
+def run_pgbench(args, db, script, variables, clients, seconds, log_prefix=None):
+    command = ["pgbench", "-n", "-M", "prepared", "-h", db.host, "-p", db.port, "-U", db.user,
+               "-c", str(clients), "-j", str(min(2, clients)), "-T", str(seconds), "-f", str(script)]
+    for key, value in variables.items():
+        command += ["-D", f"{key}={value}"]
+    if log_prefix:
+        command += ["-l", f"--log-prefix={log_prefix}"]
+    command.append(db.name)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"bench: pgbench failed:\n{' '.join(command)}\n{result.stdout}{result.stderr}")
+    return result.stdout
+
+
+def pgbench_latencies(log_prefix):
+    """Per-transaction latencies (microseconds) from pgbench -l logs; failed ones counted apart.
+    pgbench reads the clock lazily, once per turn of its event loop, so with many clients per
+    thread a fast transaction can log 0: its p50/p99 are coarse; its tps is what counts."""
+    latencies, failed = [], 0
+    for path in OUT.glob(Path(log_prefix).name + ".*"):
+        for line in path.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3:
+                if fields[2].isdigit():
+                    latencies.append(int(fields[2]))
+                else:
+                    failed += 1
+        path.unlink()
+    latencies.sort()
+    return latencies, failed
+
+
+# ---------------------------------------------------------------------------------------------
+# The server
+
+
+class Server:
+    def __init__(self, args, db):
+        self.args, self.db = args, db
+        self.log_path = OUT / "server.log"
+
+    def start(self):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "API_", "SEED_", "LOG_"))}
+        env.update({"DATABASE_URL": self.db.url, "API_HOST": "127.0.0.1", "API_PORT": str(self.args.port),
+                    "LOG_LEVEL": self.args.log_level})
+        if self.args.pool_size:
+            env["DB_POOL_SIZE"] = str(self.args.pool_size)
+        self.log = open(self.log_path, "w")
+        started = time.monotonic()
+        # cwd target/bench: no stray .env file there to change the settings.
+        self.process = subprocess.Popen([str(BINARY), "serve"], cwd=OUT, env=env, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        while True:
+            if self.process.poll() is not None:
+                sys.exit(f"bench: the server exited with {self.process.returncode}; see {self.log_path}")
+            if self.health() == 200:
+                return round((time.monotonic() - started) * 1000, 1)
+            if time.monotonic() - started > 30:
+                self.stop()
+                sys.exit(f"bench: the server was not healthy after 30 s; see {self.log_path}")
+            time.sleep(0.001)
+
+    def health(self):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", self.args.port, timeout=2)
+            conn.request("GET", "/health")
+            status = conn.getresponse().status
+            conn.close()
+            return status
+        except OSError:
+            return None
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.log.close()
+        return code
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def main():
+    args = parse_args()
+    for tool in ("wrk", "pgbench", "psql"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} not found (Debian: apt-get install -y wrk postgresql-client)")
+    if not BINARY.exists():
+        sys.exit(f"bench: {BINARY} missing; run `make bench` (it builds first)")
+    OUT.mkdir(parents=True, exist_ok=True)
+    only = [p for p in args.only.split(",") if p]
+
+    def wanted(name):
+        return not only or any(name.startswith(p) for p in only)
+
+    clients = [int(c) for c in args.pgbench_clients.split(",")]
+    db = Database(args.pg, args.database)
+    started_at = datetime.datetime.now(datetime.timezone.utc)
+    report = {"started_at": started_at.isoformat(timespec="seconds"), "duration_s": args.duration,
+              "warmup_s": args.warmup, "cores": os.cpu_count(), "server_log_level": args.log_level,
+              "pool_size": args.pool_size or "default", "runs": {}}
+
+    print(f"bench: {args.duration} s per run after {args.warmup} s warm-up; {os.cpu_count()} cores", flush=True)
+    quiet = wait_for_quiet()
+    report["machine_busy_before_pct"] = quiet
+    report["loadavg_before"] = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"bench: machine busy {quiet}% over 3 s before start; load average {' '.join(report['loadavg_before'])}"
+          + ("  ** NOT QUIET: figures will be unreliable **" if quiet > 10 else ""), flush=True)
+    settings = db.psql("SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings "
+                       "WHERE name IN ('fsync','synchronous_commit','wal_sync_method','shared_buffers',"
+                       "'max_connections','autovacuum','commit_delay','full_page_writes')", "postgres")
+    report["postgres_settings"] = settings
+    print(f"bench: PostgreSQL {settings}", flush=True)
+
+    # A fresh database, migrated and seeded by the binary itself, with stock that never runs out.
+    db.psql(f'DROP DATABASE IF EXISTS "{db.name}" WITH (FORCE)', "postgres")
+    db.psql(f'CREATE DATABASE "{db.name}"', "postgres")
+    subprocess.run([str(BINARY), "seed"], check=True, cwd=OUT, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "DATABASE_URL": db.url, "LOG_LEVEL": "warn"})
+    db.psql(f"UPDATE products SET stock = {STOCK} WHERE id <= {IN_STOCK_PRODUCTS}")
+    initial_stock = int(db.psql("SELECT sum(stock) FROM products"))
+    scripts = pgbench_scripts()
+
+    # --- the API -------------------------------------------------------------------------------
+    server = Server(args, db)
+    db.settle()
+    report["start_to_healthy_ms"] = server.start()
+    time.sleep(1.0)
+    report["idle_rss_kb"] = status_kb(server.pid, "VmRSS")
+    print(f"bench: server pid {server.pid}: healthy {report['start_to_healthy_ms']} ms after start; "
+          f"idle RSS {report['idle_rss_kb'] / 1024:.1f} MB", flush=True)
+    url = f"http://127.0.0.1:{args.port}"
+    acknowledged_orders = 0
+    for s in API_SCENARIOS:
+        if not wanted(s.name):
+            continue
+        extra = list(s.wrk_args)
+        if extra == ["order"]:
+            orders = int(db.psql("SELECT coalesce(max(id), 0) FROM orders"))
+            if orders == 0:
+                print(f"bench: {s.name}: skipped, no orders to read", flush=True)
+                continue
+            extra.append(str(orders))
+        db.settle()
+        if args.warmup:
+            warm, _ = run_wrk(args, url, s.connections, args.warmup, extra)
+            if extra[0] == "orders":
+                acknowledged_orders += warm["requests"] - sum(warm["errors"].values())
+        reset_peak_rss(server.pid)
+        meter = CpuMeter(server.pid)
+        meter.start()
+        result, raw = run_wrk(args, url, s.connections, args.duration, extra)
+        cpu = meter.stop()
+        errors = sum(result["errors"].values())
+        if extra[0] == "orders":
+            acknowledged_orders += result["requests"] - errors
+        run = {"kind": "api", "title": s.title, "connections": s.connections,
+               "rps": round(result["requests"] * 1e6 / result["duration_us"], 1),
+               "p50_ms": result["latency_us"]["p50"] / 1000, "p99_ms": result["latency_us"]["p99"] / 1000,
+               "max_ms": result["latency_us"]["max"] / 1000, "requests": result["requests"], "errors": errors,
+               "error_detail": result["errors"], "peak_rss_kb": status_kb(server.pid, "VmHWM"), "cpu": cpu}
+        report["runs"][s.name] = run
+        print(f"bench: {s.name:<22} {run['rps']:>9.1f} req/s  p50 {run['p50_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms"
+              f"  errors {errors}  peak RSS {run['peak_rss_kb'] / 1024:.1f} MB  cpu {cpu}", flush=True)
+    time.sleep(3.0)
+    report["idle_rss_after_load_kb"] = status_kb(server.pid, "VmRSS")
+    report["peak_rss_kb"] = max([r["peak_rss_kb"] for r in report["runs"].values()] or [0])
+    report["server_exit_code"] = server.stop()
+    report["orders_written_by_api"] = int(db.psql("SELECT count(*) FROM orders"))
+    report["orders_acknowledged_by_api"] = acknowledged_orders
+
+    # --- pgbench references --------------------------------------------------------------------
+    orders_now = int(db.psql("SELECT coalesce(max(id), 0) FROM orders"))
+    for name, (title, script, variables) in PG_SCENARIOS.items():
+        if not wanted(name):
+            continue
+        variables = {"user_id": 1, "quantity": 1, **variables}
+        if script == "get_order":
+            if orders_now == 0:
+                continue
+            variables["orders"] = orders_now
+        for c in clients:
+            db.settle()
+            if args.warmup:
+                run_pgbench(args, db, scripts[script], variables, c, args.warmup)
+            prefix = OUT / f"pgbench_log_{name}_{c}"
+            meter = CpuMeter()
+            meter.start()
+            out = run_pgbench(args, db, scripts[script], variables, c, args.duration, prefix)
+            cpu = meter.stop()
+            latencies, failed_logged = pgbench_latencies(prefix)
+            tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
+            failed = re.search(r"number of failed transactions: (\d+)", out)
+            failed = int(failed.group(1)) if failed else failed_logged
+            run = {"kind": "pgbench", "title": title, "connections": c, "rps": round(tps, 1),
+                   "p50_ms": percentile(latencies, 50) / 1000, "p99_ms": percentile(latencies, 99) / 1000,
+                   "max_ms": latencies[-1] / 1000, "requests": len(latencies), "errors": failed, "cpu": cpu}
+            report["runs"][f"{name}.{c}"] = run
+            print(f"bench: {name + '.' + str(c):<22} {run['rps']:>9.1f} tps    p50 {run['p50_ms']:.2f} ms  "
+                  f"p99 {run['p99_ms']:.2f} ms  failed {failed}  cpu {cpu}", flush=True)
+
+    # --- consistency: every unit of stock taken is an order line -------------------------------
+    taken = initial_stock - int(db.psql("SELECT sum(stock) FROM products"))
+    lines = int(db.psql("SELECT coalesce(sum(quantity), 0) FROM order_items"))
+    orders_total = int(db.psql("SELECT count(*) FROM orders"))
+    payments = int(db.psql("SELECT count(*) FROM payments"))
+    report["consistency"] = {"stock_taken": taken, "order_line_quantity": lines, "orders": orders_total,
+                             "payments": payments, "ok": taken == lines and orders_total == payments}
+
+    print_report(report)
+    stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
+    path = OUT / f"bench-{stamp}{'-' + args.tag if args.tag else ''}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    (OUT / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nbench: results in {path.relative_to(ROOT)} (and target/bench/latest.json); "
+          f"server log in target/bench/server.log")
+    return 0 if report["consistency"]["ok"] else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def references(report, s):
+    """(pgbench (a) at the scenario's connection count, best pgbench (b)) runs, if measured."""
+    runs = report["runs"]
+    ref_a = runs.get(f"{s.reference_a}.{s.connections}") if s.reference_a else None
+    candidates = [r for name, r in runs.items() if s.reference_b and name.startswith(s.reference_b + ".")]
+    ref_b = max(candidates, key=lambda r: r["rps"]) if candidates else None
+    return ref_a, ref_b
+
+
+def print_report(report):
+    runs = report["runs"]
+    mb = lambda kb: f"{kb / 1024:.1f} MB" if kb else "-"
+    ratio = lambda x, ref: f"{x['rps'] / ref['rps']:.2f}x" if ref else "-"
+    cpu = lambda c: f"{c['api']:>4.0f} {c['postgres']:>4.0f} {c['loadgen']:>4.0f} {c['other']:>4.0f}"
+    print("\n" + "=" * 132)
+    print(f"order-api benchmark, {report['started_at']}: {report['duration_s']} s per run after "
+          f"{report['warmup_s']} s warm-up, {report['cores']} cores shared by wrk/pgbench, API and PostgreSQL")
+    print(f"machine busy before start: {report['machine_busy_before_pct']}% (load average "
+          f"{' '.join(report['loadavg_before'])}); server LOG_LEVEL={report['server_log_level']} "
+          f"(stdout to target/bench/server.log), DB_POOL_SIZE={report['pool_size']}")
+    print(f"PostgreSQL: {report['postgres_settings']}")
+    print("=" * 132)
+    head = (f"{'scenario':<36}{'conns':>5}{'req/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}{'peak RSS':>10}"
+            f"{'API/(a)':>9}{'API/best(b)':>12}   cpu% api   pg  gen other")
+    print(head)
+    print("-" * len(head))
+    for s in API_SCENARIOS:
+        run = runs.get(s.name)
+        if not run:
+            continue
+        ref_a, ref_b = references(report, s)
+        b_note = f"{ratio(run, ref_b)}" + (f"@{ref_b['connections']}" if ref_b else "")
+        print(f"{'API ' + s.title:<36}{run['connections']:>5}{run['rps']:>10.0f}{run['p50_ms']:>8.2f}"
+              f"{run['p99_ms']:>8.2f}{run['errors']:>7}{mb(run['peak_rss_kb']):>10}{ratio(run, ref_a):>9}"
+              f"{b_note:>12}   {cpu(run['cpu'])}")
+    print()
+    print(f"{'reference: pgbench -M prepared':<36}{'cl.':>5}{'tps':>10}{'p50 ms':>8}{'p99 ms':>8}{'failed':>7}"
+          f"{'':>31}   cpu% api   pg  gen other")
+    for name, run in runs.items():
+        if run["kind"] == "pgbench":
+            print(f"{run['title'][:36]:<36}{run['connections']:>5}{run['rps']:>10.0f}{run['p50_ms']:>8.2f}"
+                  f"{run['p99_ms']:>8.2f}{run['errors']:>7}{'':>31}   {cpu(run['cpu'])}")
+    print()
+    print(f"start to healthy /health: {report['start_to_healthy_ms']} ms;  RSS idle after start "
+          f"{mb(report['idle_rss_kb'])}, idle after load {mb(report['idle_rss_after_load_kb'])}, "
+          f"peak {mb(report['peak_rss_kb'])};  server exit code after SIGTERM: {report['server_exit_code']}")
+    c = report["consistency"]
+    print(f"consistency: stock taken {c['stock_taken']} = order line quantity {c['order_line_quantity']}: "
+          f"{'yes' if c['stock_taken'] == c['order_line_quantity'] else 'NO'};  orders {c['orders']}, payments "
+          f"{c['payments']};  orders written during the API runs {report['orders_written_by_api']} "
+          f"(201s counted by wrk: {report['orders_acknowledged_by_api']}; the difference is requests still in "
+          f"flight when wrk stopped)")
+    print_targets(report)
+
+
+def print_targets(report):
+    runs = report["runs"]
+    by_name = {s.name: s for s in API_SCENARIOS}
+    checks = []
+
+    def ratio_check(label, scenario, which, minimum):
+        s, run = by_name[scenario], runs.get(scenario)
+        if not run:
+            return
+        ref_a, ref_b = references(report, s)
+        ref = ref_a if which == "a" else ref_b
+        if ref:
+            value = run["rps"] / ref["rps"]
+            checks.append((label, f"{value:.2f}x (>= {minimum}x)", value >= minimum))
+
+    ratio_check("orders @64 vs best pgbench (b)", "api.orders.64", "b", 0.85)
+    ratio_check("orders @64 vs pgbench (a) @64", "api.orders.64", "a", 1.5)
+    ratio_check("hot product @64 vs best pgbench (b) hot", "api.orders_hot.64", "b", 0.85)
+    ratio_check("GET /api/products vs best pgbench select", "api.products.64", "b", 0.8)
+    if "api.orders.16" in runs:
+        p99 = runs["api.orders.16"]["p99_ms"]
+        checks.append(("orders @16 p99", f"{p99:.2f} ms (< 15 ms)", p99 < 15))
+    if report.get("peak_rss_kb"):
+        checks.append(("peak RSS", f"{report['peak_rss_kb'] / 1024:.1f} MB (< 30 MB)", report["peak_rss_kb"] < 30 * 1024))
+    idle = max(report["idle_rss_kb"] or 0, report["idle_rss_after_load_kb"] or 0)
+    checks.append(("idle RSS (worse of after start, after load)", f"{idle / 1024:.1f} MB (< 10 MB)", idle < 10 * 1024))
+    checks.append(("start to healthy", f"{report['start_to_healthy_ms']} ms (< 200 ms)",
+                   report["start_to_healthy_ms"] < 200))
+    errors = sum(r["errors"] for r in runs.values() if r["kind"] == "api")
+    checks.append(("errors in API runs", f"{errors} (= 0)", errors == 0))
+    checks.append(("stock taken = order lines", str(report["consistency"]["ok"]), report["consistency"]["ok"]))
+    print("\ntargets:")
+    for label, value, ok in checks:
+        print(f"  {'met ' if ok else 'MISS'}  {label:<46} {value}")
+    report["targets"] = [{"target": label, "value": value, "met": ok} for label, value, ok in checks]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
