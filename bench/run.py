@@ -4,8 +4,9 @@
 One run, on one fresh database:
 
 1. Builds nothing (the Makefile builds the release binary first); drops and recreates the
-   database `order_api_bench`, migrates and seeds it with `order-api seed`, and raises the stock
-   of the four in-stock products so that no order is ever refused for stock.
+   database `order_api_bench`, migrates and seeds it with `order-api seed`, raises the stock
+   of the four in-stock products by 1e9 (with its ledger movement) so that no order is ever
+   refused for stock, and adds a history of 20,000 delivered orders (see HISTORY_SQL).
 2. Starts the release server on 127.0.0.1:3100 (not 3000, which container tests may hold),
    timing process start to the first healthy `GET /health`, and reads its idle RSS.
 3. Runs each API scenario with wrk on loopback: a warm-up, then a measured run.
@@ -38,6 +39,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,6 +55,36 @@ ORDER_A_SCRIPT = ROOT / "bench" / "pgbench" / "order_a.sql"
 # Stock given to each in-stock product: more than any run can take (int4 holds 2.1e9).
 STOCK = 1_000_000_000
 IN_STOCK_PRODUCTS = 4
+
+# Stock is raised the way an operator restocks (POST /api/products/:id/restock): the stock
+# and a 'restock' movement in the inventory ledger, so that stock = sum of movements holds.
+RESTOCK_SQL = """
+    WITH restocked AS (UPDATE products SET stock = stock + {stock} WHERE id <= {products} RETURNING id)
+    INSERT INTO inventory_movements (product_id, delta, reason) SELECT id, {stock}, 'restock' FROM restocked;
+"""
+
+# Orders already in the shop before the benchmark starts: a shop has a history, and an empty
+# orders table measures something else. PostgreSQL plans the foreign-key checks of order_items
+# and payments against orders once per connection; planned while orders is empty they scan it
+# sequentially, and the API's pooled connections keep that plan while the table grows (each
+# insert then reads the whole table). History orders are 'delivered', one line each, and
+# took their stock with its ledger movement like any order.
+HISTORY_ORDERS = 20_000
+HISTORY_SQL = """
+    INSERT INTO orders (user_id, status, total_amount, created_at, updated_at)
+        SELECT 1, 'delivered', p.price, now() - interval '30 days', now() - interval '30 days'
+        FROM generate_series(1, {orders}) g JOIN products p ON p.id = 1 + g % {products}
+        ORDER BY g;
+    INSERT INTO order_items (order_id, product_id, quantity, price)
+        SELECT o.id, p.id, 1, o.total_amount
+        FROM orders o JOIN products p ON p.price = o.total_amount AND p.id <= {products};
+    INSERT INTO payments (order_id, amount, status) SELECT id, total_amount, 'completed' FROM orders;
+    INSERT INTO inventory_movements (product_id, delta, reason, order_id)
+        SELECT product_id, -quantity, 'order', order_id FROM order_items;
+    UPDATE products p SET stock = p.stock - taken.quantity
+        FROM (SELECT product_id, sum(quantity) AS quantity FROM order_items GROUP BY product_id) taken
+        WHERE p.id = taken.product_id;
+"""
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -73,6 +105,9 @@ def parse_args():
     p.add_argument("--only", default=env("BENCH_ONLY") or "",
                    help="comma-separated scenario name prefixes to run (e.g. api.orders,pg.order_b)")
     p.add_argument("--tag", default=env("BENCH_TAG") or "", help="a label written into the JSON file name")
+    p.add_argument("--disturbed", type=float, default=20.0,
+                   help="a run during which other processes used more than this %% of a core is repeated")
+    p.add_argument("--retries", type=int, default=2, help="most repeats of a disturbed run")
     return p.parse_args()
 
 
@@ -98,9 +133,9 @@ API_SCENARIOS = [
 # pgbench references: name -> (title, script, -D variables). Scripts marked "generated" are
 # written from the API's own SQL (see pgbench_scripts()).
 PG_SCENARIOS = {
-    "pg.order_a.spread": ("(a) order, 7 round trips, 4 prod.", "order_a", {"products": 4}),
+    "pg.order_a.spread": ("(a) order, 8 round trips, 4 prod.", "order_a", {"products": 4}),
     "pg.order_b.spread": ("(b) order, API SQL pipelined, 4 prod", "order_b", {"products": 4}),
-    "pg.order_a.hot": ("(a) order, 7 round trips, hot prod.", "order_a", {"products": 1}),
+    "pg.order_a.hot": ("(a) order, 8 round trips, hot prod.", "order_a", {"products": 1}),
     "pg.order_b.hot": ("(b) order, API SQL pipelined, hot", "order_b", {"products": 1}),
     "pg.get_order": ("GET_ORDER select, random id", "get_order", {}),
     "pg.products": ("LIST_ALL select (products)", "products", {}),
@@ -112,10 +147,12 @@ PG_SCENARIOS = {
 
 
 def rust_consts(path):
-    """The `const NAME: &str = "...";` (or r#"..."#) string constants of a Rust file."""
+    """The SQL constants of a Rust file: `const NAME: Sql = Sql { params: .., text: "..." }`
+    (or `r#"..."#`), as in src/db/*.rs, and plain `const NAME: &str = "..."`."""
     text = (ROOT / path).read_text()
     found = {}
-    for m in re.finditer(r'const (\w+): &str =\s*(?:r#"(.*?)"#|"(.*?)(?<!\\)");', text, re.S):
+    pattern = r'const (\w+): (?:&str|Sql) =\s*(?:Sql\s*\{[^"]*?text:\s*)?(?:r#"(.*?)"#|"(.*?)(?<!\\)")'
+    for m in re.finditer(pattern, text, re.S):
         found[m.group(1)] = m.group(2) if m.group(2) is not None else m.group(3)
     return found
 
@@ -357,6 +394,27 @@ def pgbench_latencies(log_prefix):
     return latencies, failed
 
 
+def measure(args, label, run_once):
+    """Runs `run_once` and returns its result; if other work on the machine took more than
+    --disturbed percent of a core meanwhile, waits for a quiet moment and runs it again (at
+    most --retries times), keeping the least disturbed attempt. Each result records how many
+    attempts it took."""
+    attempts = []
+    while True:
+        run = run_once()
+        attempts.append(run)
+        if run["cpu"]["other"] <= args.disturbed or len(attempts) > args.retries:
+            break
+        print(f"bench: {label}: disturbed (other processes used {run['cpu']['other']}% of a core); "
+              f"waiting for a quiet machine to run it again", flush=True)
+        deadline = time.monotonic() + 120
+        while wait_for_quiet(2.0) > 5 and time.monotonic() < deadline:
+            pass
+    best = min(attempts, key=lambda r: r["cpu"]["other"])
+    best["attempts"] = len(attempts)
+    return best
+
+
 # ---------------------------------------------------------------------------------------------
 # The server
 
@@ -372,6 +430,9 @@ class Server:
                     "LOG_LEVEL": self.args.log_level})
         if self.args.pool_size:
             env["DB_POOL_SIZE"] = str(self.args.pool_size)
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", self.args.port)) == 0:
+                sys.exit(f"bench: something already listens on port {self.args.port}; stop it or use --port")
         self.log = open(self.log_path, "w")
         started = time.monotonic()
         # cwd target/bench: no stray .env file there to change the settings.
@@ -416,8 +477,57 @@ class Server:
 # The run
 
 
+def api_runs(args, db, server, report, wanted):
+    """Idle RSS, then each API scenario: warm-up and measured wrk run; then idle RSS again."""
+    time.sleep(1.0)
+    report["idle_rss_kb"] = status_kb(server.pid, "VmRSS")
+    print(f"bench: server pid {server.pid}: healthy {report['start_to_healthy_ms']} ms after start; "
+          f"idle RSS {report['idle_rss_kb'] / 1024:.1f} MB", flush=True)
+    url = f"http://127.0.0.1:{args.port}"
+    acknowledged_orders = 0
+    for s in API_SCENARIOS:
+        if not wanted(s.name):
+            continue
+        extra = list(s.wrk_args)
+        if extra == ["order"]:
+            extra.append(db.psql("SELECT max(id) FROM orders"))
+
+        def api_run():
+            nonlocal acknowledged_orders
+            db.settle()
+            if args.warmup:
+                warm, _ = run_wrk(args, url, s.connections, args.warmup, extra)
+                if extra[0] == "orders":
+                    acknowledged_orders += warm["requests"] - sum(warm["errors"].values())
+            reset_peak_rss(server.pid)
+            meter = CpuMeter(server.pid)
+            meter.start()
+            result, _ = run_wrk(args, url, s.connections, args.duration, extra)
+            cpu = meter.stop()
+            errors = sum(result["errors"].values())
+            if extra[0] == "orders":
+                acknowledged_orders += result["requests"] - errors
+            return {"kind": "api", "title": s.title, "connections": s.connections,
+                    "rps": round(result["requests"] * 1e6 / result["duration_us"], 1),
+                    "p50_ms": result["latency_us"]["p50"] / 1000, "p99_ms": result["latency_us"]["p99"] / 1000,
+                    "max_ms": result["latency_us"]["max"] / 1000, "requests": result["requests"],
+                    "errors": errors, "error_detail": result["errors"],
+                    "peak_rss_kb": status_kb(server.pid, "VmHWM"), "cpu": cpu}
+
+        run = measure(args, s.name, api_run)
+        report["runs"][s.name] = run
+        print(f"bench: {s.name:<22} {run['rps']:>9.1f} req/s  p50 {run['p50_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms"
+              f"  errors {run['errors']}  peak RSS {run['peak_rss_kb'] / 1024:.1f} MB  cpu {run['cpu']}", flush=True)
+    time.sleep(3.0)
+    report["idle_rss_after_load_kb"] = status_kb(server.pid, "VmRSS")
+    report["peak_rss_kb"] = max([r["peak_rss_kb"] for r in report["runs"].values()] or [0])
+    report["orders_acknowledged_by_api"] = acknowledged_orders
+
+
 def main():
     args = parse_args()
+    # Killed with SIGTERM (or Ctrl-C), still stop the server: `finally` blocks run on SystemExit.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for tool in ("wrk", "pgbench", "psql"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (Debian: apt-get install -y wrk postgresql-client)")
@@ -453,7 +563,9 @@ def main():
     db.psql(f'CREATE DATABASE "{db.name}"', "postgres")
     subprocess.run([str(BINARY), "seed"], check=True, cwd=OUT, stdout=subprocess.DEVNULL,
                    env={**os.environ, "DATABASE_URL": db.url, "LOG_LEVEL": "warn"})
-    db.psql(f"UPDATE products SET stock = {STOCK} WHERE id <= {IN_STOCK_PRODUCTS}")
+    db.psql(RESTOCK_SQL.format(stock=STOCK, products=IN_STOCK_PRODUCTS))
+    db.psql(HISTORY_SQL.format(orders=HISTORY_ORDERS, products=IN_STOCK_PRODUCTS))
+    history_max_id = int(db.psql("SELECT max(id) FROM orders"))
     initial_stock = int(db.psql("SELECT sum(stock) FROM products"))
     scripts = pgbench_scripts()
 
@@ -461,87 +573,56 @@ def main():
     server = Server(args, db)
     db.settle()
     report["start_to_healthy_ms"] = server.start()
-    time.sleep(1.0)
-    report["idle_rss_kb"] = status_kb(server.pid, "VmRSS")
-    print(f"bench: server pid {server.pid}: healthy {report['start_to_healthy_ms']} ms after start; "
-          f"idle RSS {report['idle_rss_kb'] / 1024:.1f} MB", flush=True)
-    url = f"http://127.0.0.1:{args.port}"
-    acknowledged_orders = 0
-    for s in API_SCENARIOS:
-        if not wanted(s.name):
-            continue
-        extra = list(s.wrk_args)
-        if extra == ["order"]:
-            orders = int(db.psql("SELECT coalesce(max(id), 0) FROM orders"))
-            if orders == 0:
-                print(f"bench: {s.name}: skipped, no orders to read", flush=True)
-                continue
-            extra.append(str(orders))
-        db.settle()
-        if args.warmup:
-            warm, _ = run_wrk(args, url, s.connections, args.warmup, extra)
-            if extra[0] == "orders":
-                acknowledged_orders += warm["requests"] - sum(warm["errors"].values())
-        reset_peak_rss(server.pid)
-        meter = CpuMeter(server.pid)
-        meter.start()
-        result, raw = run_wrk(args, url, s.connections, args.duration, extra)
-        cpu = meter.stop()
-        errors = sum(result["errors"].values())
-        if extra[0] == "orders":
-            acknowledged_orders += result["requests"] - errors
-        run = {"kind": "api", "title": s.title, "connections": s.connections,
-               "rps": round(result["requests"] * 1e6 / result["duration_us"], 1),
-               "p50_ms": result["latency_us"]["p50"] / 1000, "p99_ms": result["latency_us"]["p99"] / 1000,
-               "max_ms": result["latency_us"]["max"] / 1000, "requests": result["requests"], "errors": errors,
-               "error_detail": result["errors"], "peak_rss_kb": status_kb(server.pid, "VmHWM"), "cpu": cpu}
-        report["runs"][s.name] = run
-        print(f"bench: {s.name:<22} {run['rps']:>9.1f} req/s  p50 {run['p50_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms"
-              f"  errors {errors}  peak RSS {run['peak_rss_kb'] / 1024:.1f} MB  cpu {cpu}", flush=True)
-    time.sleep(3.0)
-    report["idle_rss_after_load_kb"] = status_kb(server.pid, "VmRSS")
-    report["peak_rss_kb"] = max([r["peak_rss_kb"] for r in report["runs"].values()] or [0])
-    report["server_exit_code"] = server.stop()
-    report["orders_written_by_api"] = int(db.psql("SELECT count(*) FROM orders"))
-    report["orders_acknowledged_by_api"] = acknowledged_orders
+    try:
+        api_runs(args, db, server, report, wanted)
+    finally:
+        report["server_exit_code"] = server.stop()
+
+    report["orders_written_by_api"] = int(db.psql(f"SELECT count(*) FROM orders WHERE id > {history_max_id}"))
 
     # --- pgbench references --------------------------------------------------------------------
-    orders_now = int(db.psql("SELECT coalesce(max(id), 0) FROM orders"))
+    orders_now = int(db.psql("SELECT max(id) FROM orders"))
     for name, (title, script, variables) in PG_SCENARIOS.items():
         if not wanted(name):
             continue
         variables = {"user_id": 1, "quantity": 1, **variables}
         if script == "get_order":
-            if orders_now == 0:
-                continue
             variables["orders"] = orders_now
         for c in clients:
-            db.settle()
-            if args.warmup:
-                run_pgbench(args, db, scripts[script], variables, c, args.warmup)
-            prefix = OUT / f"pgbench_log_{name}_{c}"
-            meter = CpuMeter()
-            meter.start()
-            out = run_pgbench(args, db, scripts[script], variables, c, args.duration, prefix)
-            cpu = meter.stop()
-            latencies, failed_logged = pgbench_latencies(prefix)
-            tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
-            failed = re.search(r"number of failed transactions: (\d+)", out)
-            failed = int(failed.group(1)) if failed else failed_logged
-            run = {"kind": "pgbench", "title": title, "connections": c, "rps": round(tps, 1),
-                   "p50_ms": percentile(latencies, 50) / 1000, "p99_ms": percentile(latencies, 99) / 1000,
-                   "max_ms": latencies[-1] / 1000, "requests": len(latencies), "errors": failed, "cpu": cpu}
+
+            def pgbench_run():
+                db.settle()
+                if args.warmup:
+                    run_pgbench(args, db, scripts[script], variables, c, args.warmup)
+                prefix = OUT / f"pgbench_log_{name}_{c}"
+                meter = CpuMeter()
+                meter.start()
+                out = run_pgbench(args, db, scripts[script], variables, c, args.duration, prefix)
+                cpu = meter.stop()
+                latencies, failed_logged = pgbench_latencies(prefix)
+                tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
+                failed = re.search(r"number of failed transactions: (\d+)", out)
+                failed = int(failed.group(1)) if failed else failed_logged
+                return {"kind": "pgbench", "title": title, "connections": c, "rps": round(tps, 1),
+                        "p50_ms": percentile(latencies, 50) / 1000, "p99_ms": percentile(latencies, 99) / 1000,
+                        "max_ms": latencies[-1] / 1000, "requests": len(latencies), "errors": failed, "cpu": cpu}
+
+            run = measure(args, f"{name}.{c}", pgbench_run)
             report["runs"][f"{name}.{c}"] = run
             print(f"bench: {name + '.' + str(c):<22} {run['rps']:>9.1f} tps    p50 {run['p50_ms']:.2f} ms  "
-                  f"p99 {run['p99_ms']:.2f} ms  failed {failed}  cpu {cpu}", flush=True)
+                  f"p99 {run['p99_ms']:.2f} ms  failed {run['errors']}  cpu {run['cpu']}", flush=True)
 
     # --- consistency: every unit of stock taken is an order line -------------------------------
     taken = initial_stock - int(db.psql("SELECT sum(stock) FROM products"))
-    lines = int(db.psql("SELECT coalesce(sum(quantity), 0) FROM order_items"))
-    orders_total = int(db.psql("SELECT count(*) FROM orders"))
-    payments = int(db.psql("SELECT count(*) FROM payments"))
+    lines = int(db.psql(f"SELECT coalesce(sum(quantity), 0) FROM order_items WHERE order_id > {history_max_id}"))
+    orders_total = int(db.psql(f"SELECT count(*) FROM orders WHERE id > {history_max_id}"))
+    payments = int(db.psql(f"SELECT count(*) FROM payments WHERE order_id > {history_max_id}"))
+    # The contract's audit: for every product, stock = sum of its inventory movements.
+    ledger_off = int(db.psql("SELECT count(*) FROM products p WHERE p.stock <> (SELECT coalesce(sum(delta), 0) "
+                             "FROM inventory_movements m WHERE m.product_id = p.id)"))
     report["consistency"] = {"stock_taken": taken, "order_line_quantity": lines, "orders": orders_total,
-                             "payments": payments, "ok": taken == lines and orders_total == payments}
+                             "payments": payments, "products_off_ledger": ledger_off,
+                             "ok": taken == lines and orders_total == payments and ledger_off == 0}
 
     print_report(report)
     stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
@@ -606,7 +687,8 @@ def print_report(report):
     c = report["consistency"]
     print(f"consistency: stock taken {c['stock_taken']} = order line quantity {c['order_line_quantity']}: "
           f"{'yes' if c['stock_taken'] == c['order_line_quantity'] else 'NO'};  orders {c['orders']}, payments "
-          f"{c['payments']};  orders written during the API runs {report['orders_written_by_api']} "
+          f"{c['payments']};  products whose stock differs from their ledger: {c['products_off_ledger']};  "
+          f"orders written during the API runs {report['orders_written_by_api']} "
           f"(201s counted by wrk: {report['orders_acknowledged_by_api']}; the difference is requests still in "
           f"flight when wrk stopped)")
     print_targets(report)
@@ -642,7 +724,8 @@ def print_targets(report):
                    report["start_to_healthy_ms"] < 200))
     errors = sum(r["errors"] for r in runs.values() if r["kind"] == "api")
     checks.append(("errors in API runs", f"{errors} (= 0)", errors == 0))
-    checks.append(("stock taken = order lines", str(report["consistency"]["ok"]), report["consistency"]["ok"]))
+    checks.append(("stock taken = order lines, stock = ledger", str(report["consistency"]["ok"]),
+                   report["consistency"]["ok"]))
     print("\ntargets:")
     for label, value, ok in checks:
         print(f"  {'met ' if ok else 'MISS'}  {label:<46} {value}")

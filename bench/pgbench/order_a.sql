@@ -1,6 +1,8 @@
 -- pgbench reference (a): the order transaction of POST /api/orders (one line, quantity 1),
 -- written the plain way, one statement per network round trip: lock the product row, take the
--- stock, insert the order, its line and its payment. Seven round trips with BEGIN and COMMIT.
+-- stock, insert the order, its line, its payment and its inventory movement. Eight round
+-- trips with BEGIN and COMMIT. The same rows as the API writes, without its checks on the user
+-- (FIND_USER) and on the whole order (the API's INSERT_ORDER is one statement).
 -- Variables: -D products=N spreads orders over products 1..N (N=1: one hot product),
 -- -D user_id=1 -D quantity=1.
 \set product_id random(1, :products)
@@ -11,4 +13,5 @@ INSERT INTO orders (user_id, status, total_amount) VALUES (:user_id, 'processing
     RETURNING id AS order_id \gset
 INSERT INTO order_items (order_id, product_id, quantity, price) VALUES (:order_id, :product_id, :quantity, :price);
 INSERT INTO payments (order_id, amount, status) VALUES (:order_id, :price::numeric * :quantity, 'completed');
+INSERT INTO inventory_movements (product_id, delta, reason, order_id) VALUES (:product_id, -:quantity::int4, 'order', :order_id);
 COMMIT;
