@@ -100,6 +100,7 @@ def parse_args():
     p.add_argument("--pgbench-clients", default=env("PGBENCH_CLIENTS") or "8,16,64")
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--pool-size", default=env("DB_POOL_SIZE"), help="DB_POOL_SIZE for the server (default: its own)")
+    p.add_argument("--binary", type=Path, default=BINARY, help="the order-api binary (to compare two builds)")
     p.add_argument("--log-level", default=env("BENCH_LOG_LEVEL") or "info",
                    help="the server's LOG_LEVEL; its stdout goes to target/bench/server.log")
     p.add_argument("--only", default=env("BENCH_ONLY") or "",
@@ -436,7 +437,7 @@ class Server:
         self.log = open(self.log_path, "w")
         started = time.monotonic()
         # cwd target/bench: no stray .env file there to change the settings.
-        self.process = subprocess.Popen([str(BINARY), "serve"], cwd=OUT, env=env, stdout=self.log,
+        self.process = subprocess.Popen([str(self.args.binary.resolve()), "serve"], cwd=OUT, env=env, stdout=self.log,
                                         stderr=subprocess.STDOUT)
         while True:
             if self.process.poll() is not None:
@@ -531,8 +532,8 @@ def main():
     for tool in ("wrk", "pgbench", "psql"):
         if not shutil.which(tool):
             sys.exit(f"bench: {tool} not found (Debian: apt-get install -y wrk postgresql-client)")
-    if not BINARY.exists():
-        sys.exit(f"bench: {BINARY} missing; run `make bench` (it builds first)")
+    if not args.binary.exists():
+        sys.exit(f"bench: {args.binary} missing; run `make bench` (it builds first)")
     OUT.mkdir(parents=True, exist_ok=True)
     only = [p for p in args.only.split(",") if p]
 
@@ -561,7 +562,7 @@ def main():
     # A fresh database, migrated and seeded by the binary itself, with stock that never runs out.
     db.psql(f'DROP DATABASE IF EXISTS "{db.name}" WITH (FORCE)', "postgres")
     db.psql(f'CREATE DATABASE "{db.name}"', "postgres")
-    subprocess.run([str(BINARY), "seed"], check=True, cwd=OUT, stdout=subprocess.DEVNULL,
+    subprocess.run([str(args.binary.resolve()), "seed"], check=True, cwd=OUT, stdout=subprocess.DEVNULL,
                    env={**os.environ, "DATABASE_URL": db.url, "LOG_LEVEL": "warn"})
     db.psql(RESTOCK_SQL.format(stock=STOCK, products=IN_STOCK_PRODUCTS))
     db.psql(HISTORY_SQL.format(orders=HISTORY_ORDERS, products=IN_STOCK_PRODUCTS))
