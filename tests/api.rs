@@ -186,7 +186,7 @@ async fn metrics_count_requests_and_orders() {
         r#"http_requests_total{route="/api/orders",method="POST",status="400"} 1"#,
         r#"orders_total{outcome="created"} 1"#,
         r#"orders_total{outcome="INSUFFICIENT_STOCK"} 1"#,
-        "db_pool_max_connections 16",
+        "db_pool_max_connections 8",
     ] {
         assert!(reply.text.lines().any(|l| l == line), "missing {line} in\n{}", reply.text);
     }
