@@ -9,13 +9,15 @@ One run, on one fresh database:
    refused for stock, and adds a history of 20,000 delivered orders (see HISTORY_SQL).
 2. Starts the release server on 127.0.0.1:3100 (not 3000, which container tests may hold),
    timing process start to the first healthy `GET /health`, and reads its idle RSS.
-3. Runs each API scenario with wrk on loopback: a warm-up, then a measured run.
-4. Stops the server and runs the pgbench references against the same database: the order
+3. Runs each API scenario with wrk on loopback (a warm-up, then a measured run), and next to
+   it its pgbench references against the same database, while the server idles: the order
    transaction (a) one statement per round trip and (b) as the API sends it, pipelined in one
    round trip, with the SQL taken verbatim from src/db/orders.rs; and the API's read queries.
    Each at 8, 16 and 64 clients; the reference for a scenario is the best of those.
-5. Checks that the stock taken equals the order lines written, prints the tables and writes
-   everything to target/bench/.
+4. Stops the server (SIGTERM; its exit code is reported).
+5. Checks that the stock taken equals the order lines written and that every product's stock
+   equals the sum of its inventory movements, prints the tables and writes everything to
+   target/bench/ as JSON.
 
 Between runs it VACUUMs the benchmark tables (the local cluster runs with autovacuum off, so
 dead row versions of the five hot product rows would otherwise pile up and make later runs
@@ -25,7 +27,7 @@ dirty pages. It changes no server setting.
 CPU is accounted per run from /proc (100% = one core, the machine has two): the API process,
 PostgreSQL (live backends plus the postmaster's reaped children), the load generator (its
 rusage), and "other", the rest of the machine's busy time. A large "other" means someone
-else was using the machine and the figures of that run are not worth much.
+else was using the machine: such a run is repeated once the machine is quiet (see measure()).
 
 Python 3 standard library only. `python3 bench/run.py --help` lists the options.
 """
@@ -141,6 +143,20 @@ PG_SCENARIOS = {
     "pg.get_order": ("GET_ORDER select, random id", "get_order", {}),
     "pg.products": ("LIST_ALL select (products)", "products", {}),
 }
+
+
+# The order of the runs: each API scenario next to its pgbench references, minutes apart at
+# most. On this shared machine the speed of the whole box drifts by 10-20% over tens of
+# minutes; a ratio of two runs taken far apart would partly measure that drift.
+GROUPS = [
+    (["api.orders.16", "api.orders.64"], ["pg.order_a.spread", "pg.order_b.spread"]),
+    (["api.orders_hot.64"], ["pg.order_a.hot", "pg.order_b.hot"]),
+    (["api.order.64"], ["pg.get_order"]),
+    (["api.products.64"], ["pg.products"]),
+]
+
+# wrk orders as user 1, pgbench as user 2, so the orders of each can be counted apart.
+API_USER, PGBENCH_USER = 1, 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +356,7 @@ class Database:
 
     def settle(self):
         """Same starting conditions for every run: no dead rows, no dirty pages left over."""
-        self.psql("VACUUM (ANALYZE) products, orders, order_items, payments")
+        self.psql("VACUUM (ANALYZE) products, orders, order_items, payments, inventory_movements")
         self.psql("CHECKPOINT")
 
 
@@ -478,51 +494,68 @@ class Server:
 # The run
 
 
-def api_runs(args, db, server, report, wanted):
-    """Idle RSS, then each API scenario: warm-up and measured wrk run; then idle RSS again."""
-    time.sleep(1.0)
-    report["idle_rss_kb"] = status_kb(server.pid, "VmRSS")
-    print(f"bench: server pid {server.pid}: healthy {report['start_to_healthy_ms']} ms after start; "
-          f"idle RSS {report['idle_rss_kb'] / 1024:.1f} MB", flush=True)
+def api_scenario(args, db, server, s, report):
+    """Warm-up, then the measured wrk run of one API scenario (repeated if disturbed)."""
     url = f"http://127.0.0.1:{args.port}"
-    acknowledged_orders = 0
-    for s in API_SCENARIOS:
-        if not wanted(s.name):
-            continue
-        extra = list(s.wrk_args)
-        if extra == ["order"]:
-            extra.append(db.psql("SELECT max(id) FROM orders"))
+    extra = list(s.wrk_args)
+    if extra == ["order"]:
+        extra.append(db.psql("SELECT max(id) FROM orders"))
 
-        def api_run():
-            nonlocal acknowledged_orders
-            db.settle()
-            if args.warmup:
-                warm, _ = run_wrk(args, url, s.connections, args.warmup, extra)
-                if extra[0] == "orders":
-                    acknowledged_orders += warm["requests"] - sum(warm["errors"].values())
-            reset_peak_rss(server.pid)
-            meter = CpuMeter(server.pid)
-            meter.start()
-            result, _ = run_wrk(args, url, s.connections, args.duration, extra)
-            cpu = meter.stop()
-            errors = sum(result["errors"].values())
-            if extra[0] == "orders":
-                acknowledged_orders += result["requests"] - errors
-            return {"kind": "api", "title": s.title, "connections": s.connections,
-                    "rps": round(result["requests"] * 1e6 / result["duration_us"], 1),
-                    "p50_ms": result["latency_us"]["p50"] / 1000, "p99_ms": result["latency_us"]["p99"] / 1000,
-                    "max_ms": result["latency_us"]["max"] / 1000, "requests": result["requests"],
-                    "errors": errors, "error_detail": result["errors"],
-                    "peak_rss_kb": status_kb(server.pid, "VmHWM"), "cpu": cpu}
+    def count_acknowledged(result):
+        if extra[0] == "orders":
+            report["orders_acknowledged_by_api"] += result["requests"] - sum(result["errors"].values())
 
-        run = measure(args, s.name, api_run)
-        report["runs"][s.name] = run
-        print(f"bench: {s.name:<22} {run['rps']:>9.1f} req/s  p50 {run['p50_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms"
-              f"  errors {run['errors']}  peak RSS {run['peak_rss_kb'] / 1024:.1f} MB  cpu {run['cpu']}", flush=True)
-    time.sleep(3.0)
-    report["idle_rss_after_load_kb"] = status_kb(server.pid, "VmRSS")
-    report["peak_rss_kb"] = max([r["peak_rss_kb"] for r in report["runs"].values()] or [0])
-    report["orders_acknowledged_by_api"] = acknowledged_orders
+    def api_run():
+        db.settle()
+        if args.warmup:
+            count_acknowledged(run_wrk(args, url, s.connections, args.warmup, extra)[0])
+        reset_peak_rss(server.pid)
+        meter = CpuMeter(server.pid)
+        meter.start()
+        result, _ = run_wrk(args, url, s.connections, args.duration, extra)
+        cpu = meter.stop()
+        count_acknowledged(result)
+        return {"kind": "api", "title": s.title, "connections": s.connections,
+                "rps": round(result["requests"] * 1e6 / result["duration_us"], 1),
+                "p50_ms": result["latency_us"]["p50"] / 1000, "p99_ms": result["latency_us"]["p99"] / 1000,
+                "max_ms": result["latency_us"]["max"] / 1000, "requests": result["requests"],
+                "errors": sum(result["errors"].values()), "error_detail": result["errors"],
+                "peak_rss_kb": status_kb(server.pid, "VmHWM"), "cpu": cpu}
+
+    run = measure(args, s.name, api_run)
+    report["runs"][s.name] = run
+    print(f"bench: {s.name:<22} {run['rps']:>9.1f} req/s  p50 {run['p50_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms"
+          f"  errors {run['errors']}  peak RSS {run['peak_rss_kb'] / 1024:.1f} MB  cpu {run['cpu']}", flush=True)
+
+
+def pgbench_scenario(args, db, scripts, name, clients, report):
+    """Warm-up, then the measured pgbench run of one reference at one client count."""
+    title, script, variables = PG_SCENARIOS[name]
+    variables = {"user_id": PGBENCH_USER, "quantity": 1, **variables}
+    if script == "get_order":
+        variables["orders"] = db.psql("SELECT max(id) FROM orders")
+
+    def pgbench_run():
+        db.settle()
+        if args.warmup:
+            run_pgbench(args, db, scripts[script], variables, clients, args.warmup)
+        prefix = OUT / f"pgbench_log_{name}_{clients}"
+        meter = CpuMeter()
+        meter.start()
+        out = run_pgbench(args, db, scripts[script], variables, clients, args.duration, prefix)
+        cpu = meter.stop()
+        latencies, failed_logged = pgbench_latencies(prefix)
+        tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
+        failed = re.search(r"number of failed transactions: (\d+)", out)
+        failed = int(failed.group(1)) if failed else failed_logged
+        return {"kind": "pgbench", "title": title, "connections": clients, "rps": round(tps, 1),
+                "p50_ms": percentile(latencies, 50) / 1000, "p99_ms": percentile(latencies, 99) / 1000,
+                "max_ms": latencies[-1] / 1000, "requests": len(latencies), "errors": failed, "cpu": cpu}
+
+    run = measure(args, f"{name}.{clients}", pgbench_run)
+    report["runs"][f"{name}.{clients}"] = run
+    print(f"bench: {name + '.' + str(clients):<22} {run['rps']:>9.1f} tps    p50 {run['p50_ms']:.2f} ms  "
+          f"p99 {run['p99_ms']:.2f} ms  failed {run['errors']}  cpu {run['cpu']}", flush=True)
 
 
 def main():
@@ -570,48 +603,31 @@ def main():
     initial_stock = int(db.psql("SELECT sum(stock) FROM products"))
     scripts = pgbench_scripts()
 
-    # --- the API -------------------------------------------------------------------------------
+    # --- the runs: the server stays up (idle during pgbench runs) ------------------------------
     server = Server(args, db)
     db.settle()
     report["start_to_healthy_ms"] = server.start()
+    report["orders_acknowledged_by_api"] = 0
     try:
-        api_runs(args, db, server, report, wanted)
+        time.sleep(1.0)
+        report["idle_rss_kb"] = status_kb(server.pid, "VmRSS")
+        print(f"bench: server pid {server.pid}: healthy {report['start_to_healthy_ms']} ms after start; "
+              f"idle RSS {report['idle_rss_kb'] / 1024:.1f} MB", flush=True)
+        by_name = {s.name: s for s in API_SCENARIOS}
+        for api_names, pg_names in GROUPS:
+            for name in filter(wanted, api_names):
+                api_scenario(args, db, server, by_name[name], report)
+            for name in filter(wanted, pg_names):
+                for c in clients:
+                    pgbench_scenario(args, db, scripts, name, c, report)
+        time.sleep(3.0)
+        report["idle_rss_after_load_kb"] = status_kb(server.pid, "VmRSS")
+        api_runs = [r["peak_rss_kb"] for r in report["runs"].values() if r["kind"] == "api"]
+        report["peak_rss_kb"] = max(api_runs or [0])
     finally:
         report["server_exit_code"] = server.stop()
-
-    report["orders_written_by_api"] = int(db.psql(f"SELECT count(*) FROM orders WHERE id > {history_max_id}"))
-
-    # --- pgbench references --------------------------------------------------------------------
-    orders_now = int(db.psql("SELECT max(id) FROM orders"))
-    for name, (title, script, variables) in PG_SCENARIOS.items():
-        if not wanted(name):
-            continue
-        variables = {"user_id": 1, "quantity": 1, **variables}
-        if script == "get_order":
-            variables["orders"] = orders_now
-        for c in clients:
-
-            def pgbench_run():
-                db.settle()
-                if args.warmup:
-                    run_pgbench(args, db, scripts[script], variables, c, args.warmup)
-                prefix = OUT / f"pgbench_log_{name}_{c}"
-                meter = CpuMeter()
-                meter.start()
-                out = run_pgbench(args, db, scripts[script], variables, c, args.duration, prefix)
-                cpu = meter.stop()
-                latencies, failed_logged = pgbench_latencies(prefix)
-                tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
-                failed = re.search(r"number of failed transactions: (\d+)", out)
-                failed = int(failed.group(1)) if failed else failed_logged
-                return {"kind": "pgbench", "title": title, "connections": c, "rps": round(tps, 1),
-                        "p50_ms": percentile(latencies, 50) / 1000, "p99_ms": percentile(latencies, 99) / 1000,
-                        "max_ms": latencies[-1] / 1000, "requests": len(latencies), "errors": failed, "cpu": cpu}
-
-            run = measure(args, f"{name}.{c}", pgbench_run)
-            report["runs"][f"{name}.{c}"] = run
-            print(f"bench: {name + '.' + str(c):<22} {run['rps']:>9.1f} tps    p50 {run['p50_ms']:.2f} ms  "
-                  f"p99 {run['p99_ms']:.2f} ms  failed {run['errors']}  cpu {run['cpu']}", flush=True)
+    report["orders_written_by_api"] = int(db.psql(
+        f"SELECT count(*) FROM orders WHERE id > {history_max_id} AND user_id = {API_USER}"))
 
     # --- consistency: every unit of stock taken is an order line -------------------------------
     taken = initial_stock - int(db.psql("SELECT sum(stock) FROM products"))
