@@ -1,24 +1,26 @@
-//! Orders: creation, reading and cancellation, each one transaction.
+//! Orders: creation, reading, cancellation and status changes, each one transaction.
 //!
 //! Every write follows one locking order, so that no two transactions can deadlock:
 //! the order row first (when there is one), then product rows in ascending id.
 //!
-//! Each transaction is sent as one pipeline (`PooledConn::transaction`): BEGIN, the locking
-//! statements, the writing statement and COMMIT go to PostgreSQL back to back, in one round trip. PostgreSQL runs a
-//! connection's statements one after the other, so the writing statement starts only when
-//! the locking one has taken every lock, and (at READ COMMITTED) it reads the rows as they
-//! are now that they are locked. The writing statement checks the same conditions the Rust
-//! code checks afterwards and writes nothing when one fails, so a rejected order commits an
-//! empty transaction: no row, no stock change. The Rust code then reads the locking
-//! statement's result to say precisely why it was rejected.
+//! Each transaction costs one round trip. Creating an order is a single statement, which
+//! PostgreSQL runs as a transaction of its own: it commits whole or not at all. Cancelling and
+//! moving an order along its lifecycle are pipelines (`PooledConn::transaction`): BEGIN, the
+//! locking statements, the writing statement and COMMIT, sent back to back. PostgreSQL runs a
+//! connection's statements one after the other, so the writing statement starts only when the
+//! locking ones have taken every lock, and (at READ COMMITTED) reads the rows as they are now
+//! that they are locked.
+//!
+//! A write that must not happen (not enough stock, order already cancelled) is not an error
+//! inside the transaction: the writing statement checks the same conditions and writes
+//! nothing, and the Rust code then says precisely why from what the locking part saw.
 
 use serde::Serialize;
 use tokio_postgres::error::SqlState;
 
-use super::{
-    Pool, PooledConn,
-    pool::{Sql, Step},
-};
+use postgres_types::ToSql;
+
+use super::{Pool, PooledConn, pool::Sql};
 use crate::{
     domain::{NewOrder, OrderStatus, Page},
     error::Error,
@@ -35,35 +37,35 @@ pub struct CreatedOrder {
     pub total_amount: Money,
 }
 
-/// Does the user exist? (The foreign key would also say so, but as an error that aborts the
-/// transaction; asking first gives a clean rejection.)
-const FIND_USER: Sql = Sql { params: &[Type::INT4], text: "SELECT 1 FROM users WHERE id = $1" };
-
-/// Locks the ordered products, in ascending id order (the ORDER BY is applied before the row
-/// locks are taken), and reads their stock as it is once locked.
-const LOCK_PRODUCTS: Sql = Sql {
-    params: &[Type::INT4_ARRAY],
-    text: "
-    SELECT id, stock
-    FROM products
-    WHERE id = ANY($1::int4[])
-    ORDER BY id
-    FOR UPDATE",
-};
-
-/// Writes the whole order if, and only if, the user exists and every line's product exists
-/// with enough stock: the order, its lines with the unit price copied, the payment for the
-/// total, the stock decrement and its inventory movements. All the product rows it touches are already locked by
-/// LOCK_PRODUCTS. Returns the new order, or no row when nothing was written.
-/// $1 user id, $2 product ids, $3 quantities (same length, in the client's line order).
-const INSERT_ORDER: Sql = Sql {
+/// Creates an order, or writes nothing. $1 user id, $2 product ids, $3 quantities (same length,
+/// in the client's line order; ids distinct).
+///
+/// `locked` locks the ordered products in ascending id order (the ORDER BY is applied before the
+/// row locks are taken) and reads their stock as it is once locked, the latest committed
+/// values. The order, its lines (unit price copied), the payment for the total, the stock
+/// decrement and its inventory movements are written only if the user exists and every line's
+/// product exists with enough stock. Every product row written was locked by `locked` first:
+/// the UPDATE in `taken` joins `new_order`, whose aggregate yields its row only after reading
+/// every line, hence every locked row, so no lock is ever taken out of id order.
+///
+/// One row comes back: the new order's id and total (NULL when nothing was written), whether
+/// the user exists, and the locked products' ids and stock, from which the caller tells why an
+/// order was refused.
+const CREATE_ORDER: Sql = Sql {
     params: &[Type::INT4, Type::INT4_ARRAY, Type::INT4_ARRAY],
     text: "
-    WITH line AS (
-        SELECT r.position, r.product_id, r.quantity, p.price
+    WITH locked AS (
+        SELECT id, price, stock
+        FROM products
+        WHERE id = ANY($2::int4[])
+        ORDER BY id
+        FOR UPDATE
+    ),
+    line AS (
+        SELECT r.position, r.product_id, r.quantity, locked.price
         FROM unnest($2::int4[], $3::int4[]) WITH ORDINALITY AS r (product_id, quantity, position)
-        JOIN products p ON p.id = r.product_id
-        WHERE p.stock >= r.quantity
+        JOIN locked ON locked.id = r.product_id
+        WHERE locked.stock >= r.quantity
     ),
     new_order AS (
         INSERT INTO orders (user_id, status, total_amount)
@@ -94,7 +96,13 @@ const INSERT_ORDER: Sql = Sql {
         SELECT line.product_id, -line.quantity, 'order', new_order.id
         FROM line CROSS JOIN new_order
     )
-    SELECT id, total_amount FROM new_order",
+    SELECT new_order.id,
+           new_order.total_amount,
+           EXISTS (SELECT 1 FROM users WHERE id = $1::int4),
+           ARRAY(SELECT id FROM locked ORDER BY id),
+           ARRAY(SELECT stock FROM locked ORDER BY id)
+    FROM (VALUES (1)) AS always_one_row
+    LEFT JOIN new_order ON true",
 };
 
 /// Creates an order in one transaction, or rejects it whole.
@@ -111,7 +119,7 @@ pub async fn create_in_transaction(conn: &mut PooledConn, order: &NewOrder) -> R
 }
 
 enum Transaction {
-    /// BEGIN and COMMIT around the order's statements, all in one round trip.
+    /// The order's statement on its own: a transaction by itself.
     Whole,
     /// The caller's open transaction.
     AlreadyOpen,
@@ -120,32 +128,31 @@ enum Transaction {
 async fn place(conn: &mut PooledConn, order: &NewOrder, transaction: Transaction) -> Result<CreatedOrder, Error> {
     let product_ids: Vec<i32> = order.lines.iter().map(|line| line.product_id).collect();
     let quantities: Vec<i32> = order.lines.iter().map(|line| line.quantity).collect();
-    let steps: [Step; 3] = [
-        (&FIND_USER, &[&order.user_id]),
-        (&LOCK_PRODUCTS, &[&product_ids]),
-        (&INSERT_ORDER, &[&order.user_id, &product_ids, &quantities]),
-    ];
-    let results = match transaction {
-        Transaction::Whole => conn.transaction(steps).await,
-        Transaction::AlreadyOpen => conn.then(steps).await,
+    let params: [&(dyn ToSql + Sync); 3] = [&order.user_id, &product_ids, &quantities];
+    let rows = match transaction {
+        Transaction::Whole => conn.query(&CREATE_ORDER, &params).await,
+        Transaction::AlreadyOpen => conn.then([(&CREATE_ORDER, &params)]).await.map(|[rows]| rows),
     };
-    let [user, locked, inserted] = results.map_err(|e| {
+    let rows = rows.map_err(|e| {
         if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
             Error::invalid("the order total is larger than an order can hold")
         } else {
             Error::from(e)
         }
     })?;
+    let row = rows.first().ok_or_else(|| Error::Internal("order statement returned no row".into()))?;
 
-    if let Some(row) = inserted.first() {
-        return Ok(CreatedOrder { order_id: row.get(0), status: OrderStatus::Processing, total_amount: row.get(1) });
+    if let Some(order_id) = row.get::<_, Option<i64>>(0) {
+        return Ok(CreatedOrder { order_id, status: OrderStatus::Processing, total_amount: row.get(1) });
     }
-    // Nothing was written: say why, from what the locking statements saw.
-    if user.is_empty() {
+    // Nothing was written: say why, from what the statement saw once the rows were locked.
+    let user_exists: bool = row.get(2);
+    if !user_exists {
         return Err(Error::UserNotFound { user_id: order.user_id });
     }
-    let stock_of =
-        |product_id: i32| locked.iter().find(|row| row.get::<_, i32>(0) == product_id).map(|row| row.get::<_, i32>(1));
+    let locked_ids: Vec<i32> = row.get(3);
+    let locked_stock: Vec<i32> = row.get(4);
+    let stock_of = |product_id: i32| locked_ids.iter().position(|id| *id == product_id).map(|i| locked_stock[i]);
     if let Some(line) = order.lines.iter().find(|line| stock_of(line.product_id).is_none()) {
         return Err(Error::ProductNotFound { product_id: line.product_id });
     }
