@@ -39,6 +39,8 @@ pub struct Config {
     pub max_connections: usize,
     /// `SHUTDOWN_GRACE_MS`: how long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// `DB_CONNECTION_MAX_LIFETIME_SECS`: a database connection this old is closed and replaced.
+    pub connection_max_lifetime: Duration,
     /// `DB_TRANSACTION_POOLER`: true when `DATABASE_URL` points at a transaction-mode pooler
     /// such as PgBouncer (before 1.21): statements are then sent unnamed and no session
     /// options are sent (set `statement_timeout` and `lock_timeout` on the database role).
@@ -67,6 +69,7 @@ impl Default for Config {
             header_read_timeout: Duration::from_millis(10_000),
             max_connections: 1_024,
             shutdown_grace: Duration::from_millis(8_000),
+            connection_max_lifetime: Duration::from_secs(1800),
             transaction_pooler: false,
             startup_timeout: Duration::from_millis(60_000),
             idempotency_retention: Duration::from_secs(24 * 3600),
@@ -112,6 +115,12 @@ impl Config {
             v.parse().ok().filter(|n| *n > 0)
         })?;
         set(&mut config.shutdown_grace, "SHUTDOWN_GRACE_MS", "milliseconds", millis)?;
+        set(
+            &mut config.connection_max_lifetime,
+            "DB_CONNECTION_MAX_LIFETIME_SECS",
+            "a positive number of seconds",
+            |v| v.parse::<u64>().ok().filter(|n| *n > 0).map(Duration::from_secs),
+        )?;
         set(&mut config.transaction_pooler, "DB_TRANSACTION_POOLER", "true or false", |v| v.parse().ok())?;
         set(&mut config.startup_timeout, "DB_STARTUP_TIMEOUT_MS", "milliseconds", millis)?;
         set(&mut config.idempotency_retention, "IDEMPOTENCY_RETENTION_HOURS", "a positive number of hours", |v| {

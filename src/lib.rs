@@ -43,6 +43,8 @@ pub struct AppState {
     pub config: Config,
     pub pool: Pool,
     pub metrics: Metrics,
+    /// Concurrent reads of the whole catalogue share one query.
+    pub catalogue: db::products::CatalogueReads,
 }
 
 /// How often expired idempotency keys are deleted.
@@ -95,6 +97,7 @@ pub async fn run(
             connect_timeout: config.connect_timeout,
             statement_timeout: config.statement_timeout,
             unnamed_statements: config.transaction_pooler,
+            max_lifetime: config.connection_max_lifetime,
         },
     )?;
     let purge = tokio::spawn(db::idempotency::purge_periodically(
@@ -102,7 +105,12 @@ pub async fn run(
         config.idempotency_retention,
         IDEMPOTENCY_PURGE_INTERVAL,
     ));
-    let state = Arc::new(AppState { config, pool: pool.clone(), metrics: Metrics::default() });
+    let state = Arc::new(AppState {
+        config,
+        pool: pool.clone(),
+        metrics: Metrics::default(),
+        catalogue: db::products::CatalogueReads::default(),
+    });
     http::serve(listener, state, shutdown).await;
     purge.abort();
     pool.close();

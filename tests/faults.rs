@@ -241,3 +241,38 @@ async fn the_service_fails_fast_while_the_database_is_away_and_heals_when_it_ret
     assert_eq!(app.get("/health").await.status, 200);
     app.assert_invariants().await;
 }
+
+/// A connection older than its maximum lifetime is replaced by a new one (a new backend),
+/// without any request failing.
+#[tokio::test]
+async fn connections_are_replaced_after_their_maximum_lifetime() {
+    let app = spawn_app_with(|config| {
+        config.pool_size = 1;
+        config.connection_max_lifetime = Duration::from_millis(300);
+    })
+    .await;
+    let backend = || async {
+        app.db
+            .query_one(
+                "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'order-api'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, Vec<i32>>(0)
+    };
+    assert_eq!(app.get("/api/products/1").await.status, 200);
+    let first = backend().await;
+    assert_eq!(app.get("/api/products/1").await.status, 200);
+    assert_eq!(backend().await, first, "reused while young");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(app.get("/api/products/1").await.status, 200);
+    let second = backend().await;
+    assert!(second.iter().any(|pid| !first.contains(pid)), "a new backend once too old: {first:?} -> {second:?}");
+    // The old one is closed, not kept beside it (its backend exits a moment after the socket closes).
+    let started = Instant::now();
+    while backend().await.iter().any(|pid| first.contains(pid)) {
+        assert!(started.elapsed() < Duration::from_secs(2), "the old connection was not closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

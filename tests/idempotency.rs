@@ -184,5 +184,6 @@ fn pool_settings() -> order_api::db::PoolSettings {
         connect_timeout: Duration::from_secs(1),
         statement_timeout: Duration::from_secs(1),
         unnamed_statements: false,
+        max_lifetime: Duration::from_secs(60),
     }
 }

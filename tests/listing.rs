@@ -129,3 +129,35 @@ async fn order_pages_are_stable_under_concurrent_inserts() {
     }
     app.assert_invariants().await;
 }
+
+/// Concurrent catalogue reads share queries: 200 simultaneous reads through a single pooled
+/// connection that a request may wait for only 30 ms all succeed with the same catalogue (one
+/// query per batch, not 200 queued one after the other).
+#[tokio::test]
+async fn concurrent_catalogue_reads_share_one_query() {
+    let app = common::spawn_app_with(|config| {
+        config.pool_size = 1;
+        config.pool_timeout = std::time::Duration::from_millis(30);
+    })
+    .await;
+    let replies = futures::future::join_all((0..200).map(|_| app.get("/api/products"))).await;
+    let failed: Vec<_> = replies.iter().filter(|r| r.status != 200).map(|r| r.text.clone()).collect();
+    assert!(failed.is_empty(), "{} of 200 failed: {:?}", failed.len(), failed.first());
+    assert!(replies.iter().all(|r| r.text == replies[0].text));
+}
+
+/// A shared read never answers from before the request: each client that placed an order and
+/// then reads the catalogue sees its own order's stock taken, while others read concurrently.
+#[tokio::test]
+async fn a_shared_catalogue_read_sees_the_readers_own_order() {
+    let app = &spawn_app().await;
+    let background = futures::future::join_all((0..100).map(|_| app.get("/api/products")));
+    let buyers = futures::future::join_all((0..20).map(|_| async move {
+        app.order(2, 1).await;
+        let catalogue = app.get("/api/products").await;
+        catalogue.json[1]["stock"].as_i64().unwrap()
+    }));
+    let (_, seen) = tokio::join!(background, buyers);
+    assert!(seen.iter().all(|stock| *stock <= 49), "a buyer read the stock from before its order: {seen:?}");
+    assert_eq!(app.get("/api/products").await.json[1]["stock"], 30);
+}

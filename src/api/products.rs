@@ -16,7 +16,7 @@ use crate::{
 /// there may be more.
 pub async fn list(state: &AppState, listing: Listing) -> Result<Reply, Error> {
     if listing.limit.is_none() && listing.after.is_none() {
-        return Ok(json(StatusCode::OK, &db::products::list_all(&state.pool).await?));
+        return Ok(json(StatusCode::OK, &*state.catalogue.read(&state.pool).await?));
     }
     let page = Page::parse(listing.limit.as_deref(), listing.after.as_deref())?;
     let products = db::products::list_page(&state.pool, page).await?;

@@ -59,6 +59,11 @@ pub struct PoolSettings {
     /// another, and send no session options (the pooler refuses them; set the timeouts on the
     /// database role instead).
     pub unnamed_statements: bool,
+    /// A connection older than this is closed when it comes back instead of being reused:
+    /// plans cached by its prepared statements are refreshed (a plan made while a table was
+    /// empty can stay a sequential scan on a connection forever), and after a failover or a
+    /// DNS change every connection moves to the new server in bounded time.
+    pub max_lifetime: Duration,
 }
 
 /// Pool figures for `/metrics`.
@@ -102,6 +107,8 @@ pub struct Conn {
     statements: HashMap<&'static str, Statement>,
     /// Set while a transaction may be open on the connection; see the module doc.
     in_transaction: bool,
+    /// When it was opened, for `PoolSettings::max_lifetime`.
+    opened_at: Instant,
     /// Counts this connection in `Inner::open` until dropped.
     _open: OpenGuard,
 }
@@ -145,7 +152,12 @@ impl Pool {
         loop {
             let reused = self.inner.idle.lock().unwrap().pop();
             match reused {
-                Some(conn) if conn.client.is_closed() => continue, // died while idle
+                // Died while idle, or too old: dropped, which closes it.
+                Some(conn)
+                    if conn.client.is_closed() || conn.opened_at.elapsed() >= self.inner.settings.max_lifetime =>
+                {
+                    continue;
+                }
                 Some(conn) => return Ok(PooledConn { pool: self.inner.clone(), conn: Some(conn), _permit: permit }),
                 None => break,
             }
@@ -202,7 +214,13 @@ impl Pool {
             }
         });
         self.inner.open.fetch_add(1, Ordering::Relaxed);
-        Ok(Conn { client, statements: HashMap::new(), in_transaction: false, _open: OpenGuard(self.inner.clone()) })
+        Ok(Conn {
+            client,
+            statements: HashMap::new(),
+            in_transaction: false,
+            opened_at: Instant::now(),
+            _open: OpenGuard(self.inner.clone()),
+        })
     }
 
     pub fn status(&self) -> PoolStatus {
@@ -466,7 +484,10 @@ async fn join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
 impl Drop for PooledConn {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else { return };
-        let reusable = !conn.in_transaction && !conn.client.is_closed() && !self.pool.closed.load(Ordering::Relaxed);
+        let reusable = !conn.in_transaction
+            && !conn.client.is_closed()
+            && conn.opened_at.elapsed() < self.pool.settings.max_lifetime
+            && !self.pool.closed.load(Ordering::Relaxed);
         if reusable {
             self.pool.idle.lock().unwrap().push(conn);
         }

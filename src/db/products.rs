@@ -1,6 +1,9 @@
 //! Products: the catalogue and its stock.
 
+use std::sync::{Arc, Mutex};
+
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio_postgres::{Row, error::SqlState};
 
 use super::{Pool, pool::Sql};
@@ -24,9 +27,85 @@ impl Product {
 /// The whole catalogue, by id. A plain read: no lock, one snapshot.
 const LIST_ALL: Sql = Sql { params: &[], text: "SELECT id, name, price, stock FROM products ORDER BY id" };
 
-pub async fn list_all(pool: &Pool) -> Result<Vec<Product>, Error> {
-    let rows = pool.get().await?.query(&LIST_ALL, &[]).await?;
-    Ok(rows.iter().map(Product::from_row).collect())
+/// Reads of the whole catalogue, shared between requests that ask for it at the same time.
+///
+/// The catalogue is the hottest read of a shop, and each read costs a round trip to PostgreSQL
+/// and back through the kernel, most of its price on a small machine. So a request that comes
+/// while another one's read is still waiting for a connection joins that read instead of making
+/// its own. The batch closes when its leader has a connection, just before the query is sent:
+/// every answer therefore comes from a snapshot taken after its request arrived, and a client
+/// that has just placed an order sees the stock it took. (A cache would answer faster but from
+/// the past; this never does.)
+#[derive(Default)]
+pub struct CatalogueReads {
+    /// The batch still open for joining, if any: a receiver of its outcome.
+    open_batch: Mutex<Option<watch::Receiver<Option<BatchOutcome>>>>,
+}
+
+/// What a batch's read gave: the catalogue, or why there is none (an `Error::Unavailable`
+/// reason, or `None` for any other failure, which the leader's request logs).
+type BatchOutcome = Result<Arc<Vec<Product>>, Option<&'static str>>;
+
+impl CatalogueReads {
+    pub async fn read(&self, pool: &Pool) -> Result<Arc<Vec<Product>>, Error> {
+        let joined = {
+            let mut open_batch = self.open_batch.lock().unwrap();
+            match &*open_batch {
+                Some(outcome) => Err(outcome.clone()),
+                None => {
+                    let (sender, outcome) = watch::channel(None);
+                    *open_batch = Some(outcome);
+                    Ok(sender)
+                }
+            }
+        };
+        match joined {
+            Ok(sender) => self.lead(pool, sender).await,
+            Err(mut outcome) => {
+                let shared = outcome.wait_for(Option::is_some).await.ok().and_then(|outcome| outcome.clone());
+                match shared {
+                    Some(Ok(products)) => Ok(products),
+                    Some(Err(Some(reason))) => Err(Error::Unavailable(reason)),
+                    Some(Err(None)) => Err(Error::Internal("the shared catalogue read failed".into())),
+                    // The leader was dropped before answering: read alone.
+                    None => read_all(pool).await.map(Arc::new),
+                }
+            }
+        }
+    }
+
+    /// Gets a connection, closes the batch, reads, and tells everyone who joined.
+    async fn lead(&self, pool: &Pool, sender: watch::Sender<Option<BatchOutcome>>) -> Result<Arc<Vec<Product>>, Error> {
+        // Closes the batch however this ends, even if the request is dropped while waiting.
+        struct CloseBatch<'a>(&'a CatalogueReads);
+        impl Drop for CloseBatch<'_> {
+            fn drop(&mut self) {
+                self.0.open_batch.lock().unwrap().take();
+            }
+        }
+        let close = CloseBatch(self);
+        let conn = pool.get().await;
+        drop(close);
+        let result = match conn {
+            Ok(mut conn) => conn.query(&LIST_ALL, &[]).await.map(|rows| Arc::new(products(&rows))).map_err(Error::from),
+            Err(e) => Err(e),
+        };
+        let shared = match &result {
+            Ok(products) => Ok(products.clone()),
+            Err(Error::Unavailable(reason)) => Err(Some(*reason)),
+            Err(_) => Err(None),
+        };
+        let _ = sender.send(Some(shared));
+        result
+    }
+}
+
+fn products(rows: &[Row]) -> Vec<Product> {
+    rows.iter().map(Product::from_row).collect()
+}
+
+async fn read_all(pool: &Pool) -> Result<Vec<Product>, Error> {
+    Ok(products(&pool.get().await?.query(&LIST_ALL, &[]).await?))
 }
 
 /// One keyset page of the catalogue: ids after $1, at most $2 of them.
