@@ -88,3 +88,24 @@ async fn connections_past_the_limit_get_503_and_are_closed() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(app.get("/health").await.status, 200);
 }
+
+/// A client that sends a whole request past the limit reads the 503 every time, not a
+/// connection reset: the refusal reads the request before it answers and closes.
+#[tokio::test]
+async fn a_refused_request_always_gets_its_503_not_a_reset() {
+    let app = spawn_app_with(|config| config.max_connections = 1).await;
+    let _held = connect(&app).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let body = serde_json::json!({"userId": 1, "items": [{"productId": 1, "quantity": 1}], "note": "x".repeat(20_000)});
+    for attempt in 0..50 {
+        let reply = reqwest::Client::new()
+            .post(app.url("/api/orders"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("attempt {attempt}: {e:?}"));
+        assert_eq!(reply.status(), 503, "attempt {attempt}");
+    }
+    assert_eq!(app.count("orders").await, 0);
+}

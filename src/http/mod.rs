@@ -19,7 +19,7 @@ use hyper_util::{
 };
 use serde::Serialize;
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::Semaphore,
 };
@@ -80,7 +80,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
 }
 
 /// Answers a connection past `MAX_CONNECTIONS` with a 503 and closes it.
+///
+/// The request is read first (briefly) and the socket drained before it closes: closing a
+/// socket with unread bytes makes the kernel send a reset, and a reset can reach the client
+/// before the 503 does, which then sees only "connection reset" instead of the clear answer.
 async fn refuse_over_capacity(mut stream: TcpStream) {
+    const PATIENCE: Duration = Duration::from_millis(200);
     let body = serde_json::to_string(&Error::Unavailable("the server is at its connection limit; retry").body())
         .unwrap_or_default();
     let head = format!(
@@ -89,8 +94,22 @@ async fn refuse_over_capacity(mut stream: TcpStream) {
         crate::error::RETRY_AFTER_SECS,
         body.len()
     );
+    let mut buffer = [0u8; 4096];
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, async {
+        while !received.windows(4).any(|w| w == b"\r\n\r\n") && received.len() < 16 * 1024 {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => received.extend_from_slice(&buffer[..n]),
+            }
+        }
+    })
+    .await;
     let _ = stream.write_all(format!("{head}{body}").as_bytes()).await;
     let _ = stream.shutdown().await;
+    // Whatever else the client sends (a body) is read and dropped until it closes its side.
+    let _ = tokio::time::timeout(PATIENCE, async { while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {} })
+        .await;
 }
 
 /// One request: route it, run its handler in a task of its own under the request deadline,
