@@ -129,8 +129,15 @@ impl Pool {
         config.application_name("order-api");
         if !settings.unnamed_statements {
             // Sent in the startup packet, so setting them costs no round trip.
+            // Options given in DATABASE_URL (`?options=-c search_path=shop`) are kept, after
+            // ours.
             let timeout_ms = settings.statement_timeout.as_millis();
-            config.options(format!("-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}"));
+            let ours = format!("-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}");
+            let options = match config.get_options() {
+                Some(theirs) => format!("{ours} {theirs}"),
+                None => ours,
+            };
+            config.options(options);
         }
         Ok(Pool {
             inner: Arc::new(Inner {
