@@ -1,4 +1,4 @@
-//! `order-api [serve|migrate|seed|create-db|healthcheck]`; see `usage()`.
+//! `order-api [serve|migrate|seed|create-db|audit|healthcheck]`; see `usage()`.
 
 use std::{
     io::{Read, Write},
@@ -19,6 +19,9 @@ commands:
   migrate      apply pending migrations and exit
   seed         apply pending migrations, load the seed data (idempotent) and exit
   create-db    create the database named in DATABASE_URL if it does not exist, and exit
+  audit        check the invariants of the data (stock, orders, payments, inventory
+               ledger) in one consistent read; print the report as JSON and exit 0 if
+               they hold, 1 if not
   healthcheck  exit 0 if GET /health on the local API_PORT answers 200, else 1
                (the container HEALTHCHECK: needs no curl in the image)
 
@@ -43,20 +46,23 @@ fn main() -> ExitCode {
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
-        match command.as_deref() {
+        let done = match command.as_deref() {
             None | Some("serve") => serve(config, started).await,
             Some("migrate") => order_api::prepare_database(&config, false).await,
             Some("seed") => order_api::prepare_database(&config, true).await,
             Some("create-db") => db::create_database_if_missing(&config.database_url).await,
+            // Broken invariants are the report's answer, not a failure of the command.
+            Some("audit") => return audit(&config).await,
             Some("help" | "-h" | "--help") => {
                 println!("{}", usage());
                 Ok(())
             }
             Some(other) => Err(format!("unknown command {other:?}\n\n{}", usage()).into()),
-        }
+        };
+        done.map(|()| ExitCode::SUCCESS)
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             log::error("order-api failed", serde_json::json!({"error": e.to_string()}));
             ExitCode::FAILURE
@@ -76,6 +82,22 @@ async fn serve(config: Config, started: Instant) -> Result<(), db::StartupError>
     order_api::run(listener, config, shutdown_signal()).await?;
     log::info("stopped", serde_json::json!({}));
     Ok(())
+}
+
+/// Prints the audit of the database as JSON; exit code 1 if an invariant is broken.
+async fn audit(config: &Config) -> Result<ExitCode, db::StartupError> {
+    let mut client = db::connect(&config.database_url).await?;
+    let audit = db::audit::audit(&mut client).await.map_err(|e| db::describe(&e))?;
+    let violations = audit.violations();
+    #[derive(serde::Serialize)]
+    struct Report<'a> {
+        ok: bool,
+        violations: &'a [String],
+        audit: &'a db::audit::Audit,
+    }
+    let report = Report { ok: violations.is_empty(), violations: &violations, audit: &audit };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(if violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 /// Completes on the first SIGTERM or SIGINT. A second one exits at once, for an operator

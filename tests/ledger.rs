@@ -97,3 +97,56 @@ async fn the_ledger_refuses_a_second_restore_of_a_line() {
         .unwrap_err();
     assert_eq!(error.code(), Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION));
 }
+
+/// `order-api audit` on the database: exit 0 and `"ok": true` after real traffic; after each
+/// kind of damage done behind the API's back, exit 1 naming what broke.
+#[tokio::test]
+async fn the_audit_command_passes_sound_data_and_names_each_kind_of_damage() {
+    let app = spawn_app().await;
+    let kept = app.order(2, 3).await;
+    let cancelled = app.order(3, 2).await;
+    assert_eq!(app.cancel(cancelled).await.status, 200);
+    app.restock(1, 4).await;
+
+    let run_audit = || {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_order-api"))
+            .arg("audit")
+            .current_dir(std::env::temp_dir())
+            .env("DATABASE_URL", &app.database_url)
+            .env("LOG_LEVEL", "error")
+            .output()
+            .expect("run order-api audit");
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("a JSON report");
+        (output.status.code(), report)
+    };
+    let (code, report) = run_audit();
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["audit"]["orders"], 2);
+    assert_eq!(
+        report["audit"]["products"][1],
+        json!({"product_id": 2, "stock": 47, "held_by_orders": 3, "opening": 50, "restocked": 0, "ledger": 50 - 3})
+    );
+
+    let damage = [
+        ("UPDATE products SET stock = stock - 1 WHERE id = 2", "product 2: stock 46 + held by orders 3 != opening 50"),
+        ("UPDATE products SET stock = stock + 1 WHERE id = 2", ""),
+        (
+            "UPDATE payments SET amount = amount + 1 WHERE order_id = $KEPT",
+            "orders lack lines or payment or have a wrong total",
+        ),
+        ("UPDATE payments SET amount = amount - 1 WHERE order_id = $KEPT", ""),
+        ("DELETE FROM inventory_movements WHERE reason = 'cancel'", "order lines do not match their ledger movements"),
+    ];
+    for (statement, expected) in damage {
+        app.db.batch_execute(&statement.replace("$KEPT", &kept.to_string())).await.unwrap();
+        let (code, report) = run_audit();
+        if expected.is_empty() {
+            continue; // a repair, before the next damage
+        }
+        assert_eq!(code, Some(1), "{statement}: {report:#}");
+        assert_eq!(report["ok"], false);
+        let violations = report["violations"].to_string();
+        assert!(violations.contains(expected), "{statement}: {violations}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Everything that talks to PostgreSQL: the pool, the migration runner, and one file per
 //! resource holding its SQL. Nothing here knows about HTTP.
 
+pub mod audit;
 pub mod idempotency;
 pub mod migrate;
 pub mod orders;
