@@ -140,3 +140,44 @@ async fn concurrent_orders_and_cancels_keep_stock_balanced() {
     assert_eq!(cancelled, 20);
     app.assert_invariants().await;
 }
+
+/// Orders racing stock that comes back (restocks and cancellations) on a product that keeps
+/// running out: every order is created or refused INSUFFICIENT_STOCK, never a 500. The
+/// soak found this: an order's UPDATE computed the new stock from the row as its statement
+/// first saw it, and PostgreSQL checks `CHECK (stock >= 0)` on that candidate row before it
+/// moves to the current (locked, restocked) one, so an order that had enough stock failed.
+#[tokio::test]
+async fn orders_racing_restocks_and_cancels_are_created_or_refused_never_500() {
+    let app = &spawn_app().await;
+    let ordering = join_all((0..8).map(|worker| async move {
+        let mut statuses = Vec::new();
+        for round in 0..25 {
+            let quantity = (worker + round) % 3 + 1;
+            let reply = app.post_order(&json!({"userId": 1, "items": [{"productId": 4, "quantity": quantity}]})).await;
+            if reply.status == 201 && round % 2 == 0 {
+                assert_eq!(app.cancel(reply.json["orderId"].as_i64().unwrap()).await.status, 200);
+            }
+            statuses.push((reply.status, reply.json["code"].as_str().unwrap_or("").to_owned()));
+        }
+        statuses
+    }));
+    let restocking = join_all((0..2).map(|_| async move {
+        for _ in 0..25 {
+            app.restock(4, 1).await;
+        }
+    }));
+    let (statuses, _) = tokio::join!(ordering, restocking);
+    let statuses: Vec<_> = statuses.into_iter().flatten().collect();
+    let unexpected: Vec<_> = statuses
+        .iter()
+        .filter(|(status, code)| *status != 201 && (*status, code.as_str()) != (400, "INSUFFICIENT_STOCK"))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "{} unexpected answers: {:?}",
+        unexpected.len(),
+        &unexpected[..unexpected.len().min(5)]
+    );
+    assert!(statuses.iter().any(|(status, _)| *status == 400), "the product never ran out: the test proves nothing");
+    app.assert_invariants().await;
+}

@@ -48,6 +48,13 @@ pub struct CreatedOrder {
 /// the UPDATE in `taken` joins `new_order`, whose aggregate yields its row only after reading
 /// every line, hence every locked row, so no lock is ever taken out of id order.
 ///
+/// `taken` sets the stock from `locked`'s reading, not from `products.stock`: the UPDATE finds
+/// each row as the statement's snapshot saw it, which may predate a restock or cancellation
+/// that `locked` waited for, and PostgreSQL checks `CHECK (stock >= 0)` on the row computed
+/// from that old version before it moves on to the current one. From the old, lower stock an
+/// order that fits the current stock would fail the check (the soak saw it as a 500). The
+/// current version is the one `locked` read and still holds locked, so both agree.
+///
 /// One row comes back: the new order's id and total (NULL when nothing was written), whether
 /// the user exists, and the locked products' ids and stock, from which the caller tells why an
 /// order was refused.
@@ -62,7 +69,7 @@ const CREATE_ORDER: Sql = Sql {
         FOR UPDATE
     ),
     line AS (
-        SELECT r.position, r.product_id, r.quantity, locked.price
+        SELECT r.position, r.product_id, r.quantity, locked.price, locked.stock
         FROM unnest($2::int4[], $3::int4[]) WITH ORDINALITY AS r (product_id, quantity, position)
         JOIN locked ON locked.id = r.product_id
         WHERE locked.stock >= r.quantity
@@ -87,7 +94,7 @@ const CREATE_ORDER: Sql = Sql {
     ),
     taken AS (
         UPDATE products
-        SET stock = products.stock - line.quantity
+        SET stock = line.stock - line.quantity
         FROM line CROSS JOIN new_order
         WHERE products.id = line.product_id
     ),
