@@ -7,7 +7,7 @@ RELEASE := target/release/order-api
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 IMAGE   ?= order-api
 
-.PHONY: run build migrate seed test lint fuzz bench fmt clean docker-build up down logs
+.PHONY: run build migrate seed test lint fuzz bench chaos soak fmt clean docker-build up down logs
 
 ## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
 run: build
@@ -49,6 +49,17 @@ fuzz:
 DURATION ?= 15
 bench: build
 	python3 bench/run.py --duration $(DURATION)
+
+## chaos: faults injected under load into the release binary, each on a fresh database, then
+## the data checked: pg-restart (stops the local PostgreSQL for 3 s: run it alone), api-kill,
+## slow-clients, replicas. CHAOS="api-kill replicas" picks some; verdicts in target/reliability/
+chaos: build
+	$(CARGO) run --profile tools --locked --example chaos -- $(CHAOS)
+
+## soak: a mixed workload for SOAK_SECONDS (default 600), then every invariant checked
+SOAK_SECONDS ?= 600
+soak: build
+	$(CARGO) run --profile tools --locked --example soak -- $(SOAK_SECONDS)
 
 fmt:
 	$(CARGO) fmt --all

@@ -1,0 +1,477 @@
+//! `make chaos`: the faults a production shop sees, each injected under load into the real
+//! release binary on a database of its own, then the data checked (Jepsen style: what was
+//! sent, what was acknowledged, what the database holds).
+//!
+//! `cargo run --release --example chaos -- [SCENARIO ...]`, scenarios (all by default):
+//! - `pg-restart`: PostgreSQL stopped (fast mode, every connection cut) and started again
+//!   under order load. While it is down, requests fail fast with 503 + Retry-After and
+//!   `/health` says unhealthy; once it is back, orders succeed within 2 s, with no restart of
+//!   the API. Needs `pg_ctlcluster` (run as root or postgres): it stops the machine's cluster
+//!   (`PG_CLUSTER`, default "<newest version> main"), so run it alone.
+//! - `api-kill`: the API killed with SIGKILL under load and started again on the same port:
+//!   no partial order, every acknowledged order complete, healthy again at once.
+//! - `slow-clients`: 1,000 connections trickling their headers a byte at a time or sending
+//!   nothing: normal clients' p99 stays within 2x of the unloaded figure, the header-read
+//!   timeout closes the slow ones, and connections past `MAX_CONNECTIONS` get a clear 503.
+//! - `replicas`: three API processes started at once on an empty database (exactly one
+//!   applies each migration), load over all three, one killed mid-load: the other two keep
+//!   serving and the data holds.
+//!
+//! Every scenario prints `chaos NAME: PASS|FAIL {figures}`; the exit code is 1 if any failed.
+
+#[path = "reliability/mod.rs"]
+mod reliability;
+
+use std::{
+    process::{Command, ExitCode},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use reliability::{
+    Answer, Database, Event, Expectations, Kind, Server, Settings, Shopper, free_port, new_record, order_load, verdict,
+    verify,
+};
+use serde_json::json;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const SCENARIOS: [&str; 4] = ["pg-restart", "api-kill", "slow-clients", "replicas"];
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let settings = Settings::from_env();
+    let mut chosen: Vec<String> = std::env::args().skip(1).collect();
+    if chosen.is_empty() {
+        chosen = SCENARIOS.iter().map(|s| s.to_string()).collect();
+    }
+    let mut all_passed = true;
+    for name in &chosen {
+        let passed = match name.as_str() {
+            "pg-restart" => pg_restart(&settings).await,
+            "api-kill" => api_kill(&settings).await,
+            "slow-clients" => slow_clients(&settings).await,
+            "replicas" => replicas(&settings).await,
+            other => {
+                eprintln!("unknown scenario {other:?}; scenarios: {}", SCENARIOS.join(", "));
+                return ExitCode::from(2);
+            }
+        };
+        all_passed &= passed;
+    }
+    println!("chaos: {}", if all_passed { "ALL PASSED" } else { "FAILED" });
+    if all_passed { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// A server on a fresh database with plenty of stock on products 1..=4, healthy.
+async fn shop_with_stock(settings: &Settings, label: &str, env: &[(&str, &str)]) -> (Database, Server) {
+    let database = Database::create(settings, label).await;
+    let mut server = Server::spawn(settings, label, &database.url, free_port(), env);
+    server.wait_healthy(Duration::from_secs(30)).await.expect("the server starts");
+    let setup = Shopper::new(new_record());
+    for product in 1..=4 {
+        assert_eq!(setup.restock(&server.base, product, 1_000_000).await.status, 200);
+    }
+    (database, server)
+}
+
+async fn sleep_ms(ms: u64) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+}
+
+/// `pg_ctlcluster VERSION CLUSTER ACTION`, for the machine's PostgreSQL.
+fn pg_ctl(action: &str) -> Result<(), String> {
+    let cluster = std::env::var("PG_CLUSTER").unwrap_or_else(|_| {
+        let newest = std::fs::read_dir("/etc/postgresql")
+            .ok()
+            .and_then(|dir| {
+                dir.filter_map(|e| e.ok()?.file_name().into_string().ok()).max_by_key(|v| v.parse::<u32>().unwrap_or(0))
+            })
+            .unwrap_or_else(|| "15".into());
+        format!("{newest} main")
+    });
+    let mut command = Command::new("pg_ctlcluster");
+    command.arg("--skip-systemctl-redirect").args(cluster.split_whitespace()).arg(action);
+    if action == "stop" {
+        command.args(["-m", "fast"]);
+    }
+    let output = command.output().map_err(|e| format!("pg_ctlcluster: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!("pg_ctlcluster {cluster} {action}: {}", String::from_utf8_lossy(&output.stderr).trim()))
+    }
+}
+
+/// PostgreSQL stopped for `DOWN_SECONDS` (default 3) and started again under order load.
+async fn pg_restart(settings: &Settings) -> bool {
+    let down_for = Duration::from_secs(std::env::var("DOWN_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3));
+    let (database, server) = shop_with_stock(settings, "chaos_pg_restart", &[]).await;
+    let record = new_record();
+    let shopper = Shopper::new(record.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = order_load(&shopper, std::slice::from_ref(&server.base), 8, &stop);
+    tasks.push(tokio::spawn({
+        let (shopper, base, stop) = (shopper.clone(), server.base.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                shopper.get(&base, "/health", Kind::Health).await;
+                sleep_ms(100).await;
+            }
+        }
+    }));
+
+    sleep_ms(3000).await;
+    let now = || record.lock().unwrap().elapsed_ms();
+    let stopping_at = now();
+    let stopped = pg_ctl("stop");
+    let down_at = now();
+    tokio::time::sleep(down_for).await;
+    let starting_at = now();
+    // When PostgreSQL accepts connections again (pg_ctlcluster returns later than that).
+    let back = tokio::spawn({
+        let (url, record) = (database.url.clone(), record.clone());
+        async move {
+            while tokio_postgres::connect(&url, tokio_postgres::NoTls).await.is_err() {
+                sleep_ms(10).await;
+            }
+            record.lock().unwrap().elapsed_ms()
+        }
+    });
+    let started = pg_ctl("start");
+    let start_returned_at = now();
+    let up_at = back.await.unwrap();
+    sleep_ms(4000).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut server = server;
+    let still_running = server.running();
+    let mut db = database.connect().await;
+    let verification = verify(&mut db, &record).await;
+
+    let (figures, failures) = {
+        let record = record.lock().unwrap();
+        let in_outage = |e: &Event| e.at_ms > down_at && e.at_ms < starting_at;
+        let orders_in_outage = |e: &Event| in_outage(e) && e.kind == Kind::Order;
+        // Health probes answered well inside the outage (a probe may have started just before).
+        let health_in_outage = |e: &Event| e.kind == Kind::Health && e.at_ms > down_at + 500 && e.at_ms < starting_at;
+        let slowest_in_outage_ms =
+            record.events().filter(|e| in_outage(e)).map(|e| e.latency_us).max().unwrap_or(0) as f64 / 1000.0;
+        let first_order_after_up_ms = record
+            .events()
+            .filter(|e| e.kind == Kind::Order && e.answer == Answer::Ok && e.at_ms > up_at)
+            .map(|e| e.at_ms - up_at)
+            .min();
+        let figures = json!({
+            "down_ms": starting_at - down_at,
+            "stop_took_ms": down_at - stopping_at,
+            "database_accepting_after_start_ms": up_at - starting_at,
+            "pg_ctlcluster_start_took_ms": start_returned_at - starting_at,
+            "answers": record.tally(),
+            "orders_during_outage": {
+                "unavailable_503": record.count(|e| orders_in_outage(e) && e.answer == Answer::Unavailable),
+                "other": record.count(|e| orders_in_outage(e) && e.answer != Answer::Unavailable),
+                "p99_ms": record.percentile_ms(0.99, orders_in_outage),
+            },
+            "slowest_answer_during_outage_ms": slowest_in_outage_ms,
+            "health_during_outage": {
+                "unhealthy_503": record.count(|e| health_in_outage(e) && e.answer == Answer::Unavailable),
+                "other": record.count(|e| health_in_outage(e) && e.answer != Answer::Unavailable),
+            },
+            "first_order_after_database_back_ms": first_order_after_up_ms,
+            "api_restarted": !still_running,
+            "data": verification.figures(),
+        });
+        let mut expect = Expectations::default();
+        expect.check(stopped.is_ok() && started.is_ok(), || {
+            format!("could not restart PostgreSQL: {stopped:?} {started:?}")
+        });
+        expect.check(verification.ok(), || format!("data: {}", verification.figures()));
+        expect.check(record.count(|e| matches!(e.answer, Answer::ServerError | Answer::Unanswered)) == 0, || {
+            format!("answers other than 2xx/4xx/503+Retry-After: {:?}", record.bad_answers)
+        });
+        expect.check(record.count(|e| orders_in_outage(e) && e.answer == Answer::Unavailable) > 0, || {
+            "no order was answered 503 while the database was down".into()
+        });
+        expect.check(slowest_in_outage_ms < 2000.0, || {
+            format!("an answer took {slowest_in_outage_ms} ms during the outage")
+        });
+        expect.check(
+            record.count(|e| health_in_outage(e) && e.answer == Answer::Unavailable) > 0
+                && record.count(|e| health_in_outage(e) && e.answer != Answer::Unavailable) == 0,
+            || "/health did not say unhealthy throughout the outage".into(),
+        );
+        expect.check(first_order_after_up_ms.is_some_and(|ms| ms <= 2000), || {
+            format!("first order after the database came back: {first_order_after_up_ms:?} ms (limit 2000)")
+        });
+        expect.check(still_running, || "the API process exited".into());
+        (figures, expect.0)
+    };
+    let passed = verdict(settings, "chaos", "pg-restart", &failures, figures);
+    drop(server);
+    database.finish(passed).await;
+    passed
+}
+
+/// The API killed with SIGKILL under load, then started again on the same port.
+async fn api_kill(settings: &Settings) -> bool {
+    let (database, mut server) = shop_with_stock(settings, "chaos_api_kill", &[]).await;
+    let record = new_record();
+    let shopper = Shopper::new(record.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = order_load(&shopper, std::slice::from_ref(&server.base), 8, &stop);
+
+    sleep_ms(3000).await;
+    let acknowledged_before_kill = record.lock().unwrap().acknowledged.len();
+    server.kill();
+    let killed_at = record.lock().unwrap().elapsed_ms();
+    let mut restarted = Server::spawn(settings, "chaos_api_kill_restarted", &database.url, server.port, &[]);
+    let restart_to_healthy = restarted.wait_healthy(Duration::from_secs(30)).await;
+    sleep_ms(3000).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let mut db = database.connect().await;
+    let verification = verify(&mut db, &record).await;
+
+    let (figures, failures) = {
+        let record = record.lock().unwrap();
+        let acknowledged_after =
+            record.count(|e| e.kind == Kind::Order && e.answer == Answer::Ok && e.at_ms > killed_at);
+        let restart_ms = restart_to_healthy.as_ref().map(|d| d.as_secs_f64() * 1000.0);
+        let figures = json!({
+            "answers": record.tally(),
+            "acknowledged_before_kill": acknowledged_before_kill,
+            "acknowledged_after_restart": acknowledged_after,
+            "unknown_outcome_unanswered": record.count(|e| e.answer == Answer::Unanswered),
+            "restart_to_healthy_ms": restart_ms.as_ref().ok(),
+            "data": verification.figures(),
+        });
+        let mut expect = Expectations::default();
+        expect.check(verification.ok(), || format!("data: {}", verification.figures()));
+        expect.check(record.count(|e| e.answer == Answer::ServerError) == 0, || {
+            format!("5xx answers: {:?}", record.bad_answers)
+        });
+        expect
+            .check(restart_ms.as_ref().is_ok_and(|ms| *ms < 1000.0), || format!("restart to healthy: {restart_ms:?}"));
+        expect.check(acknowledged_after > 0, || "no order acknowledged after the restart".into());
+        (figures, expect.0)
+    };
+    let passed = verdict(settings, "chaos", "api-kill", &failures, figures);
+    drop(restarted);
+    database.finish(passed).await;
+    passed
+}
+
+/// One slow client: connects, then trickles a request head a byte every 100 ms (`trickle`)
+/// or sends nothing, until the server closes the connection; reconnects until `stop`.
+/// Returns how long the server let each connection live.
+async fn slow_client(port: u16, trickle: bool, stop: Arc<AtomicBool>) -> Vec<Duration> {
+    let mut lifetimes = Vec::new();
+    let head = b"GET /api/products HTTP/1.1\r\nHost: localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
+            sleep_ms(100).await;
+            continue;
+        };
+        let opened = Instant::now();
+        let mut buffer = [0u8; 1024];
+        let mut sent = 0;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return lifetimes;
+            }
+            if trickle && sent < head.len() && stream.write_all(&head[sent..=sent]).await.is_err() {
+                break;
+            }
+            sent += 1;
+            // Closed by the server (EOF or reset) ends this connection; silence goes on.
+            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buffer)).await
+            {
+                break;
+            }
+        }
+        lifetimes.push(opened.elapsed());
+    }
+    lifetimes
+}
+
+/// Normal order traffic from `workers` clients for `seconds`; returns (p99 ms, orders/s).
+async fn measure_normal_clients(base: &str, workers: usize, seconds: u64) -> (f64, f64) {
+    let record = new_record();
+    let shopper = Shopper::new(record.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = order_load(&shopper, &[base.to_owned()], workers, &stop);
+    // The first second warms connections and statements up; only the rest is measured.
+    sleep_ms(1000).await;
+    let from = record.lock().unwrap().elapsed_ms();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let record = record.lock().unwrap();
+    let measured = |e: &Event| e.at_ms >= from && e.answer == Answer::Ok;
+    (record.percentile_ms(0.99, measured), record.count(measured) as f64 / seconds as f64)
+}
+
+/// 1,000 slow and silent connections next to normal clients; then the connection limit.
+async fn slow_clients(settings: &Settings) -> bool {
+    const SLOW: usize = 1000;
+    const HEADER_TIMEOUT_MS: u64 = 3000;
+    const MAX_CONNECTIONS: usize = 1100;
+    let env = [("HEADER_READ_TIMEOUT_MS", "3000"), ("MAX_CONNECTIONS", "1100")];
+    let (database, server) = shop_with_stock(settings, "chaos_slow_clients", &env).await;
+    let seconds = 6;
+
+    let (p99_alone, rate_alone) = measure_normal_clients(&server.base, 4, seconds).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let slow: Vec<_> = (0..SLOW).map(|i| tokio::spawn(slow_client(server.port, i % 2 == 0, stop.clone()))).collect();
+    sleep_ms(500).await; // all connected
+    let rss_with_slow_clients = server.rss_kib();
+    let (p99_beside_slow, rate_beside_slow) = measure_normal_clients(&server.base, 4, seconds).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut lifetimes = Vec::new();
+    for task in slow {
+        lifetimes.extend(task.await.unwrap());
+    }
+    let mut lifetimes_us: Vec<u32> = lifetimes.iter().map(|d| d.as_micros() as u32).collect();
+    let closed_by_server = lifetimes_us.len();
+    let longest_ms = lifetimes_us.iter().max().copied().unwrap_or(0) as f64 / 1000.0;
+    let median_ms = reliability::percentile_ms(&mut lifetimes_us, 0.5);
+
+    // The limit: every slot held by a silent connection, then one more client.
+    sleep_ms(200).await;
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(TcpStream::connect(("127.0.0.1", server.port)).await.expect("connect"));
+    }
+    sleep_ms(300).await;
+    let over_limit = Shopper::new(new_record());
+    let started = Instant::now();
+    let refused = over_limit.get(&server.base, "/api/products", Kind::Read).await;
+    let refused_ms = started.elapsed().as_secs_f64() * 1000.0;
+    drop(held);
+    sleep_ms(300).await;
+    let after_limit = over_limit.get(&server.base, "/api/products", Kind::Read).await;
+
+    let ratio = p99_beside_slow / p99_alone;
+    let figures = json!({
+        "normal_clients": 4,
+        "p99_ms_alone": p99_alone,
+        "p99_ms_beside_slow_clients": p99_beside_slow,
+        "p99_ratio": (ratio * 100.0).round() / 100.0,
+        "orders_per_s_alone": rate_alone.round(),
+        "orders_per_s_beside_slow_clients": rate_beside_slow.round(),
+        "slow_connections": SLOW,
+        "slow_connections_closed_by_server": closed_by_server,
+        "slow_connection_lifetime_ms": {"median": median_ms, "max": longest_ms, "header_read_timeout": HEADER_TIMEOUT_MS},
+        "api_rss_kib_with_slow_clients": rss_with_slow_clients,
+        "past_max_connections": {"status": refused.status, "code": refused.body["code"], "answered_in_ms": refused_ms},
+        "after_slots_free": after_limit.status,
+    });
+    let mut expect = Expectations::default();
+    expect.check(ratio <= 2.0, || format!("normal p99 {p99_beside_slow} ms beside slow clients > 2 x {p99_alone} ms"));
+    expect.check(closed_by_server >= SLOW, || {
+        format!("only {closed_by_server} slow connections were closed by the server")
+    });
+    expect.check(longest_ms < (HEADER_TIMEOUT_MS + 1500) as f64, || {
+        format!("a slow connection lived {longest_ms} ms (header read timeout {HEADER_TIMEOUT_MS} ms)")
+    });
+    expect.check(refused.answer == Answer::Unavailable && refused_ms < 1000.0, || {
+        format!("past the limit: {} {} after {refused_ms} ms", refused.status, refused.body)
+    });
+    expect.check(after_limit.status == 200, || format!("after the limit: {}", after_limit.status));
+    let passed = verdict(settings, "chaos", "slow-clients", &expect.0, figures);
+    drop(server);
+    database.finish(passed).await;
+    passed
+}
+
+/// Three replicas started at once on an empty database; one killed mid-load.
+async fn replicas(settings: &Settings) -> bool {
+    let database = Database::create(settings, "chaos_replicas").await;
+    let mut servers: Vec<Server> = (0..3)
+        .map(|i| {
+            Server::spawn(settings, &format!("chaos_replica_{i}"), &database.url, free_port(), &[("LOG_LEVEL", "info")])
+        })
+        .collect();
+    let mut start_ms = Vec::new();
+    for server in &mut servers {
+        start_ms.push(server.wait_healthy(Duration::from_secs(30)).await.map(|d| d.as_millis() as u64));
+    }
+    // Who applied what: each replica logs "migration applied" for each file it applied.
+    let applied_by: Vec<usize> = servers
+        .iter()
+        .map(|s| std::fs::read_to_string(&s.log_path).unwrap_or_default().matches("\"migration applied\"").count())
+        .collect();
+    let mut db = database.connect().await;
+    let migrations: i64 = db.query_one("SELECT count(*) FROM schema_migrations", &[]).await.unwrap().get(0);
+
+    let setup = Shopper::new(new_record());
+    for product in 1..=4 {
+        setup.restock(&servers[0].base, product, 1_000_000).await;
+    }
+    let bases: Vec<String> = servers.iter().map(|s| s.base.clone()).collect();
+    let record = new_record();
+    let shopper = Shopper::new(record.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = order_load(&shopper, &bases, 12, &stop);
+    let seconds = 4;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let before_kill = record.lock().unwrap().ok_by_server.clone();
+    servers[2].kill();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let verification = verify(&mut db, &record).await;
+
+    let (figures, failures) = {
+        let record = record.lock().unwrap();
+        let per_second = |counts: &std::collections::HashMap<String, u64>, base: &String| {
+            counts.get(base).copied().unwrap_or(0) as f64 / seconds as f64
+        };
+        let before: Vec<f64> = bases.iter().map(|b| per_second(&before_kill, b).round()).collect();
+        let after: Vec<u64> = bases
+            .iter()
+            .map(|b| record.ok_by_server.get(b).copied().unwrap_or(0) - before_kill.get(b).copied().unwrap_or(0))
+            .collect();
+        let figures = json!({
+            "start_to_healthy_ms": start_ms.iter().map(|r| r.as_ref().ok()).collect::<Vec<_>>(),
+            "migrations": migrations,
+            "migrations_applied_by_each_replica": applied_by,
+            "orders_per_s_per_replica_before_kill": before,
+            "orders_per_s_total_before_kill": before.iter().sum::<f64>(),
+            "orders_after_kill_per_replica": after,
+            "answers": record.tally(),
+            "data": verification.figures(),
+        });
+        let mut expect = Expectations::default();
+        expect.check(start_ms.iter().all(Result::is_ok), || format!("replicas did not all start: {start_ms:?}"));
+        expect.check(applied_by.iter().sum::<usize>() as i64 == migrations && migrations > 0, || {
+            format!("{migrations} migrations, applied {applied_by:?} times by the replicas (each once in all)")
+        });
+        expect.check(before.iter().all(|rate| *rate > 0.0), || format!("a replica served nothing: {before:?}"));
+        expect.check(after[0] > 0 && after[1] > 0, || format!("the survivors stopped serving: {after:?}"));
+        expect.check(verification.ok(), || format!("data: {}", verification.figures()));
+        expect.check(record.count(|e| e.answer == Answer::ServerError) == 0, || {
+            format!("5xx answers: {:?}", record.bad_answers)
+        });
+        (figures, expect.0)
+    };
+    let passed = verdict(settings, "chaos", "replicas", &failures, figures);
+    drop(servers);
+    database.finish(passed).await;
+    passed
+}
