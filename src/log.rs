@@ -6,12 +6,14 @@
 
 use std::{
     io::Write,
-    sync::atomic::{AtomicU8, Ordering},
+    sync::{
+        Condvar, Mutex, OnceLock,
+        atomic::{AtomicU8, Ordering},
+    },
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
-use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -62,43 +64,146 @@ pub fn enabled(level: Level) -> bool {
 /// Writes `{"time","level","msg", ...fields}` as one line. `fields` must serialize to a JSON
 /// object (a `json!({...})` or a struct); anything else is logged under `"fields"`.
 pub fn event(level: Level, msg: &str, fields: impl Serialize) {
-    if !enabled(level) {
-        return;
+    if enabled(level) {
+        // Appended whole, so lines from concurrent requests never interleave.
+        output().append(&format_line(level, msg, &fields));
     }
-    // time, level and msg first, for people reading the stream; then the event's own fields.
-    #[derive(Serialize)]
-    struct Head<'a> {
-        time: String,
-        level: &'static str,
-        msg: &'a str,
-    }
-    #[derive(Serialize)]
-    struct HeadWithRequest<'a> {
-        time: String,
-        level: &'static str,
-        msg: &'a str,
-        request_id: &'a str,
-    }
-    let time = rfc3339_utc(SystemTime::now());
-    let head = REQUEST_ID
-        .try_with(|request_id| {
-            serde_json::to_string(&HeadWithRequest { time: time.clone(), level: level.name(), msg, request_id })
-        })
-        .unwrap_or_else(|_| serde_json::to_string(&Head { time, level: level.name(), msg }));
-    let mut line = head.unwrap_or_default();
-    line.pop(); // the closing brace
-    match serde_json::to_string(&fields) {
-        Ok(fields) if fields.starts_with('{') && fields.len() > 2 => {
-            line.push(',');
-            line.push_str(&fields[1..]);
+}
+
+/// One log line, newline included.
+fn format_line(level: Level, msg: &str, fields: &impl Serialize) -> Vec<u8> {
+    // time, level, msg (and request_id) first, for people reading the stream; then the
+    // event's own fields. Written into one buffer: this runs for every request.
+    let mut line = Vec::with_capacity(256);
+    line.extend_from_slice(b"{\"time\":\"");
+    line.extend_from_slice(rfc3339_utc(SystemTime::now()).as_bytes());
+    line.extend_from_slice(b"\",\"level\":\"");
+    line.extend_from_slice(level.name().as_bytes());
+    line.extend_from_slice(b"\",\"msg\":");
+    let _ = serde_json::to_writer(&mut line, msg);
+    let _ = REQUEST_ID.try_with(|request_id| {
+        line.extend_from_slice(b",\"request_id\":");
+        serde_json::to_writer(&mut line, request_id)
+    });
+    let fields_start = line.len();
+    match serde_json::to_writer(&mut line, fields) {
+        // An object: its members join the line's ({"a":1} -> ,"a":1}).
+        Ok(()) if line[fields_start] == b'{' && line.len() - fields_start > 2 => line[fields_start] = b',',
+        Ok(()) if line[fields_start..] == *b"{}" || line[fields_start..] == *b"null" => {
+            line.truncate(fields_start);
+            line.push(b'}');
         }
-        Ok(fields) if fields == "{}" || fields == "null" => line.push('}'),
-        Ok(other) => line.push_str(&format!(",\"fields\":{other}}}")),
-        Err(e) => line.push_str(&format!(",\"fields_error\":{}}}", Value::String(e.to_string()))),
+        Ok(()) => {
+            let other = line.split_off(fields_start);
+            line.extend_from_slice(b",\"fields\":");
+            line.extend_from_slice(&other);
+            line.push(b'}');
+        }
+        Err(e) => {
+            line.truncate(fields_start);
+            line.extend_from_slice(b",\"fields_error\":");
+            let _ = serde_json::to_writer(&mut line, &e.to_string());
+            line.push(b'}');
+        }
     }
-    line.push('\n');
-    // One write of the whole line, so lines from concurrent requests never interleave.
-    let _ = std::io::stdout().lock().write_all(line.as_bytes());
+    line.push(b'\n');
+    line
+}
+
+/// Waits until every line logged so far is written to stdout. Called before the process
+/// exits: lines still in the buffer would be lost with it.
+pub fn flush() {
+    if let Some(output) = OUTPUT.get() {
+        output.flush();
+    }
+}
+
+/// Lines are written to stdout by a thread of their own, so that a request never waits for
+/// the write system call: a request appends its line to a buffer and moves on, and the writer
+/// takes everything buffered at once and writes it with one call. When the service is idle
+/// each line is written at once; under load many lines share one write (one write per line
+/// cost 13 % of the catalogue's throughput). If stdout blocks (a reader that does not keep up),
+/// the buffer stops at `MAX_BUFFERED` and further lines are counted and dropped, rather than
+/// growing memory or blocking requests; the count is logged when the writer catches up.
+struct Output {
+    state: Mutex<Buffered>,
+    /// Signalled when lines arrive (to the writer) and when a batch is written (to `flush`).
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct Buffered {
+    lines: Vec<u8>,
+    /// The writer is writing a batch taken from `lines`.
+    writing: bool,
+    dropped: u64,
+}
+
+const MAX_BUFFERED: usize = 8 << 20;
+
+static OUTPUT: OnceLock<Output> = OnceLock::new();
+
+fn output() -> &'static Output {
+    OUTPUT.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(|| OUTPUT.wait().write_forever())
+            .expect("start the log writer thread");
+        Output { state: Mutex::new(Buffered::default()), changed: Condvar::new() }
+    })
+}
+
+impl Output {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buffered> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn append(&self, line: &[u8]) {
+        let mut state = self.lock();
+        if state.lines.len() + line.len() > MAX_BUFFERED {
+            state.dropped += 1;
+            return;
+        }
+        let wake_writer = state.lines.is_empty();
+        state.lines.extend_from_slice(line);
+        drop(state);
+        if wake_writer {
+            self.changed.notify_all();
+        }
+    }
+
+    fn write_forever(&self) {
+        let mut batch = Vec::new();
+        loop {
+            let mut state = self.lock();
+            state.writing = false;
+            self.changed.notify_all();
+            while state.lines.is_empty() {
+                state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+            }
+            std::mem::swap(&mut batch, &mut state.lines);
+            state.writing = true;
+            let dropped = std::mem::take(&mut state.dropped);
+            drop(state);
+            if dropped > 0 {
+                let time = rfc3339_utc(SystemTime::now());
+                let note = format!(
+                    "{{\"time\":\"{time}\",\"level\":\"warn\",\"msg\":\"log lines dropped: stdout did not keep up\",\"dropped\":{dropped}}}\n"
+                );
+                batch.extend_from_slice(note.as_bytes());
+            }
+            let mut stdout = std::io::stdout().lock();
+            let _ = stdout.write_all(&batch).and_then(|()| stdout.flush());
+            batch.clear();
+        }
+    }
+
+    fn flush(&self) {
+        let mut state = self.lock();
+        while !state.lines.is_empty() || state.writing {
+            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
 }
 
 pub fn error(msg: &str, fields: impl Serialize) {
@@ -147,6 +252,33 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn an_event_is_one_json_object_with_its_fields_after_the_head() {
+        let mut captured = Vec::new();
+        let line = |fields: serde_json::Value| {
+            let before = String::from_utf8(format_line(Level::Warn, "said \"hi\"", &fields)).unwrap();
+            serde_json::from_str::<serde_json::Value>(before.trim_end()).map(|v| (before, v))
+        };
+        for fields in [
+            serde_json::json!({"a": 1, "b": "x"}),
+            serde_json::json!({}),
+            serde_json::json!(null),
+            serde_json::json!([1, 2]),
+        ] {
+            let (text, value) = line(fields.clone()).unwrap();
+            assert!(text.starts_with(r#"{"time":""#) && text.ends_with("}\n"), "{text}");
+            assert_eq!(value["level"], "warn");
+            assert_eq!(value["msg"], "said \"hi\"");
+            captured.push(value);
+        }
+        assert_eq!(
+            (captured[0]["a"].clone(), captured[0]["b"].clone()),
+            (serde_json::json!(1), serde_json::json!("x"))
+        );
+        assert_eq!(captured[1].as_object().unwrap().len(), 3);
+        assert_eq!(captured[3]["fields"], serde_json::json!([1, 2]));
+    }
 
     #[test]
     fn formats_utc_timestamps() {

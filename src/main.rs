@@ -61,13 +61,15 @@ fn main() -> ExitCode {
         };
         done.map(|()| ExitCode::SUCCESS)
     });
-    match result {
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             log::error("order-api failed", serde_json::json!({"error": e.to_string()}));
             ExitCode::FAILURE
         }
-    }
+    };
+    log::flush();
+    code
 }
 
 async fn serve(config: Config, started: Instant) -> Result<(), db::StartupError> {
@@ -116,6 +118,7 @@ async fn shutdown_signal() {
             _ = interrupt.recv() => {}
         }
         log::warn("second shutdown signal: exiting now", serde_json::json!({}));
+        log::flush();
         std::process::exit(130);
     });
 }

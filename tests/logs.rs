@@ -62,3 +62,39 @@ async fn every_request_is_one_json_line_with_its_id_route_status_and_duration() 
         "one line per request (health checks log at debug):\n{logs}"
     );
 }
+
+/// A log reader that stalls (a full pipe to a slow log collector) does not stall the service:
+/// requests go on being answered while nobody reads stdout, and once it is read again every
+/// line is there. Lines are written by a thread of their own from a bounded buffer.
+#[tokio::test]
+async fn a_stalled_stdout_does_not_stall_requests() {
+    let (name, url) = common::create_test_database().await;
+    let _cleanup = DropDatabase::new(&name);
+    let (read_stdout, gate) = std::sync::mpsc::channel();
+    let mut server = ServerProcess::start_with_stdout_gate(&url, gate).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+
+    // About 1 MB of request lines, many times what a pipe holds (64 KiB).
+    const REQUESTS: usize = 5_000;
+    let answered = futures::future::join_all((0..16).map(|_| {
+        let (http, url) = (http.clone(), server.url("/api/products/3"));
+        async move {
+            let mut ok = 0;
+            for _ in 0..REQUESTS / 16 {
+                if http.get(&url).send().await.is_ok_and(|reply| reply.status() == 200) {
+                    ok += 1;
+                }
+            }
+            ok
+        }
+    }))
+    .await;
+    assert_eq!(answered.iter().sum::<usize>(), REQUESTS / 16 * 16, "requests failed while stdout was not read");
+
+    read_stdout.send(()).unwrap();
+    server.terminate();
+    assert!(server.wait_for_exit(Duration::from_secs(10)).await.is_some_and(|status| status.success()));
+    let logs = server.logs();
+    let request_lines = logs.lines().filter(|line| line.contains(r#""msg":"request""#)).count();
+    assert_eq!(request_lines, REQUESTS / 16 * 16, "every line written once stdout is read again");
+}

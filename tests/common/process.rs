@@ -22,6 +22,14 @@ impl ServerProcess {
     /// Starts `order-api serve` with `SEED_ON_START=true` (so it migrates and seeds the empty
     /// database) and waits until `GET /health` answers 200.
     pub async fn start(database_url: &str) -> ServerProcess {
+        let (read_stdout, stdout_gate) = std::sync::mpsc::channel();
+        read_stdout.send(()).unwrap();
+        ServerProcess::start_with_stdout_gate(database_url, stdout_gate).await
+    }
+
+    /// The same, with nobody reading the process's stdout until something is sent on `gate`
+    /// (or it is dropped): a log collector that has stalled.
+    pub async fn start_with_stdout_gate(database_url: &str, gate: std::sync::mpsc::Receiver<()>) -> ServerProcess {
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_order-api"))
             .arg("serve")
@@ -39,6 +47,7 @@ impl ServerProcess {
             .expect("start the order-api binary");
         let mut pipe = child.stdout.take().unwrap();
         let stdout = std::thread::spawn(move || {
+            let _ = gate.recv();
             let mut text = String::new();
             let _ = pipe.read_to_string(&mut text);
             text
