@@ -8,7 +8,7 @@ use crate::{
     AppState, db,
     domain::{Page, parse_restock},
     error::Error,
-    http::response::{Reply, json},
+    http::response::{Reply, json, json_bytes},
 };
 
 /// Without `limit` or `after`: every product, ordered by id (the replaced service's shape, for
@@ -16,7 +16,7 @@ use crate::{
 /// there may be more.
 pub async fn list(state: &AppState, listing: Listing) -> Result<Reply, Error> {
     if listing.limit.is_none() && listing.after.is_none() {
-        return Ok(json(StatusCode::OK, &*state.catalogue.read(&state.pool).await?));
+        return Ok(json_bytes(StatusCode::OK, state.catalogue.read(&state.pool).await?));
     }
     let page = Page::parse(listing.limit.as_deref(), listing.after.as_deref())?;
     let products = db::products::list_page(&state.pool, page).await?;

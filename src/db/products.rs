@@ -1,6 +1,8 @@
 //! Products: the catalogue and its stock.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+
+use hyper::body::Bytes;
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -44,10 +46,12 @@ pub struct CatalogueReads {
 
 /// What a batch's read gave: the catalogue, or why there is none (an `Error::Unavailable`
 /// reason, or `None` for any other failure, which the leader's request logs).
-type BatchOutcome = Result<Arc<Vec<Product>>, Option<&'static str>>;
+/// The catalogue is shared already serialized: every request of a batch answers the same bytes.
+type BatchOutcome = Result<Bytes, Option<&'static str>>;
 
 impl CatalogueReads {
-    pub async fn read(&self, pool: &Pool) -> Result<Arc<Vec<Product>>, Error> {
+    /// The whole catalogue as its JSON array.
+    pub async fn read(&self, pool: &Pool) -> Result<Bytes, Error> {
         let joined = {
             let mut open_batch = self.open_batch.lock().unwrap();
             match &*open_batch {
@@ -68,14 +72,14 @@ impl CatalogueReads {
                     Some(Err(Some(reason))) => Err(Error::Unavailable(reason)),
                     Some(Err(None)) => Err(Error::Internal("the shared catalogue read failed".into())),
                     // The leader was dropped before answering: read alone.
-                    None => read_all(pool).await.map(Arc::new),
+                    None => read_all(pool).await,
                 }
             }
         }
     }
 
     /// Gets a connection, closes the batch, reads, and tells everyone who joined.
-    async fn lead(&self, pool: &Pool, sender: watch::Sender<Option<BatchOutcome>>) -> Result<Arc<Vec<Product>>, Error> {
+    async fn lead(&self, pool: &Pool, sender: watch::Sender<Option<BatchOutcome>>) -> Result<Bytes, Error> {
         // Closes the batch however this ends, even if the request is dropped while waiting.
         struct CloseBatch<'a>(&'a CatalogueReads);
         impl Drop for CloseBatch<'_> {
@@ -87,7 +91,9 @@ impl CatalogueReads {
         let conn = pool.get().await;
         drop(close);
         let result = match conn {
-            Ok(mut conn) => conn.query(&LIST_ALL, &[]).await.map(|rows| Arc::new(products(&rows))).map_err(Error::from),
+            Ok(mut conn) => {
+                conn.query(&LIST_ALL, &[]).await.map_err(Error::from).and_then(|rows| catalogue_json(&rows))
+            }
             Err(e) => Err(e),
         };
         let shared = match &result {
@@ -104,8 +110,14 @@ fn products(rows: &[Row]) -> Vec<Product> {
     rows.iter().map(Product::from_row).collect()
 }
 
-async fn read_all(pool: &Pool) -> Result<Vec<Product>, Error> {
-    Ok(products(&pool.get().await?.query(&LIST_ALL, &[]).await?))
+fn catalogue_json(rows: &[Row]) -> Result<Bytes, Error> {
+    serde_json::to_vec(&products(rows))
+        .map(Bytes::from)
+        .map_err(|e| Error::Internal(format!("catalogue serialization failed: {e}")))
+}
+
+async fn read_all(pool: &Pool) -> Result<Bytes, Error> {
+    catalogue_json(&pool.get().await?.query(&LIST_ALL, &[]).await?)
 }
 
 /// One keyset page of the catalogue: ids after $1, at most $2 of them.

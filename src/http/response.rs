@@ -16,9 +16,14 @@ const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 pub fn json(status: StatusCode, body: &impl Serialize) -> Reply {
     match serde_json::to_vec(body) {
-        Ok(bytes) => bytes_reply(status, JSON, bytes),
+        Ok(bytes) => json_bytes(status, bytes.into()),
         Err(e) => error(&Error::Internal(format!("response serialization failed: {e}"))),
     }
+}
+
+/// A body that is JSON already.
+pub fn json_bytes(status: StatusCode, body: Bytes) -> Reply {
+    bytes_reply(status, JSON, body)
 }
 
 pub fn bytes_reply(status: StatusCode, content_type: HeaderValue, body: impl Into<Bytes>) -> Reply {
