@@ -2,7 +2,8 @@
 //! release binary on a database of its own, then the data checked (Jepsen style: what was
 //! sent, what was acknowledged, what the database holds).
 //!
-//! `cargo run --release --example chaos -- [SCENARIO ...]`, scenarios (all by default):
+//! `make chaos [CHAOS="SCENARIO ..."]`, or `cargo run --profile tools --example chaos -- [SCENARIO ...]`
+//! with `target/release/order-api` built; scenarios (all by default):
 //! - `pg-restart`: PostgreSQL stopped (fast mode, every connection cut) and started again
 //!   under order load. While it is down, requests fail fast with 503 + Retry-After and
 //!   `/health` says unhealthy; once it is back, orders succeed within 2 s, with no restart of

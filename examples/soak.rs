@@ -1,7 +1,8 @@
 //! `make soak`: a mixed shop workload against the real release binary for a settable time
 //! (default 10 minutes), then every invariant checked.
 //!
-//! `cargo run --release --example soak -- [SECONDS]` (or `SOAK_SECONDS`; `SOAK_WORKERS`, 16).
+//! `make soak SOAK_SECONDS=N`, or `cargo run --profile tools --example soak -- [SECONDS]` (or
+//! `SOAK_SECONDS`; `SOAK_WORKERS`, default 16), with `target/release/order-api` built.
 //!
 //! Each worker loops over: orders of 1-3 lines in ascending, descending or shuffled product
 //! order (product 4 has 5 in stock and runs out, so rejections happen all along, and

@@ -212,6 +212,7 @@ pub enum Kind {
     Order,
     Cancel,
     Status,
+    Restock,
     Read,
     Health,
 }
@@ -375,7 +376,7 @@ impl Shopper {
     pub async fn restock(&self, base: &str, product_id: i32, quantity: i32) -> Reply {
         let request =
             self.http.post(format!("{base}/api/products/{product_id}/restock")).json(&json!({"quantity": quantity}));
-        self.send(Kind::Order, base, request).await
+        self.send(Kind::Restock, base, request).await
     }
 }
 
