@@ -134,10 +134,15 @@ struct Output {
 #[derive(Default)]
 struct Buffered {
     lines: Vec<u8>,
-    /// The writer is writing a batch taken from `lines`.
-    writing: bool,
+    /// Batches the writer has taken from `lines`, and of those, how many it has written.
+    taken: u64,
+    written: u64,
     dropped: u64,
 }
+
+/// How long `flush` waits for stdout at most: a stalled reader must not keep the process
+/// from exiting.
+const FLUSH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 const MAX_BUFFERED: usize = 8 << 20;
 
@@ -176,13 +181,13 @@ impl Output {
         let mut batch = Vec::new();
         loop {
             let mut state = self.lock();
-            state.writing = false;
+            state.written = state.taken;
             self.changed.notify_all();
             while state.lines.is_empty() {
                 state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
             }
             std::mem::swap(&mut batch, &mut state.lines);
-            state.writing = true;
+            state.taken += 1;
             let dropped = std::mem::take(&mut state.dropped);
             drop(state);
             if dropped > 0 {
@@ -198,10 +203,16 @@ impl Output {
         }
     }
 
+    /// Waits until the lines appended before this call are written (not those appended
+    /// meanwhile), for `FLUSH_PATIENCE` at most.
     fn flush(&self) {
+        let deadline = std::time::Instant::now() + FLUSH_PATIENCE;
         let mut state = self.lock();
-        while !state.lines.is_empty() || state.writing {
-            state = self.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Lines still buffered go out with the next batch; else the one being written is last.
+        let target = if state.lines.is_empty() { state.taken } else { state.taken + 1 };
+        while state.written < target {
+            let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) else { return };
+            state = self.changed.wait_timeout(state, left).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
         }
     }
 }

@@ -27,6 +27,9 @@ use tokio::{
 use crate::{AppState, db, error::Error, log};
 use response::Reply;
 
+/// Connections past `MAX_CONNECTIONS` answered with a 503 at the same time; more are closed.
+const MAX_REFUSALS_AT_ONCE: usize = 64;
+
 /// How long past its deadline a handler may take to cancel its transaction and report the
 /// real outcome before it is abandoned.
 const DEADLINE_BACKSTOP: Duration = Duration::from_secs(2);
@@ -40,6 +43,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
     // Limits the client connections served at once; past it, a short 503 and close, so that
     // an overload is visible to clients instead of a silently growing accept backlog.
     let connection_slots = Arc::new(Semaphore::new(config.max_connections));
+    let refusal_slots = Arc::new(Semaphore::new(MAX_REFUSALS_AT_ONCE));
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
 
@@ -59,7 +63,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
         // Requests and responses are small: send each at once rather than waiting to batch.
         let _ = stream.set_nodelay(true);
         let Ok(slot) = connection_slots.clone().try_acquire_owned() else {
-            tokio::spawn(refuse_over_capacity(stream));
+            // A refusal holds its socket a moment (see `refuse_over_capacity`); past a few
+            // dozen at once (a flood), connections are closed without an answer, so that
+            // refusing never holds more sockets than MAX_CONNECTIONS is there to cap.
+            if let Ok(refusing) = refusal_slots.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse_over_capacity(stream).await;
+                    drop(refusing);
+                });
+            }
             continue;
         };
         let state = state.clone();
