@@ -305,8 +305,9 @@ async fn slow_client(port: u16, trickle: bool, stop: Arc<AtomicBool>) -> Vec<Dur
     lifetimes
 }
 
-/// Normal order traffic from `workers` clients for `seconds`; returns (p99 ms, orders/s).
-async fn measure_normal_clients(base: &str, workers: usize, seconds: u64) -> (f64, f64) {
+/// Normal order traffic from `workers` clients for `seconds`; returns the p99 in ms of every
+/// answer, the orders acknowledged per second, and how many answers were not a 2xx.
+async fn measure_normal_clients(base: &str, workers: usize, seconds: u64) -> (f64, f64, u64) {
     let record = new_record();
     let shopper = Shopper::new(record.clone());
     let stop = Arc::new(AtomicBool::new(false));
@@ -320,8 +321,10 @@ async fn measure_normal_clients(base: &str, workers: usize, seconds: u64) -> (f6
         task.await.unwrap();
     }
     let record = record.lock().unwrap();
-    let measured = |e: &Event| e.at_ms >= from && e.answer == Answer::Ok;
-    (record.percentile_ms(0.99, measured), record.count(measured) as f64 / seconds as f64)
+    let measured = |e: &Event| e.at_ms >= from;
+    let acknowledged = record.count(|e| measured(e) && e.answer == Answer::Ok);
+    let failed = record.count(|e| measured(e) && e.answer != Answer::Ok);
+    (record.percentile_ms(0.99, measured), acknowledged as f64 / seconds as f64, failed)
 }
 
 /// 1,000 slow and silent connections next to normal clients; then the connection limit.
@@ -333,13 +336,14 @@ async fn slow_clients(settings: &Settings) -> bool {
     let (database, server) = shop_with_stock(settings, "chaos_slow_clients", &env).await;
     let seconds = 6;
 
-    let (p99_alone, rate_alone) = measure_normal_clients(&server.base, 4, seconds).await;
+    let (p99_alone, rate_alone, failed_alone) = measure_normal_clients(&server.base, 4, seconds).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let slow: Vec<_> = (0..SLOW).map(|i| tokio::spawn(slow_client(server.port, i % 2 == 0, stop.clone()))).collect();
     sleep_ms(500).await; // all connected
     let rss_with_slow_clients = server.rss_kib();
-    let (p99_beside_slow, rate_beside_slow) = measure_normal_clients(&server.base, 4, seconds).await;
+    let (p99_beside_slow, rate_beside_slow, failed_beside_slow) =
+        measure_normal_clients(&server.base, 4, seconds).await;
     stop.store(true, Ordering::Relaxed);
     let mut lifetimes = Vec::new();
     for task in slow {
@@ -373,6 +377,7 @@ async fn slow_clients(settings: &Settings) -> bool {
         "p99_ratio": (ratio * 100.0).round() / 100.0,
         "orders_per_s_alone": rate_alone.round(),
         "orders_per_s_beside_slow_clients": rate_beside_slow.round(),
+        "normal_answers_not_2xx": {"alone": failed_alone, "beside_slow_clients": failed_beside_slow},
         "slow_connections": SLOW,
         "slow_connections_closed_by_server": closed_by_server,
         "slow_connection_lifetime_ms": {"median": median_ms, "max": longest_ms, "header_read_timeout": HEADER_TIMEOUT_MS},
@@ -382,6 +387,12 @@ async fn slow_clients(settings: &Settings) -> bool {
     });
     let mut expect = Expectations::default();
     expect.check(ratio <= 2.0, || format!("normal p99 {p99_beside_slow} ms beside slow clients > 2 x {p99_alone} ms"));
+    expect.check(failed_alone + failed_beside_slow == 0, || {
+        format!("normal clients got {failed_alone} and {failed_beside_slow} answers other than 2xx")
+    });
+    expect.check(median_ms >= (HEADER_TIMEOUT_MS - 500) as f64, || {
+        format!("slow connections were closed after {median_ms} ms (median), before the header read timeout")
+    });
     expect.check(closed_by_server >= SLOW, || {
         format!("only {closed_by_server} slow connections were closed by the server")
     });
@@ -420,7 +431,7 @@ async fn replicas(settings: &Settings) -> bool {
 
     let setup = Shopper::new(new_record());
     for product in 1..=4 {
-        setup.restock(&servers[0].base, product, 1_000_000).await;
+        assert_eq!(setup.restock(&servers[0].base, product, 1_000_000).await.status, 200);
     }
     let bases: Vec<String> = servers.iter().map(|s| s.base.clone()).collect();
     let record = new_record();

@@ -213,6 +213,8 @@ pub enum Kind {
     Cancel,
     Status,
     Restock,
+    /// A user's order list.
+    List,
     Read,
     Health,
 }
@@ -419,10 +421,12 @@ pub struct Verification {
     pub altered: Vec<i64>,
     /// Cancellation acknowledged (200) but the order is not cancelled.
     pub cancel_lost: Vec<i64>,
-    /// Orders in the database that no client was told about: requests cut off before their
-    /// answer (server killed, connection reset). Never more than the unanswered orders.
+    /// Orders in the database that no client was told about: requests whose outcome the
+    /// client cannot know. Never more than those: the unanswered orders (server killed,
+    /// connection reset) and the orders answered 503 (retryable; when the database dies
+    /// during a commit, the commit may have happened without the API hearing of it).
     pub unacknowledged_in_database: i64,
-    pub unanswered_orders: u64,
+    pub unknown_outcome_orders: u64,
     pub violations: Vec<String>,
     #[serde(skip)]
     pub audit: Option<Audit>,
@@ -433,7 +437,7 @@ impl Verification {
         self.lost.is_empty()
             && self.altered.is_empty()
             && self.cancel_lost.is_empty()
-            && self.unacknowledged_in_database <= self.unanswered_orders as i64
+            && self.unacknowledged_in_database <= self.unknown_outcome_orders as i64
             && self.violations.is_empty()
     }
 
@@ -448,7 +452,7 @@ impl Verification {
             "altered": self.altered.len(),
             "cancel_lost": self.cancel_lost.len(),
             "unacknowledged_in_database": self.unacknowledged_in_database,
-            "unanswered_orders": self.unanswered_orders,
+            "unknown_outcome_orders": self.unknown_outcome_orders,
             "invariant_violations": self.violations,
         })
     }
@@ -456,10 +460,11 @@ impl Verification {
 
 /// Checks every acknowledged order and cancellation against the database, then audits it.
 pub async fn verify(db: &mut Client, record: &SharedRecord) -> Verification {
-    let (acknowledged, cancelled, unanswered_orders) = {
+    let (acknowledged, cancelled, unknown_outcome_orders) = {
         let record = record.lock().unwrap();
-        let unanswered = record.count(|e| e.kind == Kind::Order && e.answer == Answer::Unanswered);
-        (record.acknowledged.clone(), record.cancelled.clone(), unanswered)
+        let unknown =
+            record.count(|e| e.kind == Kind::Order && matches!(e.answer, Answer::Unanswered | Answer::Unavailable));
+        (record.acknowledged.clone(), record.cancelled.clone(), unknown)
     };
     let ids: Vec<i64> = acknowledged.keys().copied().collect();
     let rows = db
@@ -485,7 +490,7 @@ pub async fn verify(db: &mut Client, record: &SharedRecord) -> Verification {
         altered: Vec::new(),
         cancel_lost: Vec::new(),
         unacknowledged_in_database: 0,
-        unanswered_orders,
+        unknown_outcome_orders,
         violations: Vec::new(),
         audit: None,
     };
