@@ -337,19 +337,6 @@ impl TestApp {
         assert_eq!(reply.status, 200, "{}", reply.text);
     }
 
-    /// Live (not cancelled) ordered quantity of a product.
-    pub async fn live_ordered(&self, product_id: i32) -> i64 {
-        self.db
-            .query_one(
-                "SELECT coalesce(sum(i.quantity), 0)::int8 FROM order_items i JOIN orders o ON o.id = i.order_id \
-                 WHERE i.product_id = $1 AND o.status <> 'cancelled'",
-                &[&product_id],
-            )
-            .await
-            .unwrap()
-            .get(0)
-    }
-
     /// Sum of the inventory movements of one product, of one reason or all (`None`).
     pub async fn movements(&self, product_id: i32, reason: Option<&str>) -> i64 {
         self.db
