@@ -3,7 +3,7 @@
 //! A value that is set but cannot be parsed stops the process with a message naming the
 //! variable: silently falling back to the default would hide a typo in production.
 
-use std::{env, fmt, net::IpAddr, time::Duration};
+use std::{collections::HashMap, env, fmt, net::IpAddr, time::Duration};
 
 use crate::log::Level;
 
@@ -51,6 +51,10 @@ pub struct Config {
     pub idempotency_retention: Duration,
     /// `SEED_ON_START`: load the seed data at start (idempotent), as docker-compose does.
     pub seed_on_start: bool,
+    /// `MIGRATE_ON_START`: apply pending migrations at start. Off for a runtime role without
+    /// DDL rights: `order-api migrate` then runs as a step of its own, and `serve` refuses to
+    /// start while migrations are pending.
+    pub migrate_on_start: bool,
     /// `LOG_LEVEL`: error, warn, info or debug.
     pub log_level: Level,
 }
@@ -74,6 +78,7 @@ impl Default for Config {
             startup_timeout: Duration::from_millis(60_000),
             idempotency_retention: Duration::from_secs(24 * 3600),
             seed_on_start: false,
+            migrate_on_start: true,
             log_level: Level::Info,
         }
     }
@@ -96,54 +101,71 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
-    /// Reads the process environment (after `load_dotenv`), keeping the default for every
-    /// variable that is unset or empty.
-    pub fn from_env() -> Result<Config, ConfigError> {
+    /// Reads the process environment, then `.env` in the working directory for what the
+    /// environment does not set (the real environment wins, as with dotenv).
+    pub fn load() -> Result<Config, ConfigError> {
+        let dotenv = read_dotenv(".env");
+        Config::from_lookup(|name| env::var(name).ok().or_else(|| dotenv.get(name).cloned()))
+    }
+
+    /// The configuration that `lookup` (variable name to value) describes, keeping the default
+    /// for every variable that is unset or empty.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let mut config = Config::default();
-        set(&mut config.host, "API_HOST", "an IP address", |v| v.parse().ok())?;
-        set(&mut config.port, "API_PORT", "a port number", |v| v.parse().ok())?;
-        set(&mut config.database_url, "DATABASE_URL", "a URL", |v| Some(v.to_owned()))?;
-        set(&mut config.pool_size, "DB_POOL_SIZE", "an integer from 1 to 1000", |v| {
+        let set = Source(lookup);
+        set.set(&mut config.host, "API_HOST", "an IP address", |v| v.parse().ok())?;
+        set.set(&mut config.port, "API_PORT", "a port number", |v| v.parse().ok())?;
+        set.set(&mut config.database_url, "DATABASE_URL", "a URL", |v| Some(v.to_owned()))?;
+        set.set(&mut config.pool_size, "DB_POOL_SIZE", "an integer from 1 to 1000", |v| {
             v.parse().ok().filter(|n| (1..=1000).contains(n))
         })?;
-        set(&mut config.pool_timeout, "DB_POOL_TIMEOUT_MS", "milliseconds", millis)?;
-        set(&mut config.connect_timeout, "DB_CONNECT_TIMEOUT_MS", "milliseconds", millis)?;
-        set(&mut config.statement_timeout, "DB_STATEMENT_TIMEOUT_MS", "milliseconds", millis)?;
-        set(&mut config.request_timeout, "REQUEST_TIMEOUT_MS", "milliseconds", millis)?;
-        set(&mut config.header_read_timeout, "HEADER_READ_TIMEOUT_MS", "milliseconds", millis)?;
-        set(&mut config.max_connections, "MAX_CONNECTIONS", "a positive integer", |v| {
+        set.set(&mut config.pool_timeout, "DB_POOL_TIMEOUT_MS", "milliseconds", millis)?;
+        set.set(&mut config.connect_timeout, "DB_CONNECT_TIMEOUT_MS", "milliseconds", millis)?;
+        set.set(&mut config.statement_timeout, "DB_STATEMENT_TIMEOUT_MS", "milliseconds", millis)?;
+        set.set(&mut config.request_timeout, "REQUEST_TIMEOUT_MS", "milliseconds", millis)?;
+        set.set(&mut config.header_read_timeout, "HEADER_READ_TIMEOUT_MS", "milliseconds", millis)?;
+        set.set(&mut config.max_connections, "MAX_CONNECTIONS", "a positive integer", |v| {
             v.parse().ok().filter(|n| *n > 0)
         })?;
-        set(&mut config.shutdown_grace, "SHUTDOWN_GRACE_MS", "milliseconds", millis)?;
-        set(
+        set.set(&mut config.shutdown_grace, "SHUTDOWN_GRACE_MS", "milliseconds", millis)?;
+        set.set(
             &mut config.connection_max_lifetime,
             "DB_CONNECTION_MAX_LIFETIME_SECS",
             "a positive number of seconds",
             |v| v.parse::<u64>().ok().filter(|n| *n > 0).map(Duration::from_secs),
         )?;
-        set(&mut config.transaction_pooler, "DB_TRANSACTION_POOLER", "true or false", |v| v.parse().ok())?;
-        set(&mut config.startup_timeout, "DB_STARTUP_TIMEOUT_MS", "milliseconds", millis)?;
-        set(&mut config.idempotency_retention, "IDEMPOTENCY_RETENTION_HOURS", "a positive number of hours", |v| {
+        set.set(&mut config.transaction_pooler, "DB_TRANSACTION_POOLER", "true or false", |v| v.parse().ok())?;
+        set.set(&mut config.startup_timeout, "DB_STARTUP_TIMEOUT_MS", "milliseconds", millis)?;
+        set.set(&mut config.idempotency_retention, "IDEMPOTENCY_RETENTION_HOURS", "a positive number of hours", |v| {
             v.parse::<u64>().ok().filter(|h| *h > 0).map(|h| Duration::from_secs(h * 3600))
         })?;
-        set(&mut config.seed_on_start, "SEED_ON_START", "true or false", |v| v.parse().ok())?;
-        set(&mut config.log_level, "LOG_LEVEL", "error, warn, info or debug", Level::parse)?;
+        set.set(&mut config.seed_on_start, "SEED_ON_START", "true or false", |v| v.parse().ok())?;
+        set.set(&mut config.migrate_on_start, "MIGRATE_ON_START", "true or false", |v| v.parse().ok())?;
+        set.set(&mut config.log_level, "LOG_LEVEL", "error, warn, info or debug", Level::parse)?;
         Ok(config)
     }
 }
 
-fn set<T>(
-    slot: &mut T,
-    variable: &'static str,
-    expected: &'static str,
-    parse: impl Fn(&str) -> Option<T>,
-) -> Result<(), ConfigError> {
-    match env::var(variable) {
-        Ok(value) if !value.trim().is_empty() => {
-            *slot = parse(value.trim()).ok_or(ConfigError { variable, value, expected })?;
-            Ok(())
+/// Where variables are read from: name to value.
+struct Source<F>(F);
+
+impl<F: Fn(&str) -> Option<String>> Source<F> {
+    /// Parses `variable` into `slot` if it is set and not blank; a value that does not parse
+    /// is an error naming the variable and what it expects.
+    fn set<T>(
+        &self,
+        slot: &mut T,
+        variable: &'static str,
+        expected: &'static str,
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<(), ConfigError> {
+        match (self.0)(variable) {
+            Some(value) if !value.trim().is_empty() => {
+                *slot = parse(value.trim()).ok_or(ConfigError { variable, value, expected })?;
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        _ => Ok(()),
     }
 }
 
@@ -152,11 +174,13 @@ fn millis(value: &str) -> Option<Duration> {
     value.parse().ok().filter(|n| *n > 0).map(Duration::from_millis)
 }
 
-/// Loads `KEY=VALUE` lines from `.env` in the working directory, if there is one, without
-/// overriding variables that are already set (the real environment wins, as with dotenv).
-/// Blank lines and `#` comments are skipped; values may be wrapped in single or double quotes.
-pub fn load_dotenv() {
-    let Ok(text) = std::fs::read_to_string(".env") else { return };
+/// The `KEY=VALUE` lines of a dotenv file, if there is one. Blank lines and `#` comments are
+/// skipped; `export ` before a key is allowed; values may be wrapped in single or double
+/// quotes. Read into a map rather than into the process environment: changing the
+/// environment of a running process is unsafe once threads exist, and needless here.
+fn read_dotenv(path: &str) -> HashMap<String, String> {
+    let Ok(text) = std::fs::read_to_string(path) else { return HashMap::new() };
+    let mut values = HashMap::new();
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -164,16 +188,55 @@ pub fn load_dotenv() {
         }
         let line = line.strip_prefix("export ").unwrap_or(line);
         let Some((key, value)) = line.split_once('=') else { continue };
-        let key = key.trim();
         let value = value.trim();
         let value = value
             .strip_prefix('"')
             .and_then(|v| v.strip_suffix('"'))
             .or_else(|| value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')))
             .unwrap_or(value);
-        if env::var_os(key).is_none() {
-            // SAFETY: called at the very start of main, before any thread is spawned.
-            unsafe { env::set_var(key, value) };
-        }
+        values.insert(key.trim().to_owned(), value.to_owned());
+    }
+    values
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn unset_and_blank_variables_keep_their_defaults() {
+        let config = from(&[("API_PORT", "  ")]).unwrap();
+        assert_eq!(config.port, Config::default().port);
+        assert!(config.migrate_on_start);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        let error = from(&[("DB_POOL_SIZE", "0")]).unwrap_err().to_string();
+        assert!(error.contains("DB_POOL_SIZE") && error.contains("1 to 1000"), "{error}");
+        let config = from(&[("MIGRATE_ON_START", "false"), ("REQUEST_TIMEOUT_MS", "2500")]).unwrap();
+        assert!(!config.migrate_on_start);
+        assert_eq!(config.request_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn dotenv_lines_are_read_with_quotes_comments_and_export() {
+        let path = std::env::temp_dir().join(format!("order-api-dotenv-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "# comment\n\nexport API_PORT=4000\nLOG_LEVEL='debug'\nDATABASE_URL=\"postgresql://x/y\"\nnot a pair\n",
+        )
+        .unwrap();
+        let values = read_dotenv(path.to_str().unwrap());
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(values.get("API_PORT").map(String::as_str), Some("4000"));
+        assert_eq!(values.get("LOG_LEVEL").map(String::as_str), Some("debug"));
+        assert_eq!(values.get("DATABASE_URL").map(String::as_str), Some("postgresql://x/y"));
+        assert_eq!(values.len(), 3);
     }
 }

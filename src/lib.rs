@@ -6,21 +6,24 @@
 //! and never leaves half an order behind (one transaction per order).
 //!
 //! ## Layout
-//! - [`config`]: environment to [`config::Config`], defaults in one place.
-//! - [`http`]: accept loop, limits and timeouts, graceful shutdown, the route table, request
-//!   ids and JSON responses.
-//! - [`api`]: one file per resource: parse the request, call `db`, render the response.
-//! - [`db`]: the connection pool, the embedded migration runner, and one file per resource
-//!   holding its SQL.
+//! - [`config`]: environment (and `.env`) to [`config::Config`], defaults in one place.
+//! - [`http`]: generic server machinery: accept loop, connection limits, graceful shutdown,
+//!   and around each request its id, deadline, log line and metrics.
+//! - [`api`]: the route table, and one file per resource: parse the request, make one call
+//!   into `db`, render the response.
+//! - [`db`]: the connection pool, statements and transactions, the embedded migration runner,
+//!   and one file per resource holding its SQL.
 //! - [`domain`]: the typed values requests are parsed into; [`money`]: exact amounts.
-//! - [`error`]: the one error type and its mapping to status, code and body.
+//! - [`error`]: the one error type and its table of status, code and body.
+//! - [`deadline`]: the request deadline, set by `http` and honoured by `db`.
 //! - [`log`], [`metrics`]: JSON log lines and Prometheus text.
 //!
-//! Data flows one way: `http` -> `api` -> `db`.
+//! Data flows one way: `http` -> `api` -> `db` -> (`domain`, `error`, `money`).
 
 pub mod api;
 pub mod config;
 pub mod db;
+pub mod deadline;
 pub mod domain;
 pub mod error;
 pub mod http;
@@ -44,7 +47,7 @@ pub struct AppState {
     pub pool: Pool,
     pub metrics: Metrics,
     /// Concurrent reads of the whole catalogue share one query.
-    pub catalogue: db::products::CatalogueReads,
+    pub catalogue: api::products::CatalogueReads,
 }
 
 /// How often expired idempotency keys are deleted.
@@ -58,28 +61,66 @@ const STARTUP_RETRY_MAX: Duration = Duration::from_secs(2);
 /// database with backoff (it may still be starting, as in docker-compose) up to
 /// `config.startup_timeout`.
 pub async fn prepare_database(config: &Config, seed: bool) -> Result<(), StartupError> {
-    let deadline = tokio::time::Instant::now() + config.startup_timeout;
-    let mut wait = STARTUP_RETRY_FIRST;
-    let mut client = loop {
-        match db::connect(&config.database_url).await {
-            Ok(client) => break client,
-            Err(e) if tokio::time::Instant::now() + wait < deadline => {
-                log::warn(
-                    "database not reachable yet; retrying",
-                    serde_json::json!({"error": e.to_string(), "retry_in_ms": wait.as_millis()}),
-                );
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(STARTUP_RETRY_MAX);
-            }
-            Err(e) => return Err(format!("database not reachable: {e}").into()),
-        }
-    };
+    let mut client = connect_at_startup(config).await?;
     db::migrate::run(&mut client).await?;
     if seed {
-        db::seed(&mut client).await?;
-        log::info("seed data loaded", serde_json::json!({}));
+        seed_database(&mut client).await?;
     }
     Ok(())
+}
+
+/// What `serve` does before it listens: `prepare_database` when `MIGRATE_ON_START` is on (the
+/// default); else only checks that every migration is applied, and refuses to start if not,
+/// for deployments whose runtime role may not change the schema (`order-api migrate` runs
+/// first, as a separate step with a role that may).
+pub async fn check_database(config: &Config) -> Result<(), StartupError> {
+    if config.migrate_on_start {
+        return prepare_database(config, config.seed_on_start).await;
+    }
+    let mut client = connect_at_startup(config).await?;
+    let pending = db::migrate::pending(&client).await?;
+    if !pending.is_empty() {
+        return Err(format!(
+            "MIGRATE_ON_START=false and migrations are pending ({}): run `order-api migrate` first",
+            pending.join(", ")
+        )
+        .into());
+    }
+    if config.seed_on_start {
+        seed_database(&mut client).await?;
+    }
+    Ok(())
+}
+
+async fn seed_database(client: &mut tokio_postgres::Client) -> Result<(), StartupError> {
+    db::seed(client).await?;
+    log::info("seed data loaded", serde_json::json!({}));
+    Ok(())
+}
+
+/// A connection for the start-up steps. Retries with backoff until `config.startup_timeout`
+/// has passed since the first attempt; each attempt also ends at that deadline, so a database
+/// host that never answers (packets dropped, not refused) cannot hold start-up longer.
+async fn connect_at_startup(config: &Config) -> Result<tokio_postgres::Client, StartupError> {
+    let deadline = tokio::time::Instant::now() + config.startup_timeout;
+    let mut wait = STARTUP_RETRY_FIRST;
+    loop {
+        let error = match tokio::time::timeout_at(deadline, db::connect(&config.database_url)).await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => e.to_string(),
+            Err(_elapsed) => "no answer".to_owned(),
+        };
+        if tokio::time::Instant::now() + wait >= deadline {
+            let waited = config.startup_timeout.as_millis();
+            return Err(format!("database not reachable within {waited} ms (DB_STARTUP_TIMEOUT_MS): {error}").into());
+        }
+        log::warn(
+            "database not reachable yet; retrying",
+            serde_json::json!({"error": error, "retry_in_ms": wait.as_millis()}),
+        );
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(STARTUP_RETRY_MAX);
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then drains in-flight requests
@@ -109,7 +150,7 @@ pub async fn run(
         config,
         pool: pool.clone(),
         metrics: Metrics::default(),
-        catalogue: db::products::CatalogueReads::default(),
+        catalogue: api::products::CatalogueReads::default(),
     });
     http::serve(listener, state, shutdown).await;
     purge.abort();

@@ -15,7 +15,9 @@ fn usage() -> &'static str {
 
 commands:
   serve        apply pending migrations, then serve HTTP (the default)
-               (SEED_ON_START=true also loads the seed data first)
+               (SEED_ON_START=true also loads the seed data first; with
+               MIGRATE_ON_START=false it applies nothing and refuses to start while
+               migrations are pending)
   migrate      apply pending migrations and exit
   seed         apply pending migrations, load the seed data (idempotent) and exit
   create-db    create the database named in DATABASE_URL if it does not exist, and exit
@@ -30,8 +32,7 @@ Configuration comes from the environment and from .env; see .env.example."
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    order_api::config::load_dotenv();
-    let config = match Config::from_env() {
+    let config = match Config::load() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("order-api: {e}");
@@ -73,7 +74,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config, started: Instant) -> Result<(), db::StartupError> {
-    order_api::prepare_database(&config, config.seed_on_start).await?;
+    order_api::check_database(&config).await?;
     let address = SocketAddr::new(config.host, config.port);
     let listener =
         tokio::net::TcpListener::bind(address).await.map_err(|e| format!("cannot listen on {address}: {e}"))?;

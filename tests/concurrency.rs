@@ -100,7 +100,7 @@ async fn rejected_orders_leak_no_connection() {
     app.order(1, 1).await;
     assert!(started.elapsed() < Duration::from_millis(400), "valid order took {:?}", started.elapsed());
     let metrics = app.get("/metrics").await.text;
-    assert!(metrics.lines().any(|l| l == "db_pool_in_use_connections 0"), "{metrics}");
+    assert!(metrics.lines().any(|l| l == "order_api_db_pool_in_use_connections 0"), "{metrics}");
     app.assert_invariants().await;
 }
 

@@ -231,13 +231,14 @@ async fn unknown_paths_and_wrong_methods() {
         app.get(path).await.assert_error(404, "NOT_FOUND");
     }
     for (method, path, allow) in [
-        (reqwest::Method::DELETE, "/api/orders", "GET, POST"),
-        (reqwest::Method::PUT, "/api/orders", "GET, POST"),
+        (reqwest::Method::DELETE, "/api/orders", "GET, HEAD, POST"),
+        (reqwest::Method::PUT, "/api/orders", "GET, HEAD, POST"),
         (reqwest::Method::GET, "/api/products/1/restock", "POST"),
         (reqwest::Method::POST, "/api/orders/1/status", "PUT"),
-        (reqwest::Method::POST, "/api/products", "GET"),
-        (reqwest::Method::PUT, "/health", "GET"),
-        (reqwest::Method::POST, "/api/orders/1", "GET"),
+        (reqwest::Method::POST, "/api/products", "GET, HEAD"),
+        (reqwest::Method::PUT, "/health", "GET, HEAD"),
+        (reqwest::Method::POST, "/health/live", "GET, HEAD"),
+        (reqwest::Method::POST, "/api/orders/1", "GET, HEAD"),
         (reqwest::Method::GET, "/api/orders/1/cancel", "PUT"),
         (reqwest::Method::PATCH, "/api/orders/1/cancel", "PUT"),
     ] {

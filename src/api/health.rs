@@ -1,14 +1,13 @@
-//! `GET /health` and `GET /metrics`.
+//! `GET /health` (the contract's check), `GET /health/live` and `GET /health/ready` (what
+//! orchestrators probe), and `GET /metrics`.
 
 use std::time::Duration;
 
 use hyper::{StatusCode, header::HeaderValue};
 use serde::Serialize;
 
-use crate::{
-    AppState,
-    http::response::{Reply, bytes_reply, json},
-};
+use super::reply::{Reply, json, retry_after, with_content_type};
+use crate::{AppState, db};
 
 /// A health check must answer quickly even when the database hangs: past this, unhealthy.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -18,29 +17,49 @@ const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 struct Health {
     status: &'static str,
     db: &'static str,
+    /// Only on `/health/ready`: whether every migration of this build is applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migrations: Option<&'static str>,
 }
 
-/// 200 `{"status":"ok","db":"healthy"}` when a pooled connection answers `SELECT 1`, else 503
+/// 200 `{"status":"ok","db":"healthy"}` when a pooled connection answers, else 503
 /// `{"status":"error","db":"unhealthy"}`.
 pub async fn check(state: &AppState) -> Reply {
-    let probe = async {
-        let conn = state.pool.get().await?;
-        conn.client().simple_query("SELECT 1").await?;
-        Ok::<(), crate::error::Error>(())
-    };
-    match tokio::time::timeout(HEALTH_CHECK_TIMEOUT, probe).await {
-        Ok(Ok(())) => json(StatusCode::OK, &Health { status: "ok", db: "healthy" }),
-        _ => {
-            let mut reply = json(StatusCode::SERVICE_UNAVAILABLE, &Health { status: "error", db: "unhealthy" });
-            reply.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from(crate::error::RETRY_AFTER_SECS));
-            reply
-        }
+    match tokio::time::timeout(HEALTH_CHECK_TIMEOUT, db::ping(&state.pool)).await {
+        Ok(Ok(())) => json(StatusCode::OK, &Health { status: "ok", db: "healthy", migrations: None }),
+        _ => unhealthy(Health { status: "error", db: "unhealthy", migrations: None }),
     }
+}
+
+/// 200 `{"status":"ok"}` while the process serves requests; the database is not asked, so a
+/// database outage does not make an orchestrator restart every replica.
+pub fn live() -> Reply {
+    #[derive(Serialize)]
+    struct Live {
+        status: &'static str,
+    }
+    json(StatusCode::OK, &Live { status: "ok" })
+}
+
+/// 200 `{"status":"ok","db":"healthy","migrations":"applied"}` when the database answers and
+/// has every migration of this build; else 503 saying which is missing, so that a load
+/// balancer sends no traffic to a replica that cannot serve it.
+pub async fn ready(state: &AppState) -> Reply {
+    let applied = tokio::time::timeout(HEALTH_CHECK_TIMEOUT, db::migrate::all_applied(&state.pool)).await;
+    match applied {
+        Ok(Ok(true)) => json(StatusCode::OK, &Health { status: "ok", db: "healthy", migrations: Some("applied") }),
+        Ok(Ok(false)) => unhealthy(Health { status: "error", db: "healthy", migrations: Some("pending") }),
+        _ => unhealthy(Health { status: "error", db: "unhealthy", migrations: Some("unknown") }),
+    }
+}
+
+fn unhealthy(health: Health) -> Reply {
+    retry_after(json(StatusCode::SERVICE_UNAVAILABLE, &health))
 }
 
 /// Prometheus text exposition format.
 pub fn metrics(state: &AppState) -> Reply {
-    bytes_reply(
+    with_content_type(
         StatusCode::OK,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         state.metrics.render(state.pool.status()),

@@ -1,14 +1,20 @@
-//! One file per resource: each function takes parsed input, calls `db`, and renders the
-//! response. No SQL here, no socket handling.
+//! The application over HTTP: the route table (`routes.rs`) and one file per resource, each
+//! handler taking parsed input, making one call into `db`, and rendering the response
+//! (`reply.rs`; request bodies and queries are read by `input.rs`). No SQL here, no
+//! transaction, no socket handling.
 
 pub mod health;
+pub mod input;
 pub mod openapi;
 pub mod orders;
 pub mod products;
+pub mod reply;
+pub mod routes;
 
 use hyper::header::{HeaderValue, LINK};
 
-use crate::{domain::Page, http::response::Reply};
+use crate::domain::Page;
+use reply::Reply;
 
 /// The raw listing parameters of a query string (`limit`, `after`), parsed by the endpoint.
 #[derive(Debug, Default)]

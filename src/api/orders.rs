@@ -4,85 +4,42 @@
 use hyper::{StatusCode, header::HeaderValue};
 use serde_json::{Value, json};
 
-use super::{Listing, next_page_link};
+use super::{
+    Listing, next_page_link,
+    reply::{Reply, json, json_text},
+};
 use crate::{
     AppState,
     db::{
         self,
-        idempotency::Claim,
-        orders::{CreatedOrder, OrderFilter},
+        orders::{OrderFilter, Placed},
     },
-    domain::{IdempotencyKey, NewOrder, OrderStatus, Page, parse_status_change, positive_int4},
+    domain::{IdempotencyKey, NewOrder, OrderStatus, Page, parse_status_change, positive_int4_in_query},
     error::Error,
-    http::response::{self, Reply, bytes_reply, json},
 };
-
-/// 201 `{"orderId","status":"processing","totalAmount"}`, or the reason the order was refused.
-/// With an `Idempotency-Key`, the outcome is stored with the key in the order's transaction and
-/// a retry gets it replayed byte for byte (see `db::idempotency`).
-pub async fn create(state: &AppState, key: Option<IdempotencyKey>, body: Value) -> Result<Reply, Error> {
-    let order = NewOrder::parse(&body)?;
-    match key {
-        None => {
-            let outcome = db::orders::create(&state.pool, &order).await;
-            state.metrics.record_order(outcome_label(&outcome));
-            rendered(outcome)
-        }
-        Some(key) => create_once(state, &order, &key).await,
-    }
-}
-
-/// The `orders_total` label of an outcome: "created" or the rejection's code.
-fn outcome_label(outcome: &Result<CreatedOrder, Error>) -> &'static str {
-    match outcome {
-        Ok(_) => "created",
-        Err(error) => error.code(),
-    }
-}
 
 /// Header on a replayed response, so a client can tell a replay from a first answer.
 const REPLAYED: &str = "idempotent-replayed";
 
-async fn create_once(state: &AppState, order: &NewOrder, key: &IdempotencyKey) -> Result<Reply, Error> {
-    let mut conn = state.pool.get().await?;
-    let retention = state.config.idempotency_retention;
-    match db::idempotency::claim(&mut conn, order.user_id, key, &order.fingerprint(), retention).await? {
-        Claim::Replay { status, body } => {
-            state.metrics.record_order("replayed");
-            let status = StatusCode::from_u16(status).map_err(|e| Error::Internal(e.to_string()))?;
-            let mut reply = bytes_reply(status, HeaderValue::from_static("application/json"), body);
+/// 201 `{"orderId","status":"processing","totalAmount"}`, or the reason the order was refused.
+/// With an `Idempotency-Key`, the outcome is stored with the key in the order's transaction and
+/// a retry gets it replayed byte for byte (see `db::orders::place`).
+pub async fn create(state: &AppState, key: Option<IdempotencyKey>, body: Value) -> Result<Reply, Error> {
+    let order = NewOrder::parse(&body)?;
+    let placed = db::orders::place(&state.pool, &order, key.as_ref(), state.config.idempotency_retention).await;
+    state.metrics.record_order(match &placed {
+        Ok(Placed::Created(_)) => "created",
+        Ok(Placed::Replayed(_)) => "replayed",
+        Err(error) => error.code(),
+    });
+    match placed? {
+        Placed::Created(created) => Ok(json(StatusCode::CREATED, &created)),
+        Placed::Replayed(stored) => {
+            let status = StatusCode::from_u16(stored.status).map_err(|e| Error::Internal(e.to_string()))?;
+            let mut reply = json_text(status, stored.body);
             reply.headers_mut().insert(REPLAYED, HeaderValue::from_static("true"));
             Ok(reply)
         }
-        Claim::Claimed => {
-            let outcome = db::orders::create_in_transaction(&mut conn, order).await;
-            state.metrics.record_order(outcome_label(&outcome));
-            // Outcomes a retry would get again are stored (the order, or its rejection while
-            // the transaction is still open); failures worth retrying (5xx) are not: the
-            // transaction rolls back, the key with it.
-            let (status, body) = match &outcome {
-                Ok(created) => (StatusCode::CREATED, serde_json::to_string(created)),
-                Err(error) => (error.status(), serde_json::to_string(&error.body())),
-            };
-            let body = body.map_err(|e| Error::Internal(e.to_string()))?;
-            if status.is_server_error() || !conn.in_transaction() {
-                if conn.in_transaction() {
-                    conn.rollback().await?;
-                }
-                return rendered(outcome);
-            }
-            db::idempotency::save(&mut conn, order.user_id, key, status.as_u16(), &body).await?;
-            Ok(bytes_reply(status, HeaderValue::from_static("application/json"), body))
-        }
-    }
-}
-
-/// A created order as 201, a rejection as its error response.
-fn rendered(outcome: Result<CreatedOrder, Error>) -> Result<Reply, Error> {
-    match outcome {
-        Ok(created) => Ok(json(StatusCode::CREATED, &created)),
-        Err(error) if error.status().is_client_error() => Ok(response::error(&error)),
-        Err(error) => Err(error),
     }
 }
 
@@ -97,10 +54,7 @@ pub struct OrderQuery {
 /// `GET /api/orders?userId=&status=&limit=&after=`: one keyset page of order summaries by id,
 /// with a `Link` header to the next page when the page is full.
 pub async fn list(state: &AppState, query: OrderQuery) -> Result<Reply, Error> {
-    let user_id = match &query.user_id {
-        None => None,
-        Some(text) => Some(positive_int4(Some(&json_number(text)), "userId")?),
-    };
+    let user_id = query.user_id.as_deref().map(|text| positive_int4_in_query(text, "userId")).transpose()?;
     let status = match &query.status {
         None => None,
         Some(text) => Some(OrderStatus::parse(text).ok_or_else(|| {
@@ -120,15 +74,6 @@ pub async fn list(state: &AppState, query: OrderQuery) -> Result<Reply, Error> {
     let mut reply = json(StatusCode::OK, &orders);
     next_page_link(&mut reply, "/api/orders", &filters, page, orders.len(), orders.last().map(|o| o.order_id));
     Ok(reply)
-}
-
-/// A query-string value as the JSON number it spells, if it is a plain integer (so that
-/// `positive_int4` applies the same rule to ids from queries and from bodies).
-fn json_number(text: &str) -> Value {
-    match text.parse::<i64>() {
-        Ok(n) if text.bytes().all(|b| b.is_ascii_digit()) => Value::from(n),
-        _ => Value::String(text.to_owned()),
-    }
 }
 
 pub async fn get(state: &AppState, order_id: i64) -> Result<Reply, Error> {

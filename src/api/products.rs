@@ -1,22 +1,29 @@
 //! `GET /api/products`, `GET /api/products/{productId}`, `POST /api/products/{productId}/restock`.
 
-use hyper::StatusCode;
+use hyper::{StatusCode, body::Bytes};
 use serde_json::Value;
 
-use super::{Listing, next_page_link};
+use super::{
+    Listing, next_page_link,
+    reply::{Reply, json, json_text},
+};
 use crate::{
-    AppState, db,
+    AppState,
+    db::{self, products::Product},
     domain::{Page, parse_restock},
     error::Error,
-    http::response::{Reply, json, json_bytes},
 };
+
+/// The shared reads of the whole catalogue (`db::products::CatalogueReads`) share its JSON
+/// body: serialized once per batch of requests, not once per request.
+pub type CatalogueReads = db::products::CatalogueReads<Bytes>;
 
 /// Without `limit` or `after`: every product, ordered by id (the replaced service's shape, for
 /// old clients). With either: one keyset page, and a `Link: <...>; rel="next"` header when
 /// there may be more.
 pub async fn list(state: &AppState, listing: Listing) -> Result<Reply, Error> {
     if listing.limit.is_none() && listing.after.is_none() {
-        return Ok(json_bytes(StatusCode::OK, state.catalogue.read(&state.pool).await?));
+        return Ok(json_text(StatusCode::OK, state.catalogue.read(&state.pool, catalogue_json).await?));
     }
     let page = Page::parse(listing.limit.as_deref(), listing.after.as_deref())?;
     let products = db::products::list_page(&state.pool, page).await?;
@@ -35,4 +42,10 @@ pub async fn get(state: &AppState, product_id: i64) -> Result<Reply, Error> {
 pub async fn restock(state: &AppState, product_id: i64, body: Value) -> Result<Reply, Error> {
     let quantity = parse_restock(&body)?;
     Ok(json(StatusCode::OK, &db::products::restock(&state.pool, product_id, quantity).await?))
+}
+
+fn catalogue_json(products: &[Product]) -> Result<Bytes, Error> {
+    serde_json::to_vec(products)
+        .map(Bytes::from)
+        .map_err(|e| Error::Internal(format!("catalogue serialization failed: {e}")))
 }

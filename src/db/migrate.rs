@@ -8,10 +8,10 @@
 //! and guessing would be worse than a clear message.
 
 use postgres_types::Type;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, error::SqlState};
 
-use super::{StartupError, describe};
-use crate::log;
+use super::{Pool, Sql, StartupError, describe};
+use crate::{error::Error, log};
 
 /// A migration file compiled into the binary.
 #[derive(Debug, Clone, Copy)]
@@ -94,4 +94,31 @@ pub async fn run_migrations(client: &mut Client, migrations: &[Migration]) -> Re
         }
     }
     Ok(newly_applied)
+}
+
+/// The names of the applied migrations.
+const APPLIED: Sql = Sql { params: &[], text: "SELECT name FROM schema_migrations" };
+
+/// Whether every migration of this build is applied to the database (for `/health/ready`, and
+/// for a start without `MIGRATE_ON_START`).
+pub async fn all_applied(pool: &Pool) -> Result<bool, Error> {
+    match pool.get().await?.query(&APPLIED, &[]).await {
+        Ok(rows) => {
+            let applied: Vec<&str> = rows.iter().map(|row| row.get(0)).collect();
+            Ok(MIGRATIONS.iter().all(|migration| applied.contains(&migration.name)))
+        }
+        // No history table: nothing was ever applied.
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The migrations of this build not yet applied, on a connection of one's own (start-up).
+pub async fn pending(client: &Client) -> Result<Vec<&'static str>, StartupError> {
+    let applied: Vec<String> = match client.query_typed("SELECT name FROM schema_migrations", &[]).await {
+        Ok(rows) => rows.iter().map(|row| row.get(0)).collect(),
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Vec::new(),
+        Err(e) => return Err(describe(&e).into()),
+    };
+    Ok(MIGRATIONS.iter().map(|m| m.name).filter(|name| !applied.iter().any(|a| a == name)).collect())
 }

@@ -1,18 +1,24 @@
-//! Everything that talks to PostgreSQL: the pool, the migration runner, and one file per
-//! resource holding its SQL. Nothing here knows about HTTP.
+//! Everything that talks to PostgreSQL: the pool (`pool.rs` checks connections out,
+//! `pipeline.rs` runs statements on them, `tx.rs` holds a transaction open across round
+//! trips), the migration runner, and one file per resource holding its SQL. A whole operation
+//! (an order with its idempotency key) is one call. Nothing here knows about HTTP.
 
 pub mod audit;
 pub mod idempotency;
 pub mod migrate;
 pub mod orders;
+pub mod pipeline;
 pub mod pool;
 pub mod products;
+pub mod tx;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, error::SqlState};
 
-pub use pool::{Pool, PoolSettings, PoolStatus, PooledConn, REQUEST_DEADLINE};
+pub use pipeline::Sql;
+pub use pool::{Pool, PoolSettings, PoolStatus, PooledConn};
+pub use tx::Tx;
 
-use crate::log;
+use crate::{error::Error, log};
 
 /// Failures of the one-off start-up steps (create database, migrate, seed): shown to the
 /// operator and ending the process, so a message is all they need to carry.
@@ -55,10 +61,16 @@ pub async fn create_database_if_missing(database_url: &str) -> Result<(), Startu
         match admin.batch_execute(&format!("CREATE DATABASE {}", quote_identifier(&name))).await {
             Ok(()) => log::info("database created", serde_json::json!({"database": name})),
             // Another process created it between our check and our CREATE: just as good.
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {}
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {}
             Err(e) => return Err(describe(&e).into()),
         }
     }
+    Ok(())
+}
+
+/// `SELECT 1` on a pooled connection: whether the database answers.
+pub async fn ping(pool: &Pool) -> Result<(), Error> {
+    pool.get().await?.client().simple_query("SELECT 1").await?;
     Ok(())
 }
 
@@ -80,5 +92,32 @@ pub fn describe(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
         None => error.to_string(),
+    }
+}
+
+/// A database error is the client's fault only in the cases a caller maps explicitly; here
+/// the rest splits into "try again" (the database is away, busy or timed out) and bugs.
+impl From<tokio_postgres::Error> for Error {
+    fn from(error: tokio_postgres::Error) -> Error {
+        if error.is_closed() {
+            return Error::Unavailable("the database connection was lost; retry");
+        }
+        let Some(code) = error.code() else {
+            // No SQLSTATE: an I/O or protocol failure on the connection.
+            return Error::Unavailable("the database cannot be reached; retry");
+        };
+        if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE {
+            Error::Unavailable("the database did not answer in time; retry")
+        } else if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED {
+            Error::Unavailable("the database was busy; retry")
+        } else if code.code().starts_with("08")
+            || code.code().starts_with("57P")
+            || *code == SqlState::TOO_MANY_CONNECTIONS
+        {
+            // 08xxx connection exceptions, 57P0x shutdown / cannot connect now.
+            Error::Unavailable("the database cannot be reached; retry")
+        } else {
+            Error::Internal(format!("database error: {}", describe(&error)))
+        }
     }
 }

@@ -1,50 +1,36 @@
-//! A small pool of tokio-postgres connections.
+//! A small pool of tokio-postgres connections: checkout, and each connection's lifetime.
 //!
 //! What it guarantees, and how:
 //! - **Bounded:** a semaphore holds one permit per connection that may exist; a request waits
-//!   for a permit at most `acquire_timeout`, then gets `Error::Unavailable` (a 503), so a
-//!   saturated database turns into fast, retryable failures instead of a growing queue.
+//!   for a permit at most `acquire_timeout` (and never past its deadline), then gets
+//!   `Error::Unavailable` (a 503), so a saturated database turns into fast, retryable failures
+//!   instead of a growing queue.
 //! - **Lazy and self-healing:** connections open on demand. A connection whose socket died
 //!   (PostgreSQL restarted, backend terminated) is seen as closed and dropped, never handed
 //!   out again; the next request opens a fresh one. While the database is down, opening fails
 //!   at once (or within `connect_timeout`) and the request gets a 503; after a failure, new
 //!   attempts back off (25 ms doubling to 500 ms), failing fast in between.
-//! - **Clean:** a connection goes back to the pool only if no transaction was left open on it.
-//!   `transaction` marks the connection while a transaction runs and clears the mark once
-//!   COMMIT has answered. A transaction still running at the request's deadline is cancelled
-//!   inside PostgreSQL (see `REQUEST_DEADLINE`), so it ends, rolled back, and the connection is
-//!   reused. Only if the future is dropped in between (the HTTP layer's last-resort timeout,
-//!   when PostgreSQL does not even answer the cancel) is the mark still set: the connection is
-//!   then closed instead of reused, never handed to another request mid-transaction.
-//! - **Prepared once:** each connection keeps the statements it has prepared, keyed by their
-//!   SQL text, so a hot statement is parsed and planned by PostgreSQL once per connection.
-//!   Behind a transaction-mode pooler (`unnamed_statements`), statements are sent unnamed
-//!   instead: parsed with every execution, but valid on whichever server connection runs them.
+//! - **Clean:** a connection goes back to the pool only if nothing of a request is left on
+//!   it. `pipeline.rs` marks a connection it could not finish with (its future was dropped
+//!   mid-flight) and `tx.rs` one whose transaction was dropped without COMMIT or ROLLBACK; a
+//!   marked connection is closed instead of reused, which ends whatever it had open on the
+//!   server.
+//!
+//! Running statements is `pipeline.rs`; transactions that span round trips are `tx.rs`.
 
 use std::{
     collections::HashMap,
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    task::Poll,
     time::{Duration, Instant},
 };
 
-use postgres_types::{ToSql, Type};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{Client, Error as PgError, NoTls, Row, Statement};
+use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::{error::Error, log};
-
-tokio::task_local! {
-    /// The deadline of the request being served, set by the HTTP layer around each handler
-    /// (tokio's counterpart of a request context). The pool waits for a connection no longer
-    /// than this, and a transaction still running at the deadline is cancelled inside
-    /// PostgreSQL and rolled back. Code run outside a request (start-up, tests) has none.
-    pub static REQUEST_DEADLINE: tokio::time::Instant;
-}
+use crate::{deadline, error::Error, log};
 
 /// How the pool is sized and how long it waits.
 #[derive(Debug, Clone)]
@@ -102,11 +88,11 @@ struct Inner {
 }
 
 /// One PostgreSQL connection with its prepared statements.
-pub struct Conn {
-    client: Client,
-    statements: HashMap<&'static str, Statement>,
-    /// Set while a transaction may be open on the connection; see the module doc.
-    in_transaction: bool,
+pub(super) struct Conn {
+    pub(super) client: Client,
+    /// Statements prepared on this connection, keyed by their SQL text: a hot statement is
+    /// parsed and planned by PostgreSQL once per connection.
+    pub(super) statements: HashMap<&'static str, Statement>,
     /// When it was opened, for `PoolSettings::max_lifetime`.
     opened_at: Instant,
     /// Counts this connection in `Inner::open` until dropped.
@@ -156,21 +142,22 @@ impl Pool {
     /// A connection for one request: an idle one if there is one, else a new one.
     pub async fn get(&self) -> Result<PooledConn, Error> {
         let permit = self.acquire_permit().await?;
+        let checked_out =
+            |conn| PooledConn { pool: self.inner.clone(), conn: Some(conn), reusable: true, _permit: permit };
         loop {
             let reused = self.inner.idle.lock().unwrap().pop();
             match reused {
                 // Died while idle, or too old: dropped, which closes it.
-                Some(conn)
-                    if conn.client.is_closed() || conn.opened_at.elapsed() >= self.inner.settings.max_lifetime =>
-                {
-                    continue;
-                }
-                Some(conn) => return Ok(PooledConn { pool: self.inner.clone(), conn: Some(conn), _permit: permit }),
+                Some(conn) if conn.client.is_closed() || self.too_old(&conn) => continue,
+                Some(conn) => return Ok(checked_out(conn)),
                 None => break,
             }
         }
-        let conn = self.connect().await?;
-        Ok(PooledConn { pool: self.inner.clone(), conn: Some(conn), _permit: permit })
+        Ok(checked_out(self.connect().await?))
+    }
+
+    fn too_old(&self, conn: &Conn) -> bool {
+        conn.opened_at.elapsed() >= self.inner.settings.max_lifetime
     }
 
     async fn acquire_permit(&self) -> Result<OwnedSemaphorePermit, Error> {
@@ -179,7 +166,7 @@ impl Pool {
         }
         self.inner.waiting.fetch_add(1, Ordering::Relaxed);
         let mut wait_until = tokio::time::Instant::now() + self.inner.settings.acquire_timeout;
-        if let Ok(deadline) = REQUEST_DEADLINE.try_with(|deadline| *deadline) {
+        if let Some(deadline) = deadline::current() {
             wait_until = wait_until.min(deadline);
         }
         let acquired = tokio::time::timeout_at(wait_until, self.inner.permits.clone().acquire_owned()).await;
@@ -221,13 +208,7 @@ impl Pool {
             }
         });
         self.inner.open.fetch_add(1, Ordering::Relaxed);
-        Ok(Conn {
-            client,
-            statements: HashMap::new(),
-            in_transaction: false,
-            opened_at: Instant::now(),
-            _open: OpenGuard(self.inner.clone()),
-        })
+        Ok(Conn { client, statements: HashMap::new(), opened_at: Instant::now(), _open: OpenGuard(self.inner.clone()) })
     }
 
     pub fn status(&self) -> PoolStatus {
@@ -272,16 +253,19 @@ impl Backoff {
     }
 }
 
-/// A checked-out connection; returns to the pool when dropped.
+/// A checked-out connection; returns to the pool when dropped, unless it was discarded.
 pub struct PooledConn {
     pool: Arc<Inner>,
     conn: Option<Conn>,
+    /// Cleared by `discard`: the connection may still carry something of its request (an open
+    /// transaction, answers not yet read), so it is closed instead of going back to the pool.
+    reusable: bool,
     /// Keeps the pool's count of connections in use; released after the connection is back.
     _permit: OwnedSemaphorePermit,
 }
 
 impl PooledConn {
-    fn conn(&mut self) -> &mut Conn {
+    pub(super) fn conn(&mut self) -> &mut Conn {
         self.conn.as_mut().expect("connection present until drop")
     }
 
@@ -289,209 +273,26 @@ impl PooledConn {
         &self.conn.as_ref().expect("connection present until drop").client
     }
 
-    /// Whether a transaction opened with `begin` is still open (not yet committed or rolled back).
-    pub fn in_transaction(&self) -> bool {
-        self.conn.as_ref().is_some_and(|conn| conn.in_transaction)
+    pub(super) fn unnamed_statements(&self) -> bool {
+        self.pool.settings.unnamed_statements
     }
 
-    /// Runs one statement on its own (a transaction of one statement).
-    pub async fn query(&mut self, sql: &'static Sql, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
-        let mut rows = self.pipeline(Open::AlreadyOpen, &[(sql, params)], Close::KeepOpen).await?;
-        Ok(rows.pop().unwrap_or_default())
+    /// Closes the connection when it is dropped instead of returning it to the pool.
+    pub(super) fn discard(&mut self) {
+        self.reusable = false;
     }
 
-    /// Runs `steps` as one transaction in one round trip: BEGIN, each statement, COMMIT, sent
-    /// back to back without waiting for answers (pipelining), then returns each statement's
-    /// rows, or the first error in statement order.
-    ///
-    /// PostgreSQL runs them strictly in order, each on a fresh snapshot, so a statement can
-    /// rely on the locks taken by the ones before it. Once one fails, the rest fail with
-    /// "transaction aborted" and COMMIT acts as ROLLBACK: nothing of the transaction remains.
-    /// Whatever happens, when this returns no transaction is open on the connection.
-    pub async fn transaction<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
-        let rows = self.pipeline(Open::Begin, &steps, Close::Commit).await?;
-        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
+    /// Returns the connection to the pool again (after `discard`), once what it carried has
+    /// been cleaned up.
+    pub(super) fn keep(&mut self) {
+        self.reusable = true;
     }
-
-    /// Like `transaction`, for a transaction that needs more than one round trip: BEGIN and
-    /// `steps`, leaving the transaction open for `then` and `commit` (or `rollback`). If a step
-    /// fails, the transaction is rolled back before the error is returned.
-    pub async fn begin<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
-        let rows = self.pipeline(Open::Begin, &steps, Close::KeepOpen).await?;
-        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
-    }
-
-    /// More `steps` in the transaction opened by `begin`, in one round trip.
-    pub async fn then<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
-        let rows = self.pipeline(Open::AlreadyOpen, &steps, Close::KeepOpen).await?;
-        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
-    }
-
-    /// The last `steps` of the transaction opened by `begin`, and COMMIT, in one round trip.
-    pub async fn commit<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
-        let rows = self.pipeline(Open::AlreadyOpen, &steps, Close::Commit).await?;
-        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
-    }
-
-    /// Ends the transaction opened by `begin` without keeping anything.
-    pub async fn rollback(&mut self) -> Result<(), PgError> {
-        self.pipeline(Open::AlreadyOpen, &[], Close::Rollback).await.map(drop)
-    }
-
-    /// Sends [BEGIN,] steps [, COMMIT | ROLLBACK] as one pipeline and collects the answers.
-    async fn pipeline(&mut self, open: Open, steps: &[Step<'_>], close: Close) -> Result<Vec<Vec<Row>>, PgError> {
-        let mut sent: Vec<Step> = Vec::with_capacity(steps.len() + 2);
-        if open == Open::Begin {
-            sent.push((&BEGIN, &[]));
-        }
-        sent.extend_from_slice(steps);
-        match close {
-            Close::Commit => sent.push((&COMMIT, &[])),
-            Close::Rollback => sent.push((&ROLLBACK, &[])),
-            Close::KeepOpen => {}
-        }
-        for (sql, params) in &sent {
-            // A statement given the wrong number of values is a bug in this crate, not input.
-            assert_eq!(params.len(), sql.params.len(), "parameters of {}", sql.text.trim());
-        }
-        let prepared = if self.pool.settings.unnamed_statements {
-            vec![None; sent.len()]
-        } else {
-            let mut prepared = Vec::with_capacity(sent.len());
-            for (sql, _) in &sent {
-                prepared.push(Some(self.prepared(sql).await?));
-            }
-            prepared
-        };
-        let typed: Vec<Vec<(&(dyn ToSql + Sync), Type)>> =
-            sent.iter().map(|(sql, params)| params.iter().copied().zip(sql.params.iter().cloned()).collect()).collect();
-
-        let in_transaction_before = self.in_transaction();
-        let conn = self.conn();
-        conn.in_transaction = true;
-        let client = &conn.client;
-        let requests = sent.iter().zip(&prepared).zip(&typed).map(|(((sql, params), statement), typed)| -> Request {
-            match statement {
-                Some(statement) => Box::pin(client.query(statement, params)),
-                None => Box::pin(client.query_typed(sql.text, typed)),
-            }
-        });
-        let mut results = within_deadline(client, join_all(requests)).await;
-        let failed = results.iter().any(Result::is_err);
-        let still_open = match close {
-            // COMMIT or ROLLBACK has answered: no transaction is open any more.
-            Close::Commit | Close::Rollback => false,
-            // An aborted transaction is ended here, so the connection is clean for the caller.
-            Close::KeepOpen if failed && (open == Open::Begin || in_transaction_before) => {
-                client.batch_execute("ROLLBACK").await?;
-                false
-            }
-            Close::KeepOpen => open == Open::Begin || in_transaction_before,
-        };
-        conn.in_transaction = still_open;
-
-        // The first failure in pipeline order is the cause; the later ones only echo it.
-        let closed = if close == Close::KeepOpen { None } else { results.pop() };
-        if open == Open::Begin {
-            results.remove(0)?;
-        }
-        let rows = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        if let Some(closed) = closed {
-            closed?;
-        }
-        Ok(rows)
-    }
-
-    /// The prepared form of `sql` on this connection, preparing it on first use.
-    async fn prepared(&mut self, sql: &'static Sql) -> Result<Statement, PgError> {
-        let conn = self.conn();
-        if let Some(statement) = conn.statements.get(sql.text) {
-            return Ok(statement.clone());
-        }
-        let statement = conn.client.prepare_typed(sql.text, sql.params).await?;
-        conn.statements.insert(sql.text, statement.clone());
-        Ok(statement)
-    }
-}
-
-/// One request of a pipeline, prepared or unnamed.
-type Request<'a> = Pin<Box<dyn Future<Output = Result<Vec<Row>, PgError>> + Send + 'a>>;
-
-const BEGIN: Sql = Sql { params: &[], text: "BEGIN" };
-const COMMIT: Sql = Sql { params: &[], text: "COMMIT" };
-const ROLLBACK: Sql = Sql { params: &[], text: "ROLLBACK" };
-
-/// Awaits `work` (requests already sent or about to be sent on `client`) until the request's
-/// deadline, if there is one. Past it, asks PostgreSQL to cancel the running statement, so a
-/// transaction fails and its COMMIT turns into ROLLBACK, then waits for the real outcome.
-/// Dropping `work` instead would not stop it: the statements are already in the server's
-/// buffer and would still run, COMMIT included, with the client told the opposite.
-async fn within_deadline<F: Future>(client: &Client, work: F) -> F::Output {
-    let Ok(deadline) = REQUEST_DEADLINE.try_with(|deadline| *deadline) else {
-        return work.await;
-    };
-    tokio::pin!(work);
-    match tokio::time::timeout_at(deadline, &mut work).await {
-        Ok(output) => output,
-        Err(_elapsed) => {
-            let _ = client.cancel_token().cancel_query(NoTls).await;
-            work.await
-        }
-    }
-}
-
-/// A statement of the service: its text and the PostgreSQL types of its parameters, in order
-/// (`$1`, `$2`, ...). The types let a statement be sent unnamed (parse, bind and execute in
-/// one message) when the service runs behind a transaction-mode pooler, and they say at the
-/// statement what each parameter is.
-#[derive(Debug)]
-pub struct Sql {
-    pub params: &'static [Type],
-    pub text: &'static str,
-}
-
-/// One statement of a pipeline and its parameters.
-pub type Step<'a> = (&'static Sql, &'a [&'a (dyn ToSql + Sync)]);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Open {
-    Begin,
-    AlreadyOpen,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Close {
-    Commit,
-    Rollback,
-    KeepOpen,
-}
-
-/// Polls all futures together until each is done, returning their outputs in order. On one
-/// connection this pipelines requests: tokio-postgres sends a request when its future is first
-/// polled, so all are on the wire before the first answer is awaited.
-async fn join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut futures: Vec<Pin<Box<F>>> = futures.map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut all_done = true;
-        for (future, output) in futures.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(value) => *output = Some(value),
-                    Poll::Pending => all_done = false,
-                }
-            }
-        }
-        if all_done { Poll::Ready(()) } else { Poll::Pending }
-    })
-    .await;
-    outputs.into_iter().map(|output| output.expect("every future completed")).collect()
 }
 
 impl Drop for PooledConn {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else { return };
-        let reusable = !conn.in_transaction
+        let reusable = self.reusable
             && !conn.client.is_closed()
             && conn.opened_at.elapsed() < self.pool.settings.max_lifetime
             && !self.pool.closed.load(Ordering::Relaxed);

@@ -2,15 +2,13 @@
 
 use std::sync::Mutex;
 
-use hyper::body::Bytes;
-
+use postgres_types::Type;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_postgres::{Row, error::SqlState};
 
-use super::{Pool, pool::Sql};
+use super::{Pool, Sql};
 use crate::{domain::Page, error::Error, money::Money};
-use postgres_types::Type;
 
 #[derive(Debug, Serialize)]
 pub struct Product {
@@ -38,20 +36,28 @@ const LIST_ALL: Sql = Sql { params: &[], text: "SELECT id, name, price, stock FR
 /// every answer therefore comes from a snapshot taken after its request arrived, and a client
 /// that has just placed an order sees the stock it took. (A cache would answer faster but from
 /// the past; this never does.)
-#[derive(Default)]
-pub struct CatalogueReads {
+///
+/// What is shared is `T`, the catalogue as the caller renders it (the API shares its JSON
+/// body), so that the rendering too is done once per batch, not once per request.
+pub struct CatalogueReads<T> {
     /// The batch still open for joining, if any: a receiver of its outcome.
-    open_batch: Mutex<Option<watch::Receiver<Option<BatchOutcome>>>>,
+    open_batch: Mutex<Option<watch::Receiver<Option<BatchOutcome<T>>>>>,
 }
 
-/// What a batch's read gave: the catalogue, or why there is none (an `Error::Unavailable`
-/// reason, or `None` for any other failure, which the leader's request logs).
-/// The catalogue is shared already serialized: every request of a batch answers the same bytes.
-type BatchOutcome = Result<Bytes, Option<&'static str>>;
+/// What a batch's read gave: the rendered catalogue, or why there is none (an
+/// `Error::Unavailable` reason, or `None` for any other failure, which the leader's request
+/// logs).
+type BatchOutcome<T> = Result<T, Option<&'static str>>;
 
-impl CatalogueReads {
-    /// The whole catalogue as its JSON array.
-    pub async fn read(&self, pool: &Pool) -> Result<Bytes, Error> {
+impl<T> Default for CatalogueReads<T> {
+    fn default() -> Self {
+        CatalogueReads { open_batch: Mutex::new(None) }
+    }
+}
+
+impl<T: Clone> CatalogueReads<T> {
+    /// The whole catalogue, by id, rendered by `render`.
+    pub async fn read(&self, pool: &Pool, render: fn(&[Product]) -> Result<T, Error>) -> Result<T, Error> {
         let joined = {
             let mut open_batch = self.open_batch.lock().unwrap();
             match &*open_batch {
@@ -64,25 +70,30 @@ impl CatalogueReads {
             }
         };
         match joined {
-            Ok(sender) => self.lead(pool, sender).await,
+            Ok(sender) => self.lead(pool, render, sender).await,
             Err(mut outcome) => {
                 let shared = outcome.wait_for(Option::is_some).await.ok().and_then(|outcome| outcome.clone());
                 match shared {
-                    Some(Ok(products)) => Ok(products),
+                    Some(Ok(catalogue)) => Ok(catalogue),
                     Some(Err(Some(reason))) => Err(Error::Unavailable(reason)),
                     Some(Err(None)) => Err(Error::Internal("the shared catalogue read failed".into())),
                     // The leader was dropped before answering: read alone.
-                    None => read_all(pool).await,
+                    None => render(&list_all(pool.get().await?.query(&LIST_ALL, &[]).await?)),
                 }
             }
         }
     }
 
     /// Gets a connection, closes the batch, reads, and tells everyone who joined.
-    async fn lead(&self, pool: &Pool, sender: watch::Sender<Option<BatchOutcome>>) -> Result<Bytes, Error> {
+    async fn lead(
+        &self,
+        pool: &Pool,
+        render: fn(&[Product]) -> Result<T, Error>,
+        sender: watch::Sender<Option<BatchOutcome<T>>>,
+    ) -> Result<T, Error> {
         // Closes the batch however this ends, even if the request is dropped while waiting.
-        struct CloseBatch<'a>(&'a CatalogueReads);
-        impl Drop for CloseBatch<'_> {
+        struct CloseBatch<'a, T>(&'a CatalogueReads<T>);
+        impl<T> Drop for CloseBatch<'_, T> {
             fn drop(&mut self) {
                 self.0.open_batch.lock().unwrap().take();
             }
@@ -92,12 +103,12 @@ impl CatalogueReads {
         drop(close);
         let result = match conn {
             Ok(mut conn) => {
-                conn.query(&LIST_ALL, &[]).await.map_err(Error::from).and_then(|rows| catalogue_json(&rows))
+                conn.query(&LIST_ALL, &[]).await.map_err(Error::from).and_then(|rows| render(&list_all(rows)))
             }
             Err(e) => Err(e),
         };
         let shared = match &result {
-            Ok(products) => Ok(products.clone()),
+            Ok(catalogue) => Ok(catalogue.clone()),
             Err(Error::Unavailable(reason)) => Err(Some(*reason)),
             Err(_) => Err(None),
         };
@@ -106,18 +117,8 @@ impl CatalogueReads {
     }
 }
 
-fn products(rows: &[Row]) -> Vec<Product> {
+fn list_all(rows: Vec<Row>) -> Vec<Product> {
     rows.iter().map(Product::from_row).collect()
-}
-
-fn catalogue_json(rows: &[Row]) -> Result<Bytes, Error> {
-    serde_json::to_vec(&products(rows))
-        .map(Bytes::from)
-        .map_err(|e| Error::Internal(format!("catalogue serialization failed: {e}")))
-}
-
-async fn read_all(pool: &Pool) -> Result<Bytes, Error> {
-    catalogue_json(&pool.get().await?.query(&LIST_ALL, &[]).await?)
 }
 
 /// One keyset page of the catalogue: ids after $1, at most $2 of them.
@@ -137,7 +138,7 @@ const GET_PRODUCT: Sql =
     Sql { params: &[Type::INT4], text: "SELECT id, name, price, stock FROM products WHERE id = $1" };
 
 pub async fn get(pool: &Pool, product_id: i64) -> Result<Product, Error> {
-    let missing = Error::NoSuchProduct { product_id };
+    let missing = Error::ProductNotFound { product_id };
     let Ok(id) = i32::try_from(product_id) else { return Err(missing) };
     let rows = pool.get().await?.query(&GET_PRODUCT, &[&id]).await?;
     rows.first().map(Product::from_row).ok_or(missing)
@@ -162,7 +163,7 @@ const RESTOCK: Sql = Sql {
 };
 
 pub async fn restock(pool: &Pool, product_id: i64, quantity: i32) -> Result<Product, Error> {
-    let missing = Error::NoSuchProduct { product_id };
+    let missing = Error::ProductNotFound { product_id };
     let Ok(id) = i32::try_from(product_id) else { return Err(missing) };
     let rows = pool.get().await?.query(&RESTOCK, &[&id, &quantity]).await.map_err(|e| {
         if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {

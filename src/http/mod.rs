@@ -1,9 +1,9 @@
-//! The HTTP server: accept loop, per-connection limits, per-request deadline and logging,
-//! and graceful shutdown.
+//! The HTTP server, generic machinery that knows nothing of orders: the accept loop,
+//! per-connection limits, graceful shutdown, and around each request its id, its deadline,
+//! its log line and its metrics. What a request means is `api`'s: the route table
+//! (`api::routes`) and the handlers.
 
-pub mod request;
-pub mod response;
-pub mod router;
+pub mod request_id;
 
 use std::{
     convert::Infallible,
@@ -24,11 +24,30 @@ use tokio::{
     sync::Semaphore,
 };
 
-use crate::{AppState, db, error::Error, log};
-use response::Reply;
+use crate::{
+    AppState,
+    api::{
+        reply::{self, Reply},
+        routes,
+    },
+    deadline,
+    error::{Error, RETRY_AFTER_SECS},
+    log,
+};
 
 /// Connections past `MAX_CONNECTIONS` answered with a 503 at the same time; more are closed.
 const MAX_REFUSALS_AT_ONCE: usize = 64;
+
+/// Pause after a failed accept (typically EMFILE, out of file descriptors) before the next
+/// one, so the loop does not spin while descriptors are short.
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// How long a refused connection is given to send its request, and then to close its side.
+const REFUSAL_PATIENCE: Duration = Duration::from_millis(200);
+
+/// Most bytes of a refused connection's request read before answering: the headers of any
+/// sane request, never a body worth buffering.
+const REFUSAL_READ_LIMIT: usize = 16 * 1024;
 
 /// How long past its deadline a handler may take to cancel its transaction and report the
 /// real outcome before it is abandoned.
@@ -54,7 +73,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
                 Err(e) => {
                     // Typically EMFILE: back off briefly instead of spinning.
                     log::warn("accept failed", serde_json::json!({"error": e.to_string()}));
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_RETRY_PAUSE).await;
                     continue;
                 }
             },
@@ -63,6 +82,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
         // Requests and responses are small: send each at once rather than waiting to batch.
         let _ = stream.set_nodelay(true);
         let Ok(slot) = connection_slots.clone().try_acquire_owned() else {
+            state.metrics.record_refused_connection();
             // A refusal holds its socket a moment (see `refuse_over_capacity`); past a few
             // dozen at once (a flood), connections are closed without an answer, so that
             // refusing never holds more sockets than MAX_CONNECTIONS is there to cap.
@@ -97,19 +117,17 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
 /// socket with unread bytes makes the kernel send a reset, and a reset can reach the client
 /// before the 503 does, which then sees only "connection reset" instead of the clear answer.
 async fn refuse_over_capacity(mut stream: TcpStream) {
-    const PATIENCE: Duration = Duration::from_millis(200);
-    let body = serde_json::to_string(&Error::Unavailable("the server is at its connection limit; retry").body())
-        .unwrap_or_default();
+    let answer = Error::Unavailable("the server is at its connection limit; retry").answer();
+    let body = serde_json::to_string(&answer.body).unwrap_or_default();
     let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {}\r\n\
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {RETRY_AFTER_SECS}\r\n\
          connection: close\r\ncontent-length: {}\r\n\r\n",
-        crate::error::RETRY_AFTER_SECS,
         body.len()
     );
     let mut buffer = [0u8; 4096];
     let mut received = Vec::new();
-    let _ = tokio::time::timeout(PATIENCE, async {
-        while !received.windows(4).any(|w| w == b"\r\n\r\n") && received.len() < 16 * 1024 {
+    let _ = tokio::time::timeout(REFUSAL_PATIENCE, async {
+        while !received.windows(4).any(|w| w == b"\r\n\r\n") && received.len() < REFUSAL_READ_LIMIT {
             match stream.read(&mut buffer).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => received.extend_from_slice(&buffer[..n]),
@@ -120,17 +138,19 @@ async fn refuse_over_capacity(mut stream: TcpStream) {
     let _ = stream.write_all(format!("{head}{body}").as_bytes()).await;
     let _ = stream.shutdown().await;
     // Whatever else the client sends (a body) is read and dropped until it closes its side.
-    let _ = tokio::time::timeout(PATIENCE, async { while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {} })
-        .await;
+    let _ = tokio::time::timeout(REFUSAL_PATIENCE, async {
+        while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// One request: route it, run its handler in a task of its own under the request deadline,
 /// render errors, add `X-Request-Id`, record metrics and write the log line.
 async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Reply, Infallible> {
     let started = Instant::now();
-    let request_id = request::request_id(&request);
+    let request_id = request_id::request_id(&request);
     let method = request.method().clone();
-    let matched = router::find(request.uri().path());
+    let matched = routes::find(request.uri().path());
     let route = matched.as_ref().map_or("unmatched", |m| m.route.template());
 
     let outcome = match matched {
@@ -141,8 +161,8 @@ async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Repl
             // its end and its connection goes back to the pool clean).
             let deadline = tokio::time::Instant::now() + state.config.request_timeout;
             let handler_state = state.clone();
-            let handler = db::REQUEST_DEADLINE
-                .scope(deadline, async move { router::dispatch(&handler_state, matched, request).await });
+            let handler =
+                deadline::scope(deadline, async move { routes::dispatch(&handler_state, matched, request).await });
             let mut task = tokio::spawn(log::REQUEST_ID.scope(request_id.clone(), handler));
             // The handler honours the deadline itself: its pool wait ends there, and a
             // transaction still running is cancelled inside PostgreSQL, so the answer tells
@@ -160,17 +180,17 @@ async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Repl
     };
 
     let error_detail = outcome.as_ref().err().and_then(|e| e.log_detail().map(str::to_owned));
-    let mut reply = outcome.unwrap_or_else(|error| response::error(&error));
+    let mut reply = outcome.unwrap_or_else(|error| reply::error(&error));
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         reply.headers_mut().insert("x-request-id", value);
     }
     let elapsed = started.elapsed();
     let status = reply.status().as_u16();
-    state.metrics.record_request(route, method.as_str(), status, elapsed);
+    state.metrics.record_request(route, &method, status, elapsed);
     let level = match (status, route) {
         (500.., _) => log::Level::Error,
         // Healthchecks and metric scrapes come every few seconds and say nothing new.
-        (200, "/health" | "/metrics") => log::Level::Debug,
+        (200, "/health" | "/health/live" | "/health/ready" | "/metrics") => log::Level::Debug,
         _ => log::Level::Info,
     };
     if log::enabled(level) {

@@ -1,12 +1,9 @@
-//! Reading what a request carries: a JSON body (within limits) and its request id.
-
-use std::{
-    sync::atomic::{AtomicU64, Ordering},
-    time::{SystemTime, UNIX_EPOCH},
-};
+//! Reading what a request carries for a handler: a JSON body (within limits) and query
+//! parameters.
 
 use http_body_util::{BodyExt, Limited};
 use hyper::{Request, body::Incoming, header};
+use percent_encoding::percent_decode_str;
 use serde_json::Value;
 
 use crate::error::Error;
@@ -14,9 +11,6 @@ use crate::error::Error;
 /// Largest request body accepted. An order of the maximum 100 lines is about 5 KB; the rest
 /// is headroom, and the cap keeps a client from making the server buffer megabytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// Longest `X-Request-Id` taken from a client; longer or odd ones are replaced.
-pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Reads the body as JSON: 415 unless it is declared `application/json`, 413 past
 /// `MAX_BODY_BYTES` (checked on `Content-Length` before reading a byte, and again while
@@ -47,34 +41,6 @@ fn is_json_media_type(content_type: &str) -> bool {
     media_type.eq_ignore_ascii_case("application/json")
 }
 
-/// The client's `X-Request-Id` if it is sane (1 to 128 visible ASCII characters from a
-/// conservative set), else a new one: unique within this process and, through the start
-/// time and pid, very likely across replicas.
-pub fn request_id(request: &Request<Incoming>) -> String {
-    if let Some(id) = request.headers().get("x-request-id").and_then(|v| v.to_str().ok())
-        && is_acceptable_request_id(id)
-    {
-        return id.to_owned();
-    }
-    generate_request_id()
-}
-
-fn is_acceptable_request_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_REQUEST_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/' | b'+' | b'='))
-}
-
-fn generate_request_id() -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    let prefix = PREFIX.get_or_init(|| {
-        let started = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
-        format!("{:010x}{:06x}", started & 0xff_ffff_ffff, std::process::id() & 0xff_ffff)
-    });
-    format!("{prefix}-{:08x}", NEXT.fetch_add(1, Ordering::Relaxed))
-}
-
 /// The value of `name` in a URL query string (`a=1&b=2`), percent-decoded. `None` when the
 /// parameter is absent; `Some(Err)` when it is present but not valid UTF-8 after decoding.
 pub fn query_param(query: Option<&str>, name: &str) -> Option<Result<String, Error>> {
@@ -87,24 +53,11 @@ pub fn query_param(query: Option<&str>, name: &str) -> Option<Result<String, Err
     })
 }
 
+/// `+` as a space, then `%XX` escapes; `Err` when the result is not UTF-8. An escape cut
+/// short (`%4`) stays as it is, and fails the parse of the parameter that carries it.
 fn percent_decode(text: &str) -> Result<String, ()> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3).ok_or(())?;
-                let hex = std::str::from_utf8(hex).map_err(|_| ())?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| ())?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| ())
+    let spaced = text.replace('+', " ");
+    percent_decode_str(&spaced).decode_utf8().map(|decoded| decoded.into_owned()).map_err(drop)
 }
 
 #[cfg(test)]
@@ -120,16 +73,8 @@ mod tests {
         assert!(query_param(query, "after").is_none());
         assert!(query_param(None, "limit").is_none());
         assert!(query_param(Some("x=%ff"), "x").unwrap().is_err());
-        assert!(query_param(Some("x=%4"), "x").unwrap().is_err());
-    }
-
-    #[test]
-    fn accepts_sane_request_ids_only() {
-        assert!(is_acceptable_request_id("abc-123_DEF.4"));
-        assert!(!is_acceptable_request_id(""));
-        assert!(!is_acceptable_request_id("has space"));
-        assert!(!is_acceptable_request_id(&"a".repeat(MAX_REQUEST_ID_LEN + 1)));
-        assert_ne!(generate_request_id(), generate_request_id());
+        // An escape cut short stays as it is; the parameter's own parse then refuses it.
+        assert_eq!(query_param(Some("x=%4"), "x").unwrap().unwrap(), "%4");
     }
 
     #[test]

@@ -1,16 +1,18 @@
-//! The route table: path templates to routes, and (route, method) to the api function.
+//! The route table: path templates to routes, and (route, method) to the handler, with what
+//! the handler needs parsed from the request (path id, query, headers, body).
 
 use std::sync::LazyLock;
 
 use hyper::{Method, Request, body::Incoming};
 
 use super::{
-    request::{json_body, query_param},
-    response::Reply,
+    Listing, health,
+    input::{json_body, query_param},
+    openapi, orders, products,
+    reply::Reply,
 };
 use crate::{
     AppState,
-    api::{self, Listing, orders::OrderQuery},
     domain::{IdempotencyKey, parse_path_id},
     error::Error,
 };
@@ -19,6 +21,8 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
     Health,
+    HealthLive,
+    HealthReady,
     Metrics,
     OpenApi,
     Products,
@@ -31,8 +35,10 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 12] = [
         Route::Health,
+        Route::HealthLive,
+        Route::HealthReady,
         Route::Metrics,
         Route::OpenApi,
         Route::Products,
@@ -47,6 +53,8 @@ impl Route {
     pub fn template(self) -> &'static str {
         match self {
             Route::Health => "/health",
+            Route::HealthLive => "/health/live",
+            Route::HealthReady => "/health/ready",
             Route::Metrics => "/metrics",
             Route::OpenApi => "/openapi.json",
             Route::Products => "/api/products",
@@ -59,12 +67,20 @@ impl Route {
         }
     }
 
-    /// The methods this route answers: the `Allow` header of a 405.
+    /// The methods this route answers: the `Allow` header of a 405. `HEAD` is answered
+    /// wherever `GET` is, as HTTP expects (the same headers, no body).
     pub fn allow(self) -> &'static str {
         match self {
-            Route::Health | Route::Metrics | Route::OpenApi | Route::Products | Route::Product | Route::Order => "GET",
+            Route::Health
+            | Route::HealthLive
+            | Route::HealthReady
+            | Route::Metrics
+            | Route::OpenApi
+            | Route::Products
+            | Route::Product
+            | Route::Order => "GET, HEAD",
             Route::ProductRestock => "POST",
-            Route::Orders => "GET, POST",
+            Route::Orders => "GET, HEAD, POST",
             Route::OrderCancel | Route::OrderStatus => "PUT",
         }
     }
@@ -95,7 +111,7 @@ pub fn find(path: &str) -> Option<Matched> {
     Some(Matched { route: *matched.value, id })
 }
 
-/// Calls the api function for the route and the request's method.
+/// Calls the handler for the route and the request's method.
 pub async fn dispatch(state: &AppState, matched: Matched, request: Request<Incoming>) -> Result<Reply, Error> {
     let id = || match &matched.id {
         Some((name, value)) => parse_path_id(value, name),
@@ -104,33 +120,40 @@ pub async fn dispatch(state: &AppState, matched: Matched, request: Request<Incom
     let query = request.uri().query().map(str::to_owned);
     let param = |name: &str| query_param(query.as_deref(), name).transpose();
     let listing = || -> Result<Listing, Error> { Ok(Listing { limit: param("limit")?, after: param("after")? }) };
+    // hyper sends no body in the answer to a HEAD, and keeps the headers of the GET.
+    let method = match request.method() {
+        &Method::HEAD => Method::GET,
+        method => method.clone(),
+    };
 
-    match (matched.route, request.method()) {
-        (Route::Health, &Method::GET) => Ok(api::health::check(state).await),
-        (Route::Metrics, &Method::GET) => Ok(api::health::metrics(state)),
-        (Route::OpenApi, &Method::GET) => Ok(api::openapi::document()),
-        (Route::Products, &Method::GET) => api::products::list(state, listing()?).await,
-        (Route::Product, &Method::GET) => api::products::get(state, id()?).await,
-        (Route::ProductRestock, &Method::POST) => {
+    match (matched.route, method) {
+        (Route::Health, Method::GET) => Ok(health::check(state).await),
+        (Route::HealthLive, Method::GET) => Ok(health::live()),
+        (Route::HealthReady, Method::GET) => Ok(health::ready(state).await),
+        (Route::Metrics, Method::GET) => Ok(health::metrics(state)),
+        (Route::OpenApi, Method::GET) => Ok(openapi::document()),
+        (Route::Products, Method::GET) => products::list(state, listing()?).await,
+        (Route::Product, Method::GET) => products::get(state, id()?).await,
+        (Route::ProductRestock, Method::POST) => {
             let product_id = id()?;
-            api::products::restock(state, product_id, json_body(request).await?).await
+            products::restock(state, product_id, json_body(request).await?).await
         }
-        (Route::Orders, &Method::GET) => {
-            let query = OrderQuery { user_id: param("userId")?, status: param("status")?, listing: listing()? };
-            api::orders::list(state, query).await
+        (Route::Orders, Method::GET) => {
+            let query = orders::OrderQuery { user_id: param("userId")?, status: param("status")?, listing: listing()? };
+            orders::list(state, query).await
         }
-        (Route::Orders, &Method::POST) => {
+        (Route::Orders, Method::POST) => {
             let key = match request.headers().get("idempotency-key") {
                 Some(value) => Some(IdempotencyKey::parse(value.as_bytes())?),
                 None => None,
             };
-            api::orders::create(state, key, json_body(request).await?).await
+            orders::create(state, key, json_body(request).await?).await
         }
-        (Route::Order, &Method::GET) => api::orders::get(state, id()?).await,
-        (Route::OrderCancel, &Method::PUT) => api::orders::cancel(state, id()?).await,
-        (Route::OrderStatus, &Method::PUT) => {
+        (Route::Order, Method::GET) => orders::get(state, id()?).await,
+        (Route::OrderCancel, Method::PUT) => orders::cancel(state, id()?).await,
+        (Route::OrderStatus, Method::PUT) => {
             let order_id = id()?;
-            api::orders::set_status(state, order_id, json_body(request).await?).await
+            orders::set_status(state, order_id, json_body(request).await?).await
         }
         (route, _) => Err(Error::MethodNotAllowed { allow: route.allow() }),
     }

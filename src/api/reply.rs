@@ -1,0 +1,52 @@
+//! Building responses: JSON bodies, and errors rendered from `Error::answer` in one place.
+
+use http_body_util::Full;
+use hyper::{
+    Response, StatusCode,
+    body::Bytes,
+    header::{self, HeaderValue},
+};
+use serde::Serialize;
+
+use crate::error::{Error, RETRY_AFTER_SECS};
+
+pub type Reply = Response<Full<Bytes>>;
+
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// `body` serialized as the JSON body of a `status` response.
+pub fn json(status: StatusCode, body: &impl Serialize) -> Reply {
+    match serde_json::to_vec(body) {
+        Ok(bytes) => json_text(status, bytes),
+        Err(e) => error(&Error::Internal(format!("response serialization failed: {e}"))),
+    }
+}
+
+/// A body that is JSON already.
+pub fn json_text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    with_content_type(status, JSON, body)
+}
+
+pub fn with_content_type(status: StatusCode, content_type: HeaderValue, body: impl Into<Bytes>) -> Reply {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    response
+}
+
+/// Asks the client to wait `RETRY_AFTER_SECS` before trying again.
+pub fn retry_after(mut reply: Reply) -> Reply {
+    reply.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    reply
+}
+
+/// The response for an error: its status, `{"error","code",...}`, and the headers the answer
+/// calls for (`Allow` on 405, `Retry-After` when a retry may succeed).
+pub fn error(error: &Error) -> Reply {
+    let answer = error.answer();
+    let mut reply = json(answer.status, &answer.body);
+    if let Error::MethodNotAllowed { allow } = error {
+        reply.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    }
+    if answer.retry_after { retry_after(reply) } else { reply }
+}

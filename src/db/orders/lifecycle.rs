@@ -1,0 +1,114 @@
+//! Cancelling an order (its stock restored exactly once) and moving it along its lifecycle.
+
+use postgres_types::Type;
+
+use super::status_of;
+use crate::{
+    db::{Pool, Sql},
+    domain::OrderStatus,
+    error::Error,
+};
+
+/// Locks the order row: concurrent cancels of one order queue here, one at a time.
+const LOCK_ORDER: Sql = Sql { params: &[Type::INT8], text: "SELECT status FROM orders WHERE id = $1 FOR UPDATE" };
+
+/// Locks, in ascending id order, the products whose stock a cancel will restore. Empty unless
+/// the order (already locked) is still processing, so a repeated cancel takes no product lock.
+const LOCK_ORDER_PRODUCTS: Sql = Sql {
+    params: &[Type::INT8],
+    text: "
+    SELECT p.id
+    FROM products p
+    WHERE p.id IN (SELECT i.product_id
+                   FROM order_items i JOIN orders o ON o.id = i.order_id
+                   WHERE o.id = $1 AND o.status = 'processing')
+    ORDER BY p.id
+    FOR UPDATE OF p",
+};
+
+/// Cancels a processing order: marks it cancelled (the lifecycle trigger timestamps it), puts
+/// each line's quantity back in stock with its inventory movement, and marks the payment refunded. The `status = 'processing'` condition on the locked row
+/// is what makes the restore happen exactly once. Returns one row if it cancelled.
+const CANCEL_ORDER: Sql = Sql {
+    params: &[Type::INT8],
+    text: "
+    WITH cancelled AS (
+        UPDATE orders
+        SET status = 'cancelled'
+        WHERE id = $1 AND status = 'processing'
+        RETURNING id
+    ),
+    restored AS (
+        UPDATE products
+        SET stock = products.stock + i.quantity
+        FROM order_items i JOIN cancelled c ON c.id = i.order_id
+        WHERE products.id = i.product_id
+    ),
+    ledger AS (
+        INSERT INTO inventory_movements (product_id, delta, reason, order_id)
+        SELECT i.product_id, i.quantity, 'cancel', c.id
+        FROM order_items i JOIN cancelled c ON c.id = i.order_id
+    ),
+    refunded AS (
+        UPDATE payments
+        SET status = 'refunded'
+        FROM cancelled c
+        WHERE payments.order_id = c.id
+    )
+    SELECT id FROM cancelled",
+};
+
+/// Cancels an order. Cancelling a cancelled order is a success that changes nothing.
+pub async fn cancel(pool: &Pool, order_id: i64) -> Result<(), Error> {
+    let mut conn = pool.get().await?;
+    let [locked, _products, cancelled] = conn
+        .transaction([(&LOCK_ORDER, &[&order_id]), (&LOCK_ORDER_PRODUCTS, &[&order_id]), (&CANCEL_ORDER, &[&order_id])])
+        .await?;
+
+    let status = status_of(locked.first().ok_or(Error::OrderNotFound { order_id })?.get(0))?;
+    match status {
+        OrderStatus::Processing if !cancelled.is_empty() => Ok(()),
+        OrderStatus::Cancelled => Ok(()),
+        OrderStatus::Shipped | OrderStatus::Delivered => {
+            Err(Error::OrderNotCancellable { order_id, status: status.to_string() })
+        }
+        OrderStatus::Processing => Err(Error::Internal("processing order was not cancelled".into())),
+    }
+}
+
+/// Moves a processing order to shipped or a shipped one to delivered. $1 order id, $2 the
+/// new status, $3 the status the order must have now. Runs after LOCK_ORDER in the same
+/// transaction; the lifecycle trigger refuses any other move and timestamps this one.
+const ADVANCE_ORDER: Sql = Sql {
+    params: &[Type::INT8, Type::TEXT, Type::TEXT],
+    text: "UPDATE orders SET status = $2 WHERE id = $1 AND status = $3 RETURNING id",
+};
+
+/// Moves an order along its lifecycle. Setting the status it already has changes nothing and
+/// succeeds (PUT is idempotent); cancelling goes through `cancel`, which restores stock.
+pub async fn set_status(pool: &Pool, order_id: i64, target: OrderStatus) -> Result<(), Error> {
+    if target == OrderStatus::Cancelled {
+        return cancel(pool, order_id).await;
+    }
+    let mut conn = pool.get().await?;
+    let (locked, advanced) = match target.reached_from() {
+        Some(from) => {
+            let [locked, advanced] = conn
+                .transaction([
+                    (&LOCK_ORDER, &[&order_id]),
+                    (&ADVANCE_ORDER, &[&order_id, &target.as_str(), &from.as_str()]),
+                ])
+                .await?;
+            (locked, !advanced.is_empty())
+        }
+        None => (conn.query(&ORDER_STATUS, &[&order_id]).await?, false),
+    };
+    let current = status_of(locked.first().ok_or(Error::OrderNotFound { order_id })?.get(0))?;
+    if advanced || current == target {
+        return Ok(());
+    }
+    Err(Error::InvalidStatusTransition { order_id, status: current.to_string(), requested: target.to_string() })
+}
+
+/// The status alone, for a move that can only be a no-op (back to processing).
+const ORDER_STATUS: Sql = Sql { params: &[Type::INT8], text: "SELECT status FROM orders WHERE id = $1" };

@@ -1,0 +1,58 @@
+//! A transaction that needs more than one round trip, as a value.
+//!
+//! `PooledConn::begin` gives a `Tx`; each method consumes it and, on success, hands it back,
+//! so the type says at every point whether a transaction is open: `then` runs more statements
+//! in it, `commit` and `rollback` end it. A statement that fails ends it too (rolled back
+//! before the error is returned), so a caller never holds an aborted transaction. A `Tx`
+//! dropped without an end (a panic, a cancelled request) closes its connection instead of
+//! returning it to the pool, which makes PostgreSQL roll the transaction back.
+
+use tokio_postgres::{Error as PgError, Row};
+
+use super::{
+    PooledConn,
+    pipeline::{Close, Open, Step},
+};
+
+/// An open transaction on a connection of the pool.
+pub struct Tx {
+    /// Marked for discarding while the transaction is open (see `pipeline`); `commit` and
+    /// `rollback` clear the mark once the transaction has ended.
+    conn: PooledConn,
+}
+
+impl PooledConn {
+    /// BEGIN and `steps` in one round trip, leaving the transaction open.
+    pub async fn begin<const N: usize>(self, steps: [Step<'_>; N]) -> Result<(Tx, [Vec<Row>; N]), PgError> {
+        Tx { conn: self }.run(Open::Begin, steps).await
+    }
+}
+
+impl Tx {
+    /// More `steps` in the transaction, in one round trip.
+    pub async fn then<const N: usize>(self, steps: [Step<'_>; N]) -> Result<(Tx, [Vec<Row>; N]), PgError> {
+        self.run(Open::Continue, steps).await
+    }
+
+    /// The last `steps` of the transaction and COMMIT, in one round trip.
+    pub async fn commit<const N: usize>(mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
+        self.conn.pipeline(Open::Continue, steps, Close::Commit).await
+    }
+
+    /// Ends the transaction without keeping anything of it.
+    pub async fn rollback(mut self) -> Result<(), PgError> {
+        self.conn.pipeline(Open::Continue, [], Close::Rollback).await.map(drop)
+    }
+
+    async fn run<const N: usize>(mut self, open: Open, steps: [Step<'_>; N]) -> Result<(Tx, [Vec<Row>; N]), PgError> {
+        match self.conn.pipeline(open, steps, Close::KeepOpen).await {
+            Ok(rows) => Ok((self, rows)),
+            Err(error) => {
+                // The transaction is aborted: end it here so the connection can be reused.
+                // If even that fails, the connection stays marked and is closed on drop.
+                let _ = self.rollback().await;
+                Err(error)
+            }
+        }
+    }
+}
