@@ -7,7 +7,7 @@ RELEASE := target/release/order-api
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 IMAGE   ?= order-api
 
-.PHONY: run build migrate seed test lint fuzz bench chaos soak fmt clean docker-build up down logs
+.PHONY: run build migrate seed test lint fuzz bench chaos soak fmt clean docker-build up down logs help
 
 ## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
 run: build
@@ -84,3 +84,10 @@ down:
 ## logs: follow the logs of both services
 logs:
 	$(COMPOSE) logs -f --tail=100
+
+## help: list the targets and what they do, from their ## comments in this Makefile
+help:
+	@awk '/^## [A-Za-z_-]+:/ { name = $$2; sub(/:$$/, "", name); text = $$0; sub(/^## [^:]+: */, "", text); \
+		printf "  %-13s %s\n", name, text; more = 1; next } \
+		more && /^## / { text = $$0; sub(/^## */, "", text); printf "  %-13s %s\n", "", text; next } \
+		{ more = 0 }' $(firstword $(MAKEFILE_LIST))
