@@ -136,29 +136,23 @@ impl Error {
                 format!("method not allowed; this path allows {allow}"),
                 json!({"allow": allow}),
             ),
-            Error::PayloadTooLarge { limit } => (
-                S::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
-                format!("request body is larger than {limit} bytes"),
-                json!({"limit": limit}),
-            ),
             Error::UnsupportedMediaType => (
                 S::UNSUPPORTED_MEDIA_TYPE,
                 "UNSUPPORTED_MEDIA_TYPE",
                 "request body must be JSON with Content-Type: application/json".to_owned(),
                 json!({}),
             ),
+            Error::PayloadTooLarge { limit } => (
+                S::PAYLOAD_TOO_LARGE,
+                "PAYLOAD_TOO_LARGE",
+                format!("request body is larger than {limit} bytes"),
+                json!({"limit": limit}),
+            ),
             Error::OrderNotCancellable { order_id, status } => (
                 S::CONFLICT,
                 "ORDER_NOT_CANCELLABLE",
                 format!("order {order_id} is {status} and can no longer be cancelled"),
                 json!({"orderId": order_id, "status": status}),
-            ),
-            Error::InvalidStatusTransition { order_id, status, requested } => (
-                S::CONFLICT,
-                "INVALID_STATUS_TRANSITION",
-                format!("order {order_id} is {status} and cannot move to {requested}"),
-                json!({"orderId": order_id, "status": status, "requested": requested}),
             ),
             Error::IdempotencyInProgress => (
                 S::CONFLICT,
@@ -171,6 +165,12 @@ impl Error {
                 "IDEMPOTENCY_KEY_REUSED",
                 "this Idempotency-Key was already used with a different request".to_owned(),
                 json!({}),
+            ),
+            Error::InvalidStatusTransition { order_id, status, requested } => (
+                S::CONFLICT,
+                "INVALID_STATUS_TRANSITION",
+                format!("order {order_id} is {status} and cannot move to {requested}"),
+                json!({"orderId": order_id, "status": status, "requested": requested}),
             ),
             Error::Unavailable(reason) => {
                 (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", (*reason).to_owned(), json!({}))

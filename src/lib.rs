@@ -36,19 +36,11 @@ use std::{future::Future, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 
 use crate::{
+    api::AppState,
     config::Config,
     db::{Pool, PoolSettings, StartupError},
     metrics::Metrics,
 };
-
-/// What every request handler shares.
-pub struct AppState {
-    pub config: Config,
-    pub pool: Pool,
-    pub metrics: Metrics,
-    /// Concurrent reads of the whole catalogue share one query.
-    pub catalogue: api::products::CatalogueReads,
-}
 
 /// How often expired idempotency keys are deleted.
 const IDEMPOTENCY_PURGE_INTERVAL: Duration = Duration::from_secs(600);

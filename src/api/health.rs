@@ -6,8 +6,9 @@ use std::time::Duration;
 use hyper::{StatusCode, header::HeaderValue};
 use serde::Serialize;
 
+use super::AppState;
 use super::reply::{Reply, json, retry_after, with_content_type};
-use crate::{AppState, db};
+use crate::db;
 
 /// A health check must answer quickly even when the database hangs: past this, unhealthy.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);

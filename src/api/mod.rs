@@ -13,8 +13,17 @@ pub mod routes;
 
 use hyper::header::{HeaderValue, LINK};
 
-use crate::domain::Page;
+use crate::{config::Config, db::Pool, domain::Page, metrics::Metrics};
 use reply::Reply;
+
+/// What every request handler shares.
+pub struct AppState {
+    pub config: Config,
+    pub pool: Pool,
+    pub metrics: Metrics,
+    /// Concurrent reads of the whole catalogue share one query.
+    pub catalogue: products::CatalogueReads,
+}
 
 /// The raw listing parameters of a query string (`limit`, `after`), parsed by the endpoint.
 #[derive(Debug, Default)]

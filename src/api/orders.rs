@@ -4,12 +4,12 @@
 use hyper::{StatusCode, header::HeaderValue};
 use serde_json::{Value, json};
 
+use super::AppState;
 use super::{
     Listing, next_page_link,
     reply::{Reply, json, json_text},
 };
 use crate::{
-    AppState,
     db::{
         self,
         orders::{OrderFilter, Placed},

@@ -3,12 +3,12 @@
 use hyper::{StatusCode, body::Bytes};
 use serde_json::Value;
 
+use super::AppState;
 use super::{
     Listing, next_page_link,
     reply::{Reply, json, json_text},
 };
 use crate::{
-    AppState,
     db::{self, products::Product},
     domain::{Page, parse_restock},
     error::Error,

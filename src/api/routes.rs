@@ -5,6 +5,7 @@ use std::sync::LazyLock;
 
 use hyper::{Method, Request, body::Incoming};
 
+use super::AppState;
 use super::{
     Listing, health,
     input::{json_body, query_param},
@@ -12,7 +13,6 @@ use super::{
     reply::Reply,
 };
 use crate::{
-    AppState,
     domain::{IdempotencyKey, parse_path_id},
     error::Error,
 };

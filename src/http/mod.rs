@@ -25,8 +25,8 @@ use tokio::{
 };
 
 use crate::{
-    AppState,
     api::{
+        AppState,
         reply::{self, Reply},
         routes,
     },
