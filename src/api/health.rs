@@ -6,8 +6,10 @@ use std::time::Duration;
 use hyper::{StatusCode, header::HeaderValue};
 use serde::Serialize;
 
-use super::AppState;
-use super::reply::{Reply, json, retry_after, with_content_type};
+use super::{
+    AppState,
+    reply::{Reply, json, retry_after, with_content_type},
+};
 use crate::db;
 
 /// A health check must answer quickly even when the database hangs: past this, unhealthy.

@@ -4,9 +4,8 @@
 use hyper::{StatusCode, header::HeaderValue};
 use serde_json::{Value, json};
 
-use super::AppState;
 use super::{
-    Listing, next_page_link,
+    AppState, Listing, next_page_link,
     reply::{Reply, json, json_text},
 };
 use crate::{

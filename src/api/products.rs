@@ -3,9 +3,8 @@
 use hyper::{StatusCode, body::Bytes};
 use serde_json::Value;
 
-use super::AppState;
 use super::{
-    Listing, next_page_link,
+    AppState, Listing, next_page_link,
     reply::{Reply, json, json_text},
 };
 use crate::{

@@ -5,9 +5,8 @@ use std::sync::LazyLock;
 
 use hyper::{Method, Request, body::Incoming};
 
-use super::AppState;
 use super::{
-    Listing, health,
+    AppState, Listing, health,
     input::{json_body, query_param},
     openapi, orders, products,
     reply::Reply,
