@@ -21,10 +21,6 @@ impl Money {
     pub fn from_cents(cents: i64) -> Money {
         Money { cents }
     }
-
-    pub fn cents(self) -> i64 {
-        self.cents
-    }
 }
 
 impl fmt::Display for Money {

@@ -49,6 +49,9 @@ const REFUSAL_PATIENCE: Duration = Duration::from_millis(200);
 /// sane request, never a body worth buffering.
 const REFUSAL_READ_LIMIT: usize = 16 * 1024;
 
+/// Bytes read from a refused connection at a time.
+const REFUSAL_READ_CHUNK: usize = 4096;
+
 /// How long past its deadline a handler may take to cancel its transaction and report the
 /// real outcome before it is abandoned.
 const DEADLINE_BACKSTOP: Duration = Duration::from_secs(2);
@@ -124,7 +127,7 @@ async fn refuse_over_capacity(mut stream: TcpStream) {
          connection: close\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
-    let mut buffer = [0u8; 4096];
+    let mut buffer = [0u8; REFUSAL_READ_CHUNK];
     let mut received = Vec::new();
     let _ = tokio::time::timeout(REFUSAL_PATIENCE, async {
         while !received.windows(4).any(|w| w == b"\r\n\r\n") && received.len() < REFUSAL_READ_LIMIT {
