@@ -244,6 +244,7 @@ async fn order_listings_use_the_index_of_their_filter_even_with_generic_plans() 
         rows.iter().map(|row| row.get::<_, i64>(1)).collect::<Vec<_>>()
     };
     let before = index_scans().await;
+    assert_eq!(before.len(), 2, "both indexes exist (else the check below has nothing to compare)");
 
     const LISTINGS: i64 = 10;
     for _ in 0..LISTINGS {
