@@ -1,10 +1,9 @@
 //! The happy path of every endpoint of the contract, with exact bodies, and the database
 //! state each one leaves behind.
 
-mod common;
-
-use common::{SEED_STOCK, spawn_app};
 use serde_json::json;
+
+use crate::common::{self, SEED_STOCK, spawn_app};
 
 /// `GET /health` answers 200 with the contract's body when the database is up.
 #[tokio::test]

@@ -1,10 +1,9 @@
 //! Reading products and orders: one product, pages of products and orders with keyset
 //! pagination (stable while orders are inserted), and the unpaginated listing of old clients.
 
-mod common;
-
-use common::{TestApp, spawn_app};
 use serde_json::{Value, json};
+
+use crate::common::{self, TestApp, spawn_app};
 
 /// `GET /api/products/{id}` answers the product; unknown ids 404, malformed ones 400.
 #[tokio::test]

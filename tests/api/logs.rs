@@ -2,18 +2,16 @@
 //! its request id, method, route template (never the raw path), status and duration; and the
 //! request id on every line written while serving a request.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{DropDatabase, process::ServerProcess};
 use serde_json::Value;
+
+use crate::common::{TestDatabase, process::ServerProcess};
 
 #[tokio::test]
 async fn every_request_is_one_json_line_with_its_id_route_status_and_duration() {
-    let (name, url) = common::create_test_database().await;
-    let _cleanup = DropDatabase::new(&name);
-    let mut server = ServerProcess::start(&url).await;
+    let database = TestDatabase::create().await;
+    let mut server = ServerProcess::start(&database.url).await;
     let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     let order = http
         .post(server.url("/api/orders"))
@@ -82,11 +80,10 @@ async fn a_stalled_stdout_does_not_stall_requests_and_lines_past_the_buffer_are_
     const REQUESTS: usize = CLIENTS * REQUESTS_PER_CLIENT;
     const REQUEST_PATIENCE: Duration = Duration::from_secs(5);
 
-    let (name, url) = common::create_test_database().await;
-    let _cleanup = DropDatabase::new(&name);
+    let database = TestDatabase::create().await;
     let (read_stdout, gate) = std::sync::mpsc::channel();
     let buffer = BUFFER.to_string();
-    let mut server = ServerProcess::start_with_stdout_gate(&url, gate, &[("LOG_BUFFER_BYTES", &buffer)]).await;
+    let mut server = ServerProcess::start_with_stdout_gate(&database.url, gate, &[("LOG_BUFFER_BYTES", &buffer)]).await;
     // The client's own timeout is a backstop; `REQUEST_PATIENCE` below is what fails the test.
     let http = reqwest::Client::builder().timeout(2 * REQUEST_PATIENCE).build().unwrap();
 

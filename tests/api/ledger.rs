@@ -2,11 +2,10 @@
 //! so that for every product stock = sum of its movements, and each cancellation restored
 //! each line exactly once. Restocking is how operators add stock.
 
-mod common;
-
-use common::spawn_app;
 use futures::future::join_all;
 use serde_json::json;
+
+use crate::common::{self, spawn_app};
 
 /// A fresh database's ledger holds the seeded stock as opening balances.
 #[tokio::test]

@@ -7,18 +7,16 @@
 //! `pgbouncer` that half fails when `CI=true` (CI installs it, see .ci/run) and is skipped
 //! elsewhere, saying so on stderr (shown by `make test`: see .config/nextest.toml).
 
-mod common;
-
 use std::{
-    net::TcpListener,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{TestApp, spawn_app_with};
 use futures::future::join_all;
 use order_api::config::Config;
 use serde_json::json;
+
+use crate::common::{self, TestApp, spawn_app_with};
 
 /// The whole API surface once, then 40 concurrent orders for 10 units.
 async fn exercise(app: &TestApp) {
@@ -35,16 +33,8 @@ async fn exercise(app: &TestApp) {
     assert_eq!(app.cancel(second).await.status, 200);
     app.restock(4, 5).await;
     for _ in 0..2 {
-        let keyed = app
-            .http
-            .post(app.url("/api/orders"))
-            .header("content-type", "application/json")
-            .header("idempotency-key", "pooled")
-            .body(json!({"userId": 2, "items": [{"productId": 4, "quantity": 1}]}).to_string())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(keyed.status().as_u16(), 201);
+        let keyed = app.post_order_with_key("pooled", &common::order_body(2, 4, 1)).await;
+        assert_eq!(keyed.status, 201, "{}", keyed.text);
     }
 
     let bodies: Vec<_> = (0..40).map(|_| json!({"userId": 1, "items": [{"productId": 1, "quantity": 1}]})).collect();
@@ -77,10 +67,6 @@ impl Drop for PgBouncer {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// Starts PgBouncer (transaction mode, 2 server connections per database) in front of the
 /// test PostgreSQL, or `None` if it is not installed (a failure instead when `CI=true`).
 fn start_pgbouncer() -> Option<PgBouncer> {
@@ -96,7 +82,7 @@ fn start_pgbouncer() -> Option<PgBouncer> {
         return None;
     }
     let dir = tempdir::TempDir::new();
-    let port = free_port();
+    let port = common::free_port();
     std::fs::write(dir.path.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
     std::fs::write(
         dir.path.join("pgbouncer.ini"),
@@ -134,13 +120,12 @@ fn is_root() -> bool {
 async fn the_order_flow_works_through_pgbouncer_in_transaction_mode() {
     let Some(bouncer) = start_pgbouncer() else { return };
     let port = bouncer.port;
-    let (name, direct_url) = common::create_test_database().await;
-    let _cleanup = common::DropDatabase::new(&name);
-    let pooled_url = format!("postgresql://postgres@127.0.0.1:{port}/{name}");
+    let database = common::TestDatabase::create().await;
+    let pooled_url = format!("postgresql://postgres@127.0.0.1:{port}/{}", database.name);
     let config = Config { database_url: pooled_url, transaction_pooler: true, ..Config::default() };
     order_api::log::set_level(order_api::log::Level::Error); // no migration lines in the output
     order_api::prepare_database(&config, true).await.expect("migrate and seed through pgbouncer");
-    let app = common::spawn_app_on(config, &name, &direct_url).await;
+    let app = common::spawn_app_on(config, database).await;
     exercise(&app).await;
     drop(app);
     drop(bouncer);
@@ -154,8 +139,11 @@ mod tempdir {
 
     impl TempDir {
         pub fn new() -> TempDir {
-            let path =
-                std::env::temp_dir().join(format!("order-api-pgbouncer-{}-{}", std::process::id(), super::free_port()));
+            let path = std::env::temp_dir().join(format!(
+                "order-api-pgbouncer-{}-{}",
+                std::process::id(),
+                crate::common::free_port()
+            ));
             std::fs::create_dir_all(&path).unwrap();
             TempDir { path }
         }

@@ -3,15 +3,14 @@
 //! that goes away. Each must roll back completely, answer with a clear status, and leave the
 //! pool healthy.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{TestApp, spawn_app, spawn_app_with};
 use serde_json::json;
 
+use crate::common::{self, TestApp, spawn_app, spawn_app_with};
+
 fn one_laptop() -> serde_json::Value {
-    json!({"userId": 1, "items": [{"productId": 1, "quantity": 1}]})
+    common::order_body(1, 1, 1)
 }
 
 /// Holds a row lock on a product from a separate connection until the returned transaction
@@ -29,14 +28,7 @@ async fn lock_product(app: &TestApp, product_id: i32) -> tokio_postgres::Client 
 #[tokio::test]
 async fn a_failure_mid_transaction_rolls_back_everything_and_leaks_no_sql() {
     let app = spawn_app().await;
-    app.db
-        .batch_execute(
-            "CREATE FUNCTION fail_payment() RETURNS trigger LANGUAGE plpgsql AS
-                 $$ BEGIN RAISE EXCEPTION 'injected payment failure in table payments'; END $$;
-             CREATE TRIGGER fail_payment BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION fail_payment();",
-        )
-        .await
-        .unwrap();
+    app.fail_payments().await;
     let before = app.snapshot().await;
 
     let reply = app
@@ -49,7 +41,7 @@ async fn a_failure_mid_transaction_rolls_back_everything_and_leaks_no_sql() {
     }
     assert_eq!(app.snapshot().await, before);
 
-    app.db.batch_execute("DROP TRIGGER fail_payment ON payments").await.unwrap();
+    app.allow_payments().await;
     app.order(1, 2).await;
     assert_eq!(app.stock(1).await, 8);
     app.assert_invariants().await;

@@ -3,12 +3,14 @@
 
 use std::{
     io::Read,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
+
+use super::free_port;
 
 /// The binary, running on its own port against its own database; killed if a test fails
 /// before it exits.
@@ -157,10 +159,4 @@ impl Drop for ServerProcess {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A port nothing listens on: bound and released at once. Another process could take it in
-/// between; unlikely enough for a test.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
