@@ -27,11 +27,14 @@ seed: build
 	$(RELEASE) create-db
 	$(RELEASE) seed
 
-## test: the whole suite against the PostgreSQL of TEST_DATABASE_URL (default: local, user postgres)
+## test: the whole suite against the PostgreSQL of TEST_DATABASE_URL (default: local, user postgres).
+## Under cargo-nextest a hanging test is killed after 3 minutes (.config/nextest.toml; profile
+## `ci` when CI=true). The `cargo test` fallback has no such timeout: a hang stalls it.
 test:
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --locked --no-fail-fast; \
+		$(CARGO) nextest run --locked --no-fail-fast --profile $(if $(filter true,$(CI)),ci,default); \
 	else \
+		echo "make test: cargo-nextest not found; running cargo test, which has no per-test timeout" >&2; \
 		$(CARGO) test --locked; \
 	fi
 

@@ -1,10 +1,9 @@
 //! Reading products and orders: one product, pages of products and orders with keyset
 //! pagination (stable while orders are inserted), and the unpaginated listing of old clients.
 
-mod common;
-
-use common::{TestApp, spawn_app};
 use serde_json::{Value, json};
+
+use crate::common::{self, TestApp, spawn_app};
 
 /// `GET /api/products/{id}` answers the product; unknown ids 404, malformed ones 400.
 #[tokio::test]
@@ -148,20 +147,64 @@ async fn concurrent_catalogue_reads_share_one_query() {
     assert!(replies.iter().all(|r| r.text == replies[0].text));
 }
 
-/// A shared read never answers from before the request: each client that placed an order and
-/// then reads the catalogue sees its own order's stock taken, while others read concurrently.
+/// A shared read never answers from before the request, nor from the future. 20 buyers each
+/// order one Mouse (stock 50) and then read the catalogue, while 10 readers read it over and
+/// over. Every event gets a number from one counter, in the order the test saw it happen.
+/// A read that started after k orders were acknowledged must show at most 50 - k (it may not
+/// reuse a query that began before those orders committed); a read answered before n orders
+/// were even sent must show at least 50 - n. When both counts agree the stock is exact.
 #[tokio::test]
-async fn a_shared_catalogue_read_sees_the_readers_own_order() {
+async fn a_shared_catalogue_read_sees_every_order_acknowledged_before_it_started() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    const BUYERS: usize = 20;
     let app = &spawn_app().await;
-    let background = futures::future::join_all((0..100).map(|_| app.get("/api/products")));
-    let buyers = futures::future::join_all((0..20).map(|_| async move {
-        app.order(2, 1).await;
+    let clock = &AtomicUsize::new(0);
+    let tick = || clock.fetch_add(1, SeqCst);
+    let mouse_stock = |catalogue: &common::Reply| -> i64 {
+        let products = catalogue.json.as_array().unwrap_or_else(|| panic!("{}", catalogue.text));
+        products.iter().find(|p| p["id"] == 2).and_then(|p| p["stock"].as_i64()).expect("product 2 listed")
+    };
+    // (started, answered, stock) of every read; (sent, acknowledged) of every order.
+    let read = || async move {
+        let started = tick();
         let catalogue = app.get("/api/products").await;
-        catalogue.json[1]["stock"].as_i64().unwrap()
+        let answered = tick();
+        assert_eq!(catalogue.status, 200, "{}", catalogue.text);
+        (started, answered, mouse_stock(&catalogue))
+    };
+    let buyers = futures::future::join_all((0..BUYERS).map(|_| async move {
+        let sent = tick();
+        app.order(2, 1).await;
+        let acknowledged = tick();
+        ((sent, acknowledged), read().await)
     }));
-    let (_, seen) = tokio::join!(background, buyers);
-    assert!(seen.iter().all(|stock| *stock <= 49), "a buyer read the stock from before its order: {seen:?}");
-    assert_eq!(app.get("/api/products").await.json[1]["stock"], 30);
+    let readers = futures::future::join_all((0..10).map(|_| async move {
+        let mut reads = Vec::new();
+        for _ in 0..10 {
+            reads.push(read().await);
+        }
+        reads
+    }));
+    let (bought, background) = tokio::join!(buyers, readers);
+
+    let orders: Vec<(usize, usize)> = bought.iter().map(|(order, _)| *order).collect();
+    let reads: Vec<(usize, usize, i64)> =
+        bought.iter().map(|(_, read)| *read).chain(background.into_iter().flatten()).collect();
+    let mut constrained = 0;
+    for &(started, answered, stock) in &reads {
+        let acknowledged_before = orders.iter().filter(|(_, acknowledged)| *acknowledged < started).count() as i64;
+        let sent_before = orders.iter().filter(|(sent, _)| *sent < answered).count() as i64;
+        assert!(
+            (50 - sent_before..=50 - acknowledged_before).contains(&stock),
+            "a read (events {started}..{answered}) showed stock {stock}: {acknowledged_before} orders were \
+             acknowledged before it started and {sent_before} sent before it was answered"
+        );
+        constrained += usize::from(acknowledged_before > 0);
+    }
+    // Each buyer's own read follows its acknowledged order; the background adds more.
+    assert!(constrained >= BUYERS, "only {constrained} reads started after an acknowledged order");
+    assert_eq!(mouse_stock(&app.get("/api/products").await), 50 - BUYERS as i64);
 }
 
 /// Each listing uses the index of its filter, also where PostgreSQL would plan its statement
@@ -200,6 +243,7 @@ async fn order_listings_use_the_index_of_their_filter_even_with_generic_plans() 
         rows.iter().map(|row| row.get::<_, i64>(1)).collect::<Vec<_>>()
     };
     let before = index_scans().await;
+    assert_eq!(before.len(), 2, "both indexes exist (else the check below has nothing to compare)");
 
     const LISTINGS: i64 = 10;
     for _ in 0..LISTINGS {

@@ -2,11 +2,11 @@
 //! panics, every rejection is a 4xx with a JSON error, and nothing but a valid order is
 //! ever written.
 
-mod common;
-
 use order_api::{domain::NewOrder, error::Error};
 use proptest::prelude::*;
 use serde_json::{Value, json};
+
+use crate::common;
 
 /// Any JSON value, nested a few levels, with numbers around the interesting edges.
 fn any_json() -> impl Strategy<Value = Value> {

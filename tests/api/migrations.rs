@@ -1,16 +1,15 @@
 //! The embedded migration runner: applies each file once, in order, in a transaction,
 //! records checksums, refuses edited files, and lets concurrent starters take turns.
 
-mod common;
-
 use order_api::db::migrate::{self, MIGRATIONS, Migration};
+
+use crate::common::{self, TestDatabase};
 
 /// A fresh database gets every migration once; a second run applies nothing.
 #[tokio::test]
 async fn migrations_apply_once_and_are_recorded_with_checksums() {
-    let (name, url) = common::create_test_database().await;
-    let _cleanup = common::DropDatabase::new(&name);
-    let mut client = common::connect(&url).await;
+    let database = TestDatabase::create().await;
+    let mut client = common::connect(&database.url).await;
     let applied = migrate::run(&mut client).await.unwrap();
     assert_eq!(applied.len(), MIGRATIONS.len());
     assert!(applied.windows(2).all(|w| w[0] < w[1]), "applied in file order: {applied:?}");
@@ -27,9 +26,8 @@ async fn migrations_apply_once_and_are_recorded_with_checksums() {
 /// An applied migration whose text changed stops the run with a message naming it.
 #[tokio::test]
 async fn an_edited_migration_is_refused_by_name() {
-    let (name, url) = common::create_test_database().await;
-    let _cleanup = common::DropDatabase::new(&name);
-    let mut client = common::connect(&url).await;
+    let database = TestDatabase::create().await;
+    let mut client = common::connect(&database.url).await;
     migrate::run(&mut client).await.unwrap();
     client
         .execute("UPDATE schema_migrations SET checksum = 'edited' WHERE name = $1", &[&MIGRATIONS[0].name])
@@ -42,9 +40,8 @@ async fn an_edited_migration_is_refused_by_name() {
 /// A failing migration is rolled back whole and not recorded; the ones before it stay.
 #[tokio::test]
 async fn a_failing_migration_rolls_back_whole() {
-    let (name, url) = common::create_test_database().await;
-    let _cleanup = common::DropDatabase::new(&name);
-    let mut client = common::connect(&url).await;
+    let database = TestDatabase::create().await;
+    let mut client = common::connect(&database.url).await;
     let migrations = [
         Migration { name: "0001_ok.sql", sql: "CREATE TABLE first (id int)" },
         Migration { name: "0002_broken.sql", sql: "CREATE TABLE second (id int); SELECT no_such_function();" },
@@ -68,10 +65,9 @@ async fn a_failing_migration_rolls_back_whole() {
 /// applied each migration exactly once (the advisory lock makes them take turns).
 #[tokio::test]
 async fn concurrent_runners_apply_each_migration_once() {
-    let (name, url) = common::create_test_database().await;
-    let _cleanup = common::DropDatabase::new(&name);
+    let database = TestDatabase::create().await;
     let runs = (0..3).map(|_| {
-        let url = url.clone();
+        let url = database.url.clone();
         tokio::spawn(async move {
             let mut client = common::connect(&url).await;
             migrate::run(&mut client).await.map_err(|e| e.to_string())

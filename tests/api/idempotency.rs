@@ -2,34 +2,18 @@
 //! create nothing; a reused key with another request is 422; simultaneous duplicates never
 //! make a second order; keys are per user and expire.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Reply, TestApp, spawn_app, spawn_app_with};
 use futures::future::join_all;
-use serde_json::{Value, json};
 
-async fn post_with_key(app: &TestApp, key: &str, body: &Value) -> Reply {
-    let request = app
-        .http
-        .post(app.url("/api/orders"))
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .body(body.to_string());
-    Reply::read_response(request.send().await.unwrap()).await
-}
-
-fn order(user_id: i32, product_id: i32, quantity: i32) -> Value {
-    json!({"userId": user_id, "items": [{"productId": product_id, "quantity": quantity}]})
-}
+use crate::common::{self, Reply, order_body, spawn_app, spawn_app_with};
 
 /// A retry with the same key and body gets the original 201 and body byte for byte, marked
 /// as a replay, and no second order is made.
 #[tokio::test]
 async fn a_retry_replays_the_original_response_and_creates_nothing() {
     let app = spawn_app().await;
-    let first = post_with_key(&app, "key-1", &order(1, 2, 3)).await;
+    let first = app.post_order_with_key("key-1", &order_body(1, 2, 3)).await;
     assert_eq!(first.status, 201, "{}", first.text);
     assert!(first.header("idempotent-replayed").is_none());
     // The same request, written differently: other spacing, key order and an ignored field.
@@ -43,7 +27,7 @@ async fn a_retry_replays_the_original_response_and_creates_nothing() {
         .send()
         .await
         .unwrap();
-    let retry = Reply::read_response(retry).await;
+    let retry = Reply::read(retry).await;
     assert_eq!((retry.status, retry.text.as_str()), (201, first.text.as_str()));
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     assert_eq!(app.count("orders").await, 1);
@@ -55,10 +39,10 @@ async fn a_retry_replays_the_original_response_and_creates_nothing() {
 #[tokio::test]
 async fn a_reused_key_with_another_request_is_422() {
     let app = spawn_app().await;
-    assert_eq!(post_with_key(&app, "k", &order(1, 2, 1)).await.status, 201);
+    assert_eq!(app.post_order_with_key("k", &order_body(1, 2, 1)).await.status, 201);
     let before = app.snapshot().await;
-    post_with_key(&app, "k", &order(1, 2, 2)).await.assert_error(422, "IDEMPOTENCY_KEY_REUSED");
-    post_with_key(&app, "k", &order(1, 3, 1)).await.assert_error(422, "IDEMPOTENCY_KEY_REUSED");
+    app.post_order_with_key("k", &order_body(1, 2, 2)).await.assert_error(422, "IDEMPOTENCY_KEY_REUSED");
+    app.post_order_with_key("k", &order_body(1, 3, 1)).await.assert_error(422, "IDEMPOTENCY_KEY_REUSED");
     assert_eq!(app.snapshot().await, before);
 }
 
@@ -66,8 +50,8 @@ async fn a_reused_key_with_another_request_is_422() {
 #[tokio::test]
 async fn keys_are_scoped_per_user() {
     let app = spawn_app().await;
-    let one = post_with_key(&app, "shared", &order(1, 2, 1)).await;
-    let two = post_with_key(&app, "shared", &order(2, 2, 1)).await;
+    let one = app.post_order_with_key("shared", &order_body(1, 2, 1)).await;
+    let two = app.post_order_with_key("shared", &order_body(2, 2, 1)).await;
     assert_eq!((one.status, two.status), (201, 201));
     assert_ne!(one.json["orderId"], two.json["orderId"]);
     assert_eq!(app.count("orders").await, 2);
@@ -77,15 +61,15 @@ async fn keys_are_scoped_per_user() {
 #[tokio::test]
 async fn a_rejection_is_replayed_even_after_things_change() {
     let app = spawn_app().await;
-    let first = post_with_key(&app, "too-many", &order(1, 4, 6)).await;
+    let first = app.post_order_with_key("too-many", &order_body(1, 4, 6)).await;
     first.assert_error(400, "INSUFFICIENT_STOCK");
     app.restock(4, 10).await;
-    let retry = post_with_key(&app, "too-many", &order(1, 4, 6)).await;
+    let retry = app.post_order_with_key("too-many", &order_body(1, 4, 6)).await;
     assert_eq!((retry.status, retry.text.as_str()), (400, first.text.as_str()));
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     assert_eq!(app.count("orders").await, 0);
     // A new key is a new attempt, and now succeeds.
-    assert_eq!(post_with_key(&app, "too-many-2", &order(1, 4, 6)).await.status, 201);
+    assert_eq!(app.post_order_with_key("too-many-2", &order_body(1, 4, 6)).await.status, 201);
     app.assert_invariants().await;
 }
 
@@ -94,8 +78,8 @@ async fn a_rejection_is_replayed_even_after_things_change() {
 #[tokio::test]
 async fn ten_simultaneous_retries_make_one_order() {
     let app = spawn_app().await;
-    let body = order(1, 1, 2);
-    let replies = join_all((0..10).map(|_| post_with_key(&app, "burst", &body))).await;
+    let body = order_body(1, 1, 2);
+    let replies = join_all((0..10).map(|_| app.post_order_with_key("burst", &body))).await;
     let created: Vec<&Reply> = replies.iter().filter(|r| r.status == 201).collect();
     assert_eq!(created.len(), 10, "{:?}", replies.iter().map(|r| (r.status, &r.text)).collect::<Vec<_>>());
     assert!(created.iter().all(|r| r.text == created[0].text));
@@ -117,13 +101,13 @@ async fn a_duplicate_waiting_too_long_gets_409_in_progress() {
         .execute("INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES (1, 'slow', 'x')", &[])
         .await
         .unwrap();
-    let reply = post_with_key(&app, "slow", &order(1, 2, 1)).await;
+    let reply = app.post_order_with_key("slow", &order_body(1, 2, 1)).await;
     reply.assert_error(409, "IDEMPOTENCY_IN_PROGRESS");
     assert_eq!(reply.header("retry-after"), Some("1"));
     holder.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(app.count("orders").await, 0);
     // With the first gone (rolled back), the key is free again.
-    assert_eq!(post_with_key(&app, "slow", &order(1, 2, 1)).await.status, 201);
+    assert_eq!(app.post_order_with_key("slow", &order_body(1, 2, 1)).await.status, 201);
 }
 
 /// A 5xx is not stored: the key goes back with the rolled-back transaction, so a retry after
@@ -131,17 +115,11 @@ async fn a_duplicate_waiting_too_long_gets_409_in_progress() {
 #[tokio::test]
 async fn a_server_error_is_not_stored_and_the_retry_runs_again() {
     let app = spawn_app().await;
-    app.db
-        .batch_execute(
-            "CREATE FUNCTION fail_payment() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'boom'; END $$;
-             CREATE TRIGGER fail_payment BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION fail_payment();",
-        )
-        .await
-        .unwrap();
-    post_with_key(&app, "flaky", &order(1, 2, 1)).await.assert_error(500, "INTERNAL");
+    app.fail_payments().await;
+    app.post_order_with_key("flaky", &order_body(1, 2, 1)).await.assert_error(500, "INTERNAL");
     assert_eq!(app.count("idempotency_keys").await, 0);
-    app.db.batch_execute("DROP TRIGGER fail_payment ON payments").await.unwrap();
-    let retry = post_with_key(&app, "flaky", &order(1, 2, 1)).await;
+    app.allow_payments().await;
+    let retry = app.post_order_with_key("flaky", &order_body(1, 2, 1)).await;
     assert_eq!(retry.status, 201);
     assert!(retry.header("idempotent-replayed").is_none());
 }
@@ -151,7 +129,7 @@ async fn a_server_error_is_not_stored_and_the_retry_runs_again() {
 async fn malformed_keys_are_invalid_requests() {
     let app = spawn_app().await;
     for key in ["", "has space", &"k".repeat(256)] {
-        post_with_key(&app, key, &order(1, 2, 1)).await.assert_error(400, "INVALID_REQUEST");
+        app.post_order_with_key(key, &order_body(1, 2, 1)).await.assert_error(400, "INVALID_REQUEST");
     }
     assert_eq!(app.count("orders").await, 0);
 }
@@ -161,11 +139,11 @@ async fn malformed_keys_are_invalid_requests() {
 #[tokio::test]
 async fn keys_expire_after_the_retention_and_are_purged() {
     let app = spawn_app_with(|config| config.idempotency_retention = Duration::from_secs(1)).await;
-    assert_eq!(post_with_key(&app, "old", &order(1, 2, 1)).await.status, 201);
-    assert_eq!(post_with_key(&app, "older", &order(1, 2, 1)).await.status, 201);
+    assert_eq!(app.post_order_with_key("old", &order_body(1, 2, 1)).await.status, 201);
+    assert_eq!(app.post_order_with_key("older", &order_body(1, 2, 1)).await.status, 201);
     app.db.execute("UPDATE idempotency_keys SET created_at = created_at - interval '2 seconds'", &[]).await.unwrap();
 
-    let reused = post_with_key(&app, "old", &order(1, 3, 1)).await;
+    let reused = app.post_order_with_key("old", &order_body(1, 3, 1)).await;
     assert_eq!(reused.status, 201, "an expired key is a new key: {}", reused.text);
     assert_eq!(app.count("orders").await, 3);
 

@@ -2,32 +2,11 @@
 //! are cut off by the header-read timeout without disturbing others, and connections past
 //! `MAX_CONNECTIONS` get a clear 503 instead of an endless wait.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{TestApp, spawn_app_with};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-/// Reads until the server closes the connection (or `limit` passes); returns what was read
-/// and when the close came.
-async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (String, Option<Duration>) {
-    let started = Instant::now();
-    let mut received = Vec::new();
-    let mut buffer = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at(tokio::time::Instant::from_std(started + limit), stream.read(&mut buffer)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return (String::from_utf8_lossy(&received).into_owned(), Some(started.elapsed()));
-            }
-            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
-            Err(_) => return (String::from_utf8_lossy(&received).into_owned(), None),
-        }
-    }
-}
+use crate::common::{TestApp, read_until_closed, spawn_app_with};
 
 async fn connect(app: &TestApp) -> TcpStream {
     TcpStream::connect(("127.0.0.1", app.port)).await.unwrap()

@@ -5,8 +5,6 @@
 //! PostgreSQL is found through `TEST_DATABASE_URL` (a server URL whose database part is
 //! ignored), by default the local trust-auth server.
 
-#![allow(dead_code)] // each test binary uses a different part of the harness
-
 pub mod process;
 
 use std::{
@@ -36,6 +34,8 @@ pub struct TestApp {
     pub database_url: String,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
+    /// Dropped after the server is stopped (fields drop after `Drop::drop`).
+    _database: TestDatabase,
 }
 
 /// A fresh database, migrated and seeded, and a server on it with the default configuration.
@@ -45,9 +45,9 @@ pub async fn spawn_app() -> TestApp {
 
 /// The same, with configuration changes applied before the server starts.
 pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
-    let (database_name, database_url) = create_test_database().await;
+    let database = TestDatabase::create().await;
     let mut config = Config {
-        database_url: database_url.clone(),
+        database_url: database.url.clone(),
         host: [127, 0, 0, 1].into(),
         port: 0,
         log_level: order_api::log::Level::Error,
@@ -56,23 +56,20 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
     order_api::log::set_level(config.log_level);
     order_api::prepare_database(&config, true).await.expect("migrate and seed the test database");
     customize(&mut config);
-    let db = connect(&database_url).await;
-    start_server(config, database_name, database_url, db).await
+    start_server(config, database).await
 }
 
-/// A server with `config` (already migrated) on the existing test database `database_name`,
-/// which the test inspects through `direct_url`; the database is dropped with the app.
-pub async fn spawn_app_on(mut config: Config, database_name: &str, direct_url: &str) -> TestApp {
+/// A server with `config` (already migrated, reaching `database` its own way, e.g. through a
+/// pooler), which the test inspects directly; the database is dropped with the app.
+pub async fn spawn_app_on(mut config: Config, database: TestDatabase) -> TestApp {
     config.log_level = order_api::log::Level::Error;
     order_api::log::set_level(config.log_level);
-    let db = connect(direct_url).await;
-    start_server(config, database_name.to_owned(), direct_url.to_owned(), db).await
+    start_server(config, database).await
 }
 
 /// A server whose database cannot be reached at all (nothing listens on the port).
 pub async fn spawn_app_without_database() -> TestApp {
-    let (database_name, database_url) = create_test_database().await;
-    let db = connect(&database_url).await;
+    let database = TestDatabase::create().await;
     let config = Config {
         database_url: "postgresql://postgres@127.0.0.1:1/nowhere".into(),
         host: [127, 0, 0, 1].into(),
@@ -81,15 +78,11 @@ pub async fn spawn_app_without_database() -> TestApp {
         log_level: order_api::log::Level::Error,
         ..Config::default()
     };
-    start_server(config, database_name, database_url, db).await
+    start_server(config, database).await
 }
 
-async fn start_server(
-    config: Config,
-    database_name: String,
-    database_url: String,
-    db: tokio_postgres::Client,
-) -> TestApp {
+async fn start_server(config: Config, database: TestDatabase) -> TestApp {
+    let db = connect(&database.url).await;
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
@@ -105,10 +98,11 @@ async fn start_server(
         port,
         http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
         db,
-        database_name,
-        database_url,
+        database_name: database.name.clone(),
+        database_url: database.url.clone(),
         shutdown: Some(shutdown),
         server: Some(server),
+        _database: database,
     }
 }
 
@@ -124,15 +118,24 @@ fn url_for_database(name: &str) -> String {
     format!("{server}/{name}")
 }
 
-/// A new, empty database with a name no other test uses.
-pub async fn create_test_database() -> (String, String) {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
-    let name = format!("order_api_test_{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos);
-    let admin = connect(&server_url()).await;
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
-    let url = url_for_database(&name);
-    (name, url)
+/// A new, empty database with a name no other test uses, dropped when this is dropped.
+pub struct TestDatabase {
+    pub name: String,
+    /// Its URL on the test PostgreSQL server.
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> TestDatabase {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
+        let name =
+            format!("order_api_test_{}_{}_{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), nanos);
+        let admin = connect(&server_url()).await;
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create test database");
+        let url = url_for_database(&name);
+        TestDatabase { name, url }
+    }
 }
 
 /// A connection to the server's maintenance database, for what a test database cannot do to
@@ -147,34 +150,21 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
     client
 }
 
-/// Drops a test database when it goes out of scope, for tests that make one without a server.
-pub struct DropDatabase(String);
-
-impl DropDatabase {
-    pub fn new(name: &str) -> DropDatabase {
-        DropDatabase(name.to_owned())
-    }
-}
-
-impl Drop for DropDatabase {
+impl Drop for TestDatabase {
     fn drop(&mut self) {
-        drop_database(&self.0);
-    }
-}
-
-fn drop_database(name: &str) {
-    let name = name.to_owned();
-    // Drop runs outside any runtime guarantee, so the cleanup gets a thread and a runtime.
-    let cleanup = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        runtime.block_on(async {
-            if let Ok((client, connection)) = tokio_postgres::connect(&server_url(), NoTls).await {
-                tokio::spawn(connection);
-                let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-            }
+        let name = self.name.clone();
+        // Drop runs outside any runtime guarantee, so the cleanup gets a thread and a runtime.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&server_url(), NoTls).await {
+                    tokio::spawn(connection);
+                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                }
+            });
         });
-    });
-    let _ = cleanup.join();
+        let _ = cleanup.join();
+    }
 }
 
 impl Drop for TestApp {
@@ -185,8 +175,36 @@ impl Drop for TestApp {
         if let Some(server) = self.server.take() {
             server.abort();
         }
-        drop_database(&self.database_name);
+        // `_database` is dropped next: the database goes with the app.
     }
+}
+
+/// A port nothing listens on: bound and released at once. Another process could take it in
+/// between; unlikely enough for a test.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An order body: one line of `quantity` units of `product_id` for `user_id`.
+pub fn order_body(user_id: i32, product_id: i32, quantity: i32) -> Value {
+    serde_json::json!({"userId": user_id, "items": [{"productId": product_id, "quantity": quantity}]})
+}
+
+/// Reads from `stream` until the server closes the connection (or `limit` passes); returns
+/// what was read and, if it closed, after how long.
+pub async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> (String, Option<Duration>) {
+    use tokio::io::AsyncReadExt;
+    let started = tokio::time::Instant::now();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 8192];
+    let closed = loop {
+        match tokio::time::timeout_at(started + limit, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break Some(started.elapsed()),
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+            Err(_) => break None,
+        }
+    };
+    (String::from_utf8_lossy(&received).into_owned(), closed)
 }
 
 /// A response, read whole: status, headers and the body as JSON (`Value::Null` if it is not).
@@ -199,11 +217,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub async fn read_response(response: reqwest::Response) -> Reply {
-        Reply::read(response).await
-    }
-
-    async fn read(response: reqwest::Response) -> Reply {
+    pub async fn read(response: reqwest::Response) -> Reply {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let text = response.text().await.unwrap();
@@ -257,33 +271,50 @@ impl TestApp {
     /// Writes `head` then `body` on a new connection (ignoring a write error: the server may
     /// answer and close early), then reads the response until the server closes or 5 s pass.
     pub async fn raw_exchange(&self, head: &[u8], body: &[u8]) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.unwrap();
         let _ = stream.write_all(head).await;
         let _ = stream.write_all(body).await;
-        let mut response = Vec::new();
-        let mut buffer = [0u8; 8192];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
-            if n == 0 {
-                break;
-            }
-            response.extend_from_slice(&buffer[..n]);
-        }
-        String::from_utf8_lossy(&response).into_owned()
+        read_until_closed(&mut stream, Duration::from_secs(5)).await.0
     }
 
     pub async fn post_order(&self, body: &Value) -> Reply {
         self.post_json("/api/orders", body).await
     }
 
-    /// Orders one line and asserts it was created; returns the order id.
+    /// `POST /api/orders` with an `Idempotency-Key`.
+    pub async fn post_order_with_key(&self, key: &str, body: &Value) -> Reply {
+        let request = self
+            .http
+            .post(self.url("/api/orders"))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(body.to_string());
+        Reply::read(request.send().await.expect("POST")).await
+    }
+
+    /// Orders one line for user 1 and asserts it was created; returns the order id.
     pub async fn order(&self, product_id: i32, quantity: i32) -> i64 {
-        let reply = self
-            .post_order(&serde_json::json!({"userId": 1, "items": [{"productId": product_id, "quantity": quantity}]}))
-            .await;
+        let reply = self.post_order(&order_body(1, product_id, quantity)).await;
         assert_eq!(reply.status, 201, "{}", reply.text);
         reply.json["orderId"].as_i64().unwrap()
+    }
+
+    /// From now on every payment insert fails (a trigger raises an error naming the table),
+    /// so an order fails half way through its transaction; `allow_payments` undoes it.
+    pub async fn fail_payments(&self) {
+        self.db
+            .batch_execute(
+                "CREATE FUNCTION fail_payment() RETURNS trigger LANGUAGE plpgsql AS
+                     $$ BEGIN RAISE EXCEPTION 'injected payment failure in table payments'; END $$;
+                 CREATE TRIGGER fail_payment BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION fail_payment();",
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn allow_payments(&self) {
+        self.db.batch_execute("DROP TRIGGER fail_payment ON payments").await.unwrap();
     }
 
     pub async fn cancel(&self, order_id: i64) -> Reply {

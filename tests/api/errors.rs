@@ -1,10 +1,9 @@
 //! Every row of the contract's error table, and every kind of bad input: each gets a 4xx with
 //! a JSON body naming the problem, and leaves the database exactly as it was.
 
-mod common;
-
-use common::{TestApp, spawn_app, spawn_app_without_database};
 use serde_json::{Value, json};
+
+use crate::common::{TestApp, spawn_app, spawn_app_without_database};
 
 /// Posts `body` as an order and asserts the error and that nothing changed.
 async fn assert_rejected(app: &TestApp, case: &str, body: &Value, status: u16, code: &str) -> Value {

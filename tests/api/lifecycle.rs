@@ -1,11 +1,10 @@
 //! The order lifecycle: processing -> shipped -> delivered, processing -> cancelled; every
 //! other move refused with 409, by the API and by the database itself.
 
-mod common;
-
-use common::spawn_app;
 use futures::future::join_all;
 use serde_json::json;
+
+use crate::common::spawn_app;
 
 /// An order moves processing -> shipped -> delivered; each move answers 200 with the new
 /// status and is timestamped.

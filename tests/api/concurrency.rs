@@ -2,13 +2,12 @@
 //! afterwards: stock never negative, stock + live ordered quantity = seeded stock, a
 //! cancellation restores stock exactly once, no deadlock, no 5xx, no leaked connection.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{Reply, TestApp, spawn_app, spawn_app_with};
 use futures::future::join_all;
 use serde_json::{Value, json};
+
+use crate::common::{Reply, TestApp, spawn_app, spawn_app_with};
 
 /// Sends all bodies as orders at once and returns the replies.
 async fn post_orders_concurrently(app: &TestApp, bodies: Vec<Value>) -> Vec<Reply> {

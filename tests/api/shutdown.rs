@@ -5,8 +5,6 @@
 //! The server runs as a child process (`CARGO_BIN_EXE_order-api`), not in-process, so that
 //! the signal handling of `main` is what is tested.
 
-mod common;
-
 use std::{
     sync::{
         Arc,
@@ -15,8 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{DropDatabase, process::ServerProcess};
 use serde_json::{Value, json};
+
+use crate::common::{self, TestDatabase, process::ServerProcess};
 
 /// Requests that are certainly in flight at SIGTERM: each waits inside PostgreSQL for a row
 /// lock that the test holds.
@@ -126,10 +125,10 @@ async fn load_loop(server_url: String, orders: bool, signalled: Arc<AtomicBool>)
 /// the client to retry. Before the signal, every request must succeed.
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
-    let (database, database_url) = common::create_test_database().await;
-    let _cleanup = DropDatabase::new(&database);
-    let mut server = ServerProcess::start(&database_url).await;
-    let db = common::connect(&database_url).await;
+    let test_database = TestDatabase::create().await;
+    let (database, database_url) = (test_database.name.as_str(), test_database.url.as_str());
+    let mut server = ServerProcess::start(database_url).await;
+    let db = common::connect(database_url).await;
     // Enough stock for the whole load on product 2.
     db.execute("UPDATE products SET stock = 1000000 WHERE id = 2", &[]).await.unwrap();
 
@@ -140,7 +139,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Requests that are certainly in flight: orders for product 1, whose row the test locks.
-    let mut lock = common::connect(&database_url).await;
+    let mut lock = common::connect(database_url).await;
     let lock_tx = lock.transaction().await.unwrap();
     lock_tx.execute("SELECT stock FROM products WHERE id = 1 FOR UPDATE", &[]).await.unwrap();
     let blocked: Vec<_> = (0..BLOCKED_ORDERS)
@@ -158,7 +157,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
             })
         })
         .collect();
-    wait_for_lock_waiters(&db, &database, BLOCKED_ORDERS).await;
+    wait_for_lock_waiters(&db, database, BLOCKED_ORDERS).await;
 
     signalled.store(true, Ordering::SeqCst);
     server.terminate();
@@ -254,9 +253,8 @@ async fn wait_for_lock_waiters(db: &tokio_postgres::Client, database: &str, coun
 /// grace period for nothing.
 #[tokio::test]
 async fn sigterm_with_only_idle_keep_alive_connections_exits_zero_at_once() {
-    let (database, database_url) = common::create_test_database().await;
-    let _cleanup = DropDatabase::new(&database);
-    let mut server = ServerProcess::start(&database_url).await;
+    let database = TestDatabase::create().await;
+    let mut server = ServerProcess::start(&database.url).await;
     let keep_alive = reqwest::Client::new();
     let reply = keep_alive.get(server.url("/api/products")).send().await.unwrap();
     assert_eq!(reply.status(), 200);

@@ -3,15 +3,14 @@
 //! that goes away. Each must roll back completely, answer with a clear status, and leave the
 //! pool healthy.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{TestApp, spawn_app, spawn_app_with};
 use serde_json::json;
 
+use crate::common::{self, TestApp, spawn_app, spawn_app_with};
+
 fn one_laptop() -> serde_json::Value {
-    json!({"userId": 1, "items": [{"productId": 1, "quantity": 1}]})
+    common::order_body(1, 1, 1)
 }
 
 /// Holds a row lock on a product from a separate connection until the returned transaction
@@ -29,14 +28,7 @@ async fn lock_product(app: &TestApp, product_id: i32) -> tokio_postgres::Client 
 #[tokio::test]
 async fn a_failure_mid_transaction_rolls_back_everything_and_leaks_no_sql() {
     let app = spawn_app().await;
-    app.db
-        .batch_execute(
-            "CREATE FUNCTION fail_payment() RETURNS trigger LANGUAGE plpgsql AS
-                 $$ BEGIN RAISE EXCEPTION 'injected payment failure in table payments'; END $$;
-             CREATE TRIGGER fail_payment BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION fail_payment();",
-        )
-        .await
-        .unwrap();
+    app.fail_payments().await;
     let before = app.snapshot().await;
 
     let reply = app
@@ -49,7 +41,7 @@ async fn a_failure_mid_transaction_rolls_back_everything_and_leaks_no_sql() {
     }
     assert_eq!(app.snapshot().await, before);
 
-    app.db.batch_execute("DROP TRIGGER fail_payment ON payments").await.unwrap();
+    app.allow_payments().await;
     app.order(1, 2).await;
     assert_eq!(app.stock(1).await, 8);
     app.assert_invariants().await;
@@ -73,7 +65,14 @@ async fn killed_connections_are_replaced() {
         .unwrap()
         .get(0);
     assert!(killed >= 1, "no API connection found to kill");
-    // The server closes each socket at once; give the client side a moment to see it.
+    // pg_terminate_backend only signals the backends; each exits and closes its socket a
+    // moment later. Wait until none is left, then give the pool's connection tasks a moment
+    // to read the close (a pooled connection counts as closed only once its task has).
+    let started = Instant::now();
+    while !api_backend_pids(&app).await.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(5), "terminated backends still there after 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     for _ in 0..10 {
@@ -140,9 +139,10 @@ async fn a_lock_wait_past_the_statement_timeout_is_a_clean_503() {
     app.assert_invariants().await;
 }
 
-/// A request past its deadline is answered 503 and its transaction is abandoned: the
-/// connection it held is closed (so PostgreSQL rolls back and frees the locks), nothing of
-/// the order remains, and the pool serves the next request.
+/// A request past its deadline is answered 503 and nothing of it remains: at the deadline
+/// the pool cancels its statement inside PostgreSQL, so the transaction rolls back and frees
+/// its locks, and the connection goes back to the pool clean and is reused (it is closed
+/// instead only if PostgreSQL does not even answer the cancel).
 #[tokio::test]
 async fn a_request_past_its_deadline_leaves_nothing_behind() {
     let app = spawn_app_with(|config| {
@@ -150,6 +150,9 @@ async fn a_request_past_its_deadline_leaves_nothing_behind() {
         config.pool_size = 1;
     })
     .await;
+    assert_eq!(app.get("/api/products/1").await.status, 200);
+    let connection_before = api_backend_pids(&app).await;
+    assert_eq!(connection_before.len(), 1, "the pool's one connection");
     let before = app.snapshot().await;
     let blocker = lock_product(&app, 1).await;
     let reply = app.post_order(&one_laptop()).await;
@@ -170,7 +173,22 @@ async fn a_request_past_its_deadline_leaves_nothing_behind() {
         .get(0);
     assert_eq!(open_transactions, 0);
     app.order(1, 1).await;
+    assert_eq!(api_backend_pids(&app).await, connection_before, "the same connection, reused");
     app.assert_invariants().await;
+}
+
+/// The backends of the API's connections to the test database.
+async fn api_backend_pids(app: &TestApp) -> Vec<i32> {
+    let rows = app
+        .db
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'order-api'
+             ORDER BY pid",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|row| row.get(0)).collect()
 }
 
 /// A client that disconnects while its order waits on a lock does not cut the transaction
@@ -251,16 +269,7 @@ async fn connections_are_replaced_after_their_maximum_lifetime() {
         config.connection_max_lifetime = Duration::from_millis(300);
     })
     .await;
-    let backend = || async {
-        app.db
-            .query_one(
-                "SELECT array_agg(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'order-api'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, Vec<i32>>(0)
-    };
+    let backend = || api_backend_pids(&app);
     assert_eq!(app.get("/api/products/1").await.status, 200);
     let first = backend().await;
     assert_eq!(app.get("/api/products/1").await.status, 200);

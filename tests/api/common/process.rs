@@ -3,19 +3,24 @@
 
 use std::{
     io::Read,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
+
+use super::free_port;
 
 /// The binary, running on its own port against its own database; killed if a test fails
 /// before it exits.
 pub struct ServerProcess {
     pub child: Child,
     pub port: u16,
-    /// Collects the JSON log lines from stdout, to show when an assertion fails.
-    stdout: Option<JoinHandle<String>>,
+    /// Reads stdout into `output` as it comes, from when its gate opens until the pipe closes.
+    stdout: Option<JoinHandle<()>>,
+    /// Everything read from stdout so far: the JSON log lines.
+    output: Arc<Mutex<Vec<u8>>>,
 }
 
 impl ServerProcess {
@@ -24,12 +29,17 @@ impl ServerProcess {
     pub async fn start(database_url: &str) -> ServerProcess {
         let (read_stdout, stdout_gate) = std::sync::mpsc::channel();
         read_stdout.send(()).unwrap();
-        ServerProcess::start_with_stdout_gate(database_url, stdout_gate).await
+        ServerProcess::start_with_stdout_gate(database_url, stdout_gate, &[]).await
     }
 
-    /// The same, with nobody reading the process's stdout until something is sent on `gate`
-    /// (or it is dropped): a log collector that has stalled.
-    pub async fn start_with_stdout_gate(database_url: &str, gate: std::sync::mpsc::Receiver<()>) -> ServerProcess {
+    /// The same, with more environment variables, and with nobody reading the process's
+    /// stdout until something is sent on `gate` (or it is dropped): a log collector that has
+    /// stalled.
+    pub async fn start_with_stdout_gate(
+        database_url: &str,
+        gate: std::sync::mpsc::Receiver<()>,
+        env: &[(&str, &str)],
+    ) -> ServerProcess {
         let port = free_port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_order-api"))
             .arg("serve")
@@ -42,19 +52,31 @@ impl ServerProcess {
             .env("SHUTDOWN_GRACE_MS", "8000")
             .env("DB_STATEMENT_TIMEOUT_MS", "10000")
             .env("LOG_LEVEL", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .expect("start the order-api binary");
         let mut pipe = child.stdout.take().unwrap();
-        let stdout = std::thread::spawn(move || {
-            let _ = gate.recv();
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let stdout = std::thread::spawn({
+            let output = output.clone();
+            move || {
+                let _ = gate.recv();
+                let mut buffer = vec![0u8; 64 * 1024];
+                loop {
+                    match pipe.read(&mut buffer) {
+                        Ok(0) => return,
+                        Ok(n) => output.lock().unwrap().extend_from_slice(&buffer[..n]),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => return,
+                    }
+                }
+            }
         });
-        let mut server = ServerProcess { child, port, stdout: Some(stdout) };
+        let mut server = ServerProcess { child, port, stdout: Some(stdout), output };
 
-        let http = reqwest::Client::new();
+        // Each attempt bounded: a server that accepts but never answers must not hang this.
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = server.child.try_wait().unwrap() {
@@ -97,12 +119,36 @@ impl ServerProcess {
         TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], self.port)), Duration::from_millis(200)).is_err()
     }
 
-    /// Everything the process wrote to stdout; only complete once it has exited.
+    /// What the process has written to stdout and the test has read so far; once the process
+    /// has exited, everything (the rest of the pipe is read first, for 2 s at most: not at all
+    /// while the stdout gate is closed).
     pub fn logs(&mut self) -> String {
-        if self.child.try_wait().ok().flatten().is_none() {
-            return "(still running; logs not collected)".into();
+        if self.child.try_wait().ok().flatten().is_some() {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.stdout.as_ref().is_some_and(|reader| !reader.is_finished()) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if self.stdout.as_ref().is_some_and(JoinHandle::is_finished) {
+                let _ = self.stdout.take().unwrap().join();
+            }
         }
-        self.stdout.take().map(|reader| reader.join().unwrap_or_default()).unwrap_or_default()
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until what has been read from stdout satisfies `done`, for `limit` at most;
+    /// returns the logs read by then and whether `done` was met.
+    pub async fn wait_for_logs(&mut self, limit: Duration, done: impl Fn(&str) -> bool) -> (String, bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let logs = self.logs();
+            if done(&logs) {
+                return (logs, true);
+            }
+            if Instant::now() >= deadline {
+                return (logs, false);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
@@ -113,10 +159,4 @@ impl Drop for ServerProcess {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A port nothing listens on: bound and released at once. Another process could take it in
-/// between; unlikely enough for a test.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -1,0 +1,20 @@
+//! The integration tests, in one binary: the crate and the test dependencies are linked once
+//! instead of once per file. One module per area; `common` is the harness (a fresh database
+//! and server per test).
+
+mod common;
+
+mod concurrency;
+mod endpoints;
+mod errors;
+mod faults;
+mod hostile_input;
+mod idempotency;
+mod ledger;
+mod lifecycle;
+mod limits;
+mod listing;
+mod logs;
+mod migrations;
+mod pooler;
+mod shutdown;
