@@ -57,6 +57,9 @@ pub struct Config {
     pub migrate_on_start: bool,
     /// `LOG_LEVEL`: error, warn, info or debug.
     pub log_level: Level,
+    /// `LOG_BUFFER_BYTES`: most bytes of log lines waiting for stdout; past it lines are
+    /// dropped and counted (see `log`).
+    pub log_buffer_bytes: usize,
 }
 
 impl Default for Config {
@@ -80,6 +83,7 @@ impl Default for Config {
             seed_on_start: false,
             migrate_on_start: true,
             log_level: Level::Info,
+            log_buffer_bytes: crate::log::DEFAULT_BUFFER_BYTES,
         }
     }
 }
@@ -142,6 +146,9 @@ impl Config {
         set.set(&mut config.seed_on_start, "SEED_ON_START", "true or false", |v| v.parse().ok())?;
         set.set(&mut config.migrate_on_start, "MIGRATE_ON_START", "true or false", |v| v.parse().ok())?;
         set.set(&mut config.log_level, "LOG_LEVEL", "error, warn, info or debug", Level::parse)?;
+        set.set(&mut config.log_buffer_bytes, "LOG_BUFFER_BYTES", "a positive number of bytes", |v| {
+            v.parse().ok().filter(|n| *n > 0)
+        })?;
         Ok(config)
     }
 }

@@ -12,7 +12,7 @@ use std::{
     io::Write,
     sync::{
         Condvar, Mutex, OnceLock,
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicU8, AtomicUsize, Ordering},
     },
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -127,13 +127,11 @@ pub fn flush() {
 /// takes everything buffered at once and writes it with one call. When the service is idle
 /// each line is written at once; under load many lines share one write (one write per line
 /// cost 13 % of the catalogue's throughput). If stdout blocks (a reader that does not keep up),
-/// the buffer stops at its limit (`buffer_limit`) and further lines are counted and dropped,
+/// the buffer stops at its limit (`LOG_BUFFER_BYTES`) and further lines are counted and dropped,
 /// rather than growing memory or blocking requests; the count is logged when the writer
 /// catches up.
 struct Output {
     state: Mutex<Buffered>,
-    /// The most bytes `state.lines` may hold, from `buffer_limit`.
-    limit: usize,
     /// Signalled when lines arrive (to the writer) and when a batch is written (to `flush`).
     changed: Condvar,
 }
@@ -152,17 +150,14 @@ struct Buffered {
 const FLUSH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The default limit of the buffer of lines waiting for stdout, in bytes.
-const MAX_BUFFERED: usize = 8 << 20;
+pub const DEFAULT_BUFFER_BYTES: usize = 8 << 20;
 
-/// The buffer limit: `LOG_BUFFER_BYTES` (a positive number of bytes) if it is set, else
-/// `MAX_BUFFERED` (8 MiB); a value that is not a positive integer is ignored. Read once,
-/// when the first line is logged at start. Tests set it low to overflow the buffer quickly.
-fn buffer_limit() -> usize {
-    std::env::var("LOG_BUFFER_BYTES")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(MAX_BUFFERED)
+/// The buffer limit (`LOG_BUFFER_BYTES`); set once at start. Tests set it low to overflow the
+/// buffer quickly.
+static BUFFER_LIMIT: AtomicUsize = AtomicUsize::new(DEFAULT_BUFFER_BYTES);
+
+pub fn set_buffer_limit(bytes: usize) {
+    BUFFER_LIMIT.store(bytes, Ordering::Relaxed);
 }
 
 static OUTPUT: OnceLock<Output> = OnceLock::new();
@@ -173,7 +168,7 @@ fn output() -> &'static Output {
             .name("log-writer".into())
             .spawn(|| OUTPUT.wait().write_forever())
             .expect("start the log writer thread");
-        Output { state: Mutex::new(Buffered::default()), limit: buffer_limit(), changed: Condvar::new() }
+        Output { state: Mutex::new(Buffered::default()), changed: Condvar::new() }
     })
 }
 
@@ -184,7 +179,7 @@ impl Output {
 
     fn append(&self, line: &[u8]) {
         let mut state = self.lock();
-        if state.lines.len() + line.len() > self.limit {
+        if state.lines.len() + line.len() > BUFFER_LIMIT.load(Ordering::Relaxed) {
             state.dropped += 1;
             return;
         }

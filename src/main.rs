@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         }
     };
     log::set_level(config.log_level);
+    log::set_buffer_limit(config.log_buffer_bytes);
 
     let command = std::env::args().nth(1);
     if command.as_deref() == Some("healthcheck") {

@@ -16,5 +16,6 @@ mod limits;
 mod listing;
 mod logs;
 mod migrations;
+mod operations;
 mod pooler;
 mod shutdown;

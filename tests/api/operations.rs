@@ -2,11 +2,9 @@
 //! `HEAD`, metrics whose series a client cannot multiply, and a start-up that neither hangs on
 //! a silent database host nor runs on a schema it was told not to migrate.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{DropDatabase, spawn_app, spawn_app_with, spawn_app_without_database};
+use crate::common::{self, TestDatabase, spawn_app, spawn_app_with, spawn_app_without_database};
 use order_api::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -142,13 +140,12 @@ async fn start_up_gives_up_on_a_silent_database_at_its_timeout() {
 /// migrations are pending; once `order-api migrate` has run, it starts.
 #[tokio::test]
 async fn without_migrate_on_start_pending_migrations_stop_the_start() {
-    let (name, url) = common::create_test_database().await;
-    let _cleanup = DropDatabase::new(&name);
-    let config = Config { database_url: url.clone(), migrate_on_start: false, ..Config::default() };
+    let database = TestDatabase::create().await;
+    let config = Config { database_url: database.url.clone(), migrate_on_start: false, ..Config::default() };
 
     let error = order_api::check_database(&config).await.expect_err("pending migrations must stop the start");
     assert!(error.to_string().contains("order-api migrate"), "{error}");
-    let db = common::connect(&url).await;
+    let db = common::connect(&database.url).await;
     let tables: i64 =
         db.query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", &[]).await.unwrap().get(0);
     assert_eq!(tables, 0, "nothing may be applied");
