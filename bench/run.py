@@ -203,7 +203,7 @@ def pgbench_scripts():
         + with_params(orders["CREATE_ORDER"], [user, ids, quantities]) + "\n",
         "get_order": header.format("src/db/orders/read.rs (GET_ORDER)")
         + "\\set order_id random(1, :orders)\n"
-        + with_params(orders["GET_ORDER"], [":order_id"]) + "\n",
+        + with_params(orders["GET_ORDER"], [":order_id", "NULL"]) + "\n",
         "products": header.format("src/db/products.rs (LIST_ALL)") + with_params(products["LIST_ALL"], []) + "\n",
     }
     paths = {"order_a": ORDER_A_SCRIPT}

@@ -5,7 +5,10 @@
 
 use std::{collections::HashMap, env, fmt, net::IpAddr, time::Duration};
 
-use crate::log::Level;
+use crate::{
+    auth::{AuthMode, Secret, jwt::JwtSettings},
+    log::Level,
+};
 
 /// Used when `DATABASE_URL` is unset: the local PostgreSQL that `make run` expects.
 pub const DEFAULT_DATABASE_URL: &str = "postgresql://postgres:postgres@localhost:5432/ecommerce";
@@ -60,6 +63,15 @@ pub struct Config {
     /// `LOG_BUFFER_BYTES`: most bytes of log lines waiting for stdout; past it lines are
     /// dropped and counted (see `log`).
     pub log_buffer_bytes: usize,
+    /// `AUTH_MODE`: `open` (the default: anyone may act as any user, as the replaced service
+    /// allowed) or `jwt` (customers carry a JWT; see `auth`).
+    pub auth_mode: AuthMode,
+    /// `OPERATOR_TOKEN` or `OPERATOR_TOKEN_FILE`: the bearer token of the operator endpoints;
+    /// without it (and without operator JWTs) they are disabled.
+    pub operator_token: Option<Secret>,
+    /// `AUTH_JWT_HS256_SECRET` (or `_FILE`), `AUTH_JWT_JWKS_FILE` (read at start),
+    /// `AUTH_JWT_ISSUER`, `AUTH_JWT_AUDIENCE`, `AUTH_JWT_LEEWAY_SECS`.
+    pub jwt: JwtSettings,
 }
 
 impl Default for Config {
@@ -84,6 +96,9 @@ impl Default for Config {
             migrate_on_start: true,
             log_level: Level::Info,
             log_buffer_bytes: crate::log::DEFAULT_BUFFER_BYTES,
+            auth_mode: AuthMode::Open,
+            operator_token: None,
+            jwt: JwtSettings { leeway_secs: DEFAULT_JWT_LEEWAY_SECS, ..JwtSettings::default() },
         }
     }
 }
@@ -149,9 +164,25 @@ impl Config {
         set.set(&mut config.log_buffer_bytes, "LOG_BUFFER_BYTES", "a positive number of bytes", |v| {
             v.parse().ok().filter(|n| *n > 0)
         })?;
+        set.set(&mut config.auth_mode, "AUTH_MODE", "open or jwt", AuthMode::parse)?;
+        config.operator_token = set.secret("OPERATOR_TOKEN", "OPERATOR_TOKEN_FILE")?;
+        config.jwt.hs256_secret = set.secret("AUTH_JWT_HS256_SECRET", "AUTH_JWT_HS256_SECRET_FILE")?;
+        let mut jwks_file = None;
+        set.set(&mut jwks_file, "AUTH_JWT_JWKS_FILE", "a file", |v| Some(Some(v.to_owned())))?;
+        if let Some(path) = jwks_file {
+            config.jwt.jwks = Some(read_file("AUTH_JWT_JWKS_FILE", &path)?);
+        }
+        set.set(&mut config.jwt.issuer, "AUTH_JWT_ISSUER", "an issuer", |v| Some(Some(v.to_owned())))?;
+        set.set(&mut config.jwt.audience, "AUTH_JWT_AUDIENCE", "an audience", |v| Some(Some(v.to_owned())))?;
+        set.set(&mut config.jwt.leeway_secs, "AUTH_JWT_LEEWAY_SECS", "0 to 60 seconds", |v| {
+            v.parse().ok().filter(|n| *n <= crate::auth::jwt::MAX_LEEWAY_SECS)
+        })?;
         Ok(config)
     }
 }
+
+/// Clock leeway for JWT `exp` and `nbf` unless `AUTH_JWT_LEEWAY_SECS` says otherwise.
+pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
 
 /// Where variables are read from: name to value.
 struct Source<F>(F);
@@ -174,6 +205,31 @@ impl<F: Fn(&str) -> Option<String>> Source<F> {
             _ => Ok(()),
         }
     }
+
+    /// A secret given as `NAME` or, by the Docker secrets convention, as the path of a file in
+    /// `NAME_FILE` (its content, without the trailing newline). Both at once is an error: which
+    /// one wins would be a guess. An error never shows the secret.
+    fn secret(&self, name: &'static str, file_variable: &'static str) -> Result<Option<Secret>, ConfigError> {
+        let given = |variable| (self.0)(variable).filter(|value: &String| !value.trim().is_empty());
+        match (given(name), given(file_variable)) {
+            (Some(_), Some(_)) => Err(ConfigError {
+                variable: file_variable,
+                value: String::new(),
+                expected: "to be unset when the plain variable is set (one or the other)",
+            }),
+            (Some(value), None) => Ok(Some(Secret::new(value.trim()))),
+            (None, Some(path)) => Ok(Some(Secret::new(read_file(file_variable, path.trim())?.trim_end()))),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+fn read_file(variable: &'static str, path: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|_| ConfigError {
+        variable,
+        value: path.to_owned(),
+        expected: "a readable file",
+    })
 }
 
 /// A positive number of milliseconds.

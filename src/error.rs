@@ -58,6 +58,14 @@ pub enum Error {
         status: String,
         requested: String,
     },
+    /// No credentials, or credentials that were refused (`token_rejected`: a token was sent
+    /// and is not valid). Answered with `WWW-Authenticate: Bearer` (RFC 6750).
+    Unauthorized {
+        reason: &'static str,
+        token_rejected: bool,
+    },
+    /// The caller is known but may not do this.
+    Forbidden(&'static str),
     /// A request with this key is still running and did not finish while this one waited.
     IdempotencyInProgress,
     /// The key was used before with a different request.
@@ -154,6 +162,8 @@ impl Error {
                 format!("order {order_id} is {status} and can no longer be cancelled"),
                 json!({"orderId": order_id, "status": status}),
             ),
+            Error::Unauthorized { reason, .. } => (S::UNAUTHORIZED, "UNAUTHORIZED", (*reason).to_owned(), json!({})),
+            Error::Forbidden(reason) => (S::FORBIDDEN, "FORBIDDEN", (*reason).to_owned(), json!({})),
             Error::IdempotencyInProgress => (
                 S::CONFLICT,
                 "IDEMPOTENCY_IN_PROGRESS",
@@ -216,6 +226,8 @@ impl Error {
             Error::UnsupportedMediaType,
             Error::OrderNotCancellable { order_id: 1, status: "shipped".into() },
             Error::InvalidStatusTransition { order_id: 1, status: "shipped".into(), requested: "processing".into() },
+            Error::Unauthorized { reason: "x", token_rejected: true },
+            Error::Forbidden("x"),
             Error::IdempotencyInProgress,
             Error::IdempotencyKeyReused,
             Error::Unavailable("x"),

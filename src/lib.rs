@@ -14,6 +14,7 @@
 //! - [`db`]: the connection pool, statements and transactions, the embedded migration runner,
 //!   and one file per resource holding its SQL.
 //! - [`domain`]: the typed values requests are parsed into; [`money`]: exact amounts.
+//! - [`auth`]: who is calling (`AUTH_MODE`, the operator token, JWTs).
 //! - [`error`]: the one error type and its table of status, code and body.
 //! - [`deadline`]: the request deadline, set by `http` and honoured by `db`.
 //! - [`log`], [`metrics`]: JSON log lines and Prometheus text.
@@ -21,6 +22,7 @@
 //! Data flows one way: `http` -> `api` -> `db` -> (`domain`, `error`, `money`).
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod db;
 pub mod deadline;
@@ -37,6 +39,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     api::AppState,
+    auth::{Auth, AuthMode},
     config::Config,
     db::{Pool, PoolSettings, StartupError},
     metrics::Metrics,
@@ -133,6 +136,7 @@ pub async fn run(
             max_lifetime: config.connection_max_lifetime,
         },
     )?;
+    let auth = auth_from(&config)?;
     let purge = tokio::spawn(db::idempotency::purge_periodically(
         pool.clone(),
         config.idempotency_retention,
@@ -142,10 +146,27 @@ pub async fn run(
         config,
         pool: pool.clone(),
         metrics: Metrics::default(),
+        auth,
         catalogue: api::products::CatalogueReads::default(),
     });
     http::serve(listener, state, shutdown).await;
     purge.abort();
     pool.close();
     Ok(())
+}
+
+/// The credentials the service accepts, from the configuration; says at start what is open.
+fn auth_from(config: &Config) -> Result<Auth, StartupError> {
+    let verifier = auth::jwt::Verifier::new(&config.jwt)?;
+    let auth = Auth::new(config.auth_mode, config.operator_token.clone(), verifier)?;
+    if auth.mode() == AuthMode::Open {
+        log::warn(
+            "AUTH_MODE=open: any caller can order, read and cancel as any user; set AUTH_MODE=jwt in production",
+            serde_json::json!({}),
+        );
+    }
+    if config.operator_token.is_none() && auth.mode() == AuthMode::Open {
+        log::info("operator endpoints are disabled: set OPERATOR_TOKEN to enable them", serde_json::json!({}));
+    }
+    Ok(auth)
 }

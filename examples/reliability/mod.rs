@@ -25,6 +25,9 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio_postgres::{Client, NoTls};
 
+/// `OPERATOR_TOKEN` of the servers the tools start (restocks and status changes need it).
+pub const OPERATOR_TOKEN: &str = "reliability-tools-operator-token-0123456789";
+
 /// Where PostgreSQL and the binary are: `ADMIN_DATABASE_URL` (a server URL whose database is
 /// only used to create and drop the run's own) and `ORDER_API_BIN`.
 pub struct Settings {
@@ -123,6 +126,7 @@ impl Server {
             .env("API_HOST", "127.0.0.1")
             .env("API_PORT", port.to_string())
             .env("SEED_ON_START", "true")
+            .env("OPERATOR_TOKEN", OPERATOR_TOKEN)
             .env("LOG_LEVEL", "warn")
             .envs(extra_env.iter().copied())
             .stdout(log.try_clone().unwrap())
@@ -302,7 +306,13 @@ pub struct Reply {
 impl Shopper {
     pub fn new(record: SharedRecord) -> Shopper {
         // Requests end at the server's deadline (10 s) at the latest; 15 s here marks a hang.
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+        // The operator token goes with every request: restocks and status changes are operator
+        // endpoints; the customer paths of open mode do not look at it.
+        let mut headers = reqwest::header::HeaderMap::new();
+        let bearer = format!("Bearer {OPERATOR_TOKEN}").parse().expect("a header value");
+        headers.insert(reqwest::header::AUTHORIZATION, bearer);
+        let http =
+            reqwest::Client::builder().timeout(Duration::from_secs(15)).default_headers(headers).build().unwrap();
         Shopper { http, record }
     }
 

@@ -3,6 +3,7 @@
 //! (`reply.rs`; request bodies and queries are read by `input.rs`). No SQL here, no
 //! transaction, no socket handling.
 
+pub mod access;
 pub mod health;
 pub mod input;
 pub mod openapi;
@@ -13,7 +14,7 @@ pub mod routes;
 
 use hyper::header::{HeaderValue, LINK};
 
-use crate::{config::Config, db::Pool, domain::Page, metrics::Metrics};
+use crate::{auth::Auth, config::Config, db::Pool, domain::Page, metrics::Metrics};
 use reply::Reply;
 
 /// What every request handler shares.
@@ -21,6 +22,8 @@ pub struct AppState {
     pub config: Config,
     pub pool: Pool,
     pub metrics: Metrics,
+    /// The credentials accepted (`AUTH_MODE`, `OPERATOR_TOKEN`, JWT keys).
+    pub auth: Auth,
     /// Concurrent reads of the whole catalogue share one query.
     pub catalogue: products::CatalogueReads,
 }

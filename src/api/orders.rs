@@ -5,7 +5,9 @@ use hyper::{StatusCode, header::HeaderValue};
 use serde_json::{Value, json};
 
 use super::{
-    AppState, Listing, next_page_link,
+    AppState, Listing,
+    access::Credentials,
+    next_page_link,
     reply::{Reply, json, json_text},
 };
 use crate::{
@@ -23,8 +25,20 @@ const REPLAYED: &str = "idempotent-replayed";
 /// 201 `{"orderId","status":"processing","totalAmount"}`, or the reason the order was refused.
 /// With an `Idempotency-Key`, the outcome is stored with the key in the order's transaction and
 /// a retry gets it replayed byte for byte (see `db::orders::place`).
-pub async fn create(state: &AppState, key: Option<IdempotencyKey>, body: Value) -> Result<Reply, Error> {
-    let order = NewOrder::parse(&body)?;
+///
+/// In jwt mode the order is the token's user's: `userId` may be left out, and another user's
+/// id is 403 (an operator's token may order for anyone).
+pub async fn create(
+    state: &AppState,
+    credentials: Credentials<'_>,
+    key: Option<IdempotencyKey>,
+    body: Value,
+) -> Result<Reply, Error> {
+    let caller = credentials.customer()?;
+    let order = NewOrder::parse(&body, caller.user_id)?;
+    if caller.owner_filter().is_some_and(|own| own != order.user_id) {
+        return Err(Error::Forbidden("an order may only be placed for the authenticated user"));
+    }
     let placed = db::orders::place(&state.pool, &order, key.as_ref(), state.config.idempotency_retention).await;
     state.metrics.record_order(match &placed {
         Ok(Placed::Created(_)) => "created",
@@ -52,8 +66,12 @@ pub struct OrderQuery {
 
 /// `GET /api/orders?userId=&status=&limit=&after=`: one keyset page of order summaries by id,
 /// with a `Link` header to the next page when the page is full.
-pub async fn list(state: &AppState, query: OrderQuery) -> Result<Reply, Error> {
-    let user_id = query.user_id.as_deref().map(|text| positive_int4_in_query(text, "userId")).transpose()?;
+///
+/// Without `userId`, every user's orders: an operator's listing (in jwt mode a customer gets
+/// their own instead).
+pub async fn list(state: &AppState, credentials: Credentials<'_>, query: OrderQuery) -> Result<Reply, Error> {
+    let requested = query.user_id.as_deref().map(|text| positive_int4_in_query(text, "userId")).transpose()?;
+    let user_id = credentials.order_listing(requested)?;
     let status = match &query.status {
         None => None,
         Some(text) => Some(OrderStatus::parse(text).ok_or_else(|| {
@@ -75,20 +93,38 @@ pub async fn list(state: &AppState, query: OrderQuery) -> Result<Reply, Error> {
     Ok(reply)
 }
 
-pub async fn get(state: &AppState, order_id: i64) -> Result<Reply, Error> {
-    let order = db::orders::get(&state.pool, order_id).await?;
+/// The order with its lines; in jwt mode another user's order is 404, as if it did not exist.
+pub async fn get(state: &AppState, credentials: Credentials<'_>, order_id: i64) -> Result<Reply, Error> {
+    let owner = credentials.customer()?.owner_filter();
+    let order = db::orders::get(&state.pool, order_id, owner).await?;
     Ok(json(StatusCode::OK, &order))
 }
 
-/// 200 `{"orderId","status":"cancelled"}`, also when the order was already cancelled.
-pub async fn cancel(state: &AppState, order_id: i64) -> Result<Reply, Error> {
-    db::orders::cancel(&state.pool, order_id).await?;
+/// 200 `{"orderId","status":"cancelled"}`, also when the order was already cancelled; in jwt
+/// mode another user's order is 404.
+pub async fn cancel(state: &AppState, credentials: Credentials<'_>, order_id: i64) -> Result<Reply, Error> {
+    let owner = credentials.customer()?.owner_filter();
+    db::orders::cancel(&state.pool, order_id, owner).await?;
     Ok(status_reply(order_id, OrderStatus::Cancelled))
 }
 
 /// `PUT /api/orders/{orderId}/status` with `{"status": "shipped"}`: 200 `{"orderId","status"}`,
-/// or 409 when the lifecycle does not allow the move.
-pub async fn set_status(state: &AppState, order_id: i64, body: Value) -> Result<Reply, Error> {
+/// or 409 when the lifecycle does not allow the move. An operator's endpoint; a customer is
+/// told 404 for another user's order (its existence is not revealed) and 403 for their own.
+pub async fn set_status(
+    state: &AppState,
+    credentials: Credentials<'_>,
+    order_id: i64,
+    body: Value,
+) -> Result<Reply, Error> {
+    if let Err(refused) = credentials.operator() {
+        if let Ok(caller) = credentials.customer()
+            && let Some(own) = caller.owner_filter()
+        {
+            db::orders::get(&state.pool, order_id, Some(own)).await?;
+        }
+        return Err(refused);
+    }
     let target = parse_status_change(&body)?;
     db::orders::set_status(&state.pool, order_id, target).await?;
     Ok(status_reply(order_id, target))

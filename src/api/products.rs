@@ -37,7 +37,8 @@ pub async fn get(state: &AppState, product_id: i64) -> Result<Reply, Error> {
 }
 
 /// Adds `{"quantity": N}` units to a product's stock (an operator's action, recorded in the
-/// inventory ledger); answers with the product as it is now.
+/// inventory ledger); answers with the product as it is now. The route table lets only
+/// operators here.
 pub async fn restock(state: &AppState, product_id: i64, body: Value) -> Result<Reply, Error> {
     let quantity = parse_restock(&body)?;
     Ok(json(StatusCode::OK, &db::products::restock(&state.pool, product_id, quantity).await?))

@@ -41,12 +41,20 @@ pub fn retry_after(mut reply: Reply) -> Reply {
 }
 
 /// The response for an error: its status, `{"error","code",...}`, and the headers the answer
-/// calls for (`Allow` on 405, `Retry-After` when a retry may succeed).
+/// calls for (`Allow` on 405, `WWW-Authenticate` on 401, `Retry-After` when a retry may
+/// succeed).
 pub fn error(error: &Error) -> Reply {
     let answer = error.answer();
     let mut reply = json(answer.status, &answer.body);
-    if let Error::MethodNotAllowed { allow } = error {
-        reply.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    match error {
+        Error::MethodNotAllowed { allow } => {
+            reply.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        Error::Unauthorized { token_rejected, .. } => {
+            let challenge = if *token_rejected { r#"Bearer error="invalid_token""# } else { "Bearer" };
+            reply.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+        }
+        _ => {}
     }
     if answer.retry_after { retry_after(reply) } else { reply }
 }

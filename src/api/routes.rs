@@ -3,10 +3,12 @@
 
 use std::sync::LazyLock;
 
-use hyper::{Method, Request, body::Incoming};
+use hyper::{Method, Request, body::Incoming, header::AUTHORIZATION};
 
 use super::{
-    AppState, Listing, health,
+    AppState, Listing,
+    access::Credentials,
+    health,
     input::{json_body, query_param},
     openapi, orders, products,
     reply::Reply,
@@ -119,6 +121,8 @@ pub async fn dispatch(state: &AppState, matched: Matched, request: Request<Incom
     let query = request.uri().query().map(str::to_owned);
     let param = |name: &str| query_param(query.as_deref(), name).transpose();
     let listing = || -> Result<Listing, Error> { Ok(Listing { limit: param("limit")?, after: param("after")? }) };
+    let authorization = request.headers().get(AUTHORIZATION).map(|value| value.as_bytes().to_vec());
+    let credentials = Credentials { auth: &state.auth, authorization: authorization.as_deref() };
     // hyper sends no body in the answer to a HEAD, and keeps the headers of the GET.
     let method = match request.method() {
         &Method::HEAD => Method::GET,
@@ -135,24 +139,25 @@ pub async fn dispatch(state: &AppState, matched: Matched, request: Request<Incom
         (Route::Product, Method::GET) => products::get(state, id()?).await,
         (Route::ProductRestock, Method::POST) => {
             let product_id = id()?;
+            credentials.operator()?;
             products::restock(state, product_id, json_body(request).await?).await
         }
         (Route::Orders, Method::GET) => {
             let query = orders::OrderQuery { user_id: param("userId")?, status: param("status")?, listing: listing()? };
-            orders::list(state, query).await
+            orders::list(state, credentials, query).await
         }
         (Route::Orders, Method::POST) => {
             let key = match request.headers().get("idempotency-key") {
                 Some(value) => Some(IdempotencyKey::parse(value.as_bytes())?),
                 None => None,
             };
-            orders::create(state, key, json_body(request).await?).await
+            orders::create(state, credentials, key, json_body(request).await?).await
         }
-        (Route::Order, Method::GET) => orders::get(state, id()?).await,
-        (Route::OrderCancel, Method::PUT) => orders::cancel(state, id()?).await,
+        (Route::Order, Method::GET) => orders::get(state, credentials, id()?).await,
+        (Route::OrderCancel, Method::PUT) => orders::cancel(state, credentials, id()?).await,
         (Route::OrderStatus, Method::PUT) => {
             let order_id = id()?;
-            orders::set_status(state, order_id, json_body(request).await?).await
+            orders::set_status(state, credentials, order_id, json_body(request).await?).await
         }
         (route, _) => Err(Error::MethodNotAllowed { allow: route.allow() }),
     }

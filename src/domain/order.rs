@@ -30,9 +30,15 @@ impl NewOrder {
     /// `{"userId": 1, "items": [{"productId": 1, "quantity": 1}, ...]}`. Unknown fields are
     /// ignored, as the replaced service did; every known one is checked, with an error that
     /// names the field and what it must be.
-    pub fn parse(body: &Value) -> Result<NewOrder, Error> {
+    ///
+    /// `default_user` is the user an order without `userId` is for (the authenticated user in
+    /// jwt mode); without one, `userId` is required.
+    pub fn parse(body: &Value, default_user: Option<i32>) -> Result<NewOrder, Error> {
         let object = body.as_object().ok_or_else(|| Error::invalid("request body must be a JSON object"))?;
-        let user_id = positive_int4(object.get("userId"), "userId")?;
+        let user_id = match (object.get("userId"), default_user) {
+            (None | Some(Value::Null), Some(user_id)) => user_id,
+            (given, _) => positive_int4(given, "userId")?,
+        };
         let items = match object.get("items") {
             None | Some(Value::Null) => return Err(Error::invalid("items is required")),
             Some(Value::Array(items)) => items,
@@ -146,9 +152,12 @@ mod tests {
 
     #[test]
     fn parses_a_valid_order_keeping_line_order() {
-        let order = NewOrder::parse(&json!({"userId": 1, "items": [
+        let order = NewOrder::parse(
+            &json!({"userId": 1, "items": [
             {"productId": 3, "quantity": 2}, {"productId": 1, "quantity": 1}
-        ], "note": "ignored"}))
+        ], "note": "ignored"}),
+            None,
+        )
         .unwrap();
         assert_eq!(order.user_id, 1);
         assert_eq!(
@@ -160,31 +169,33 @@ mod tests {
     #[test]
     fn refuses_each_kind_of_bad_number_naming_the_field() {
         for bad in [json!(0), json!(-1), json!(1.5), json!(1.0), json!("2"), json!(2147483648i64), json!(true)] {
-            let text = message(NewOrder::parse(&json!({"userId": 1, "items": [{"productId": 1, "quantity": bad}]})));
+            let text =
+                message(NewOrder::parse(&json!({"userId": 1, "items": [{"productId": 1, "quantity": bad}]}), None));
             assert!(text.contains("items[0].quantity"), "{text}");
         }
-        let text = message(NewOrder::parse(&json!({"userId": "1", "items": [{"productId": 1, "quantity": 1}]})));
+        let text = message(NewOrder::parse(&json!({"userId": "1", "items": [{"productId": 1, "quantity": 1}]}), None));
         assert!(text.contains("userId"), "{text}");
     }
 
     #[test]
     fn refuses_missing_empty_duplicate_and_too_many_lines() {
-        assert!(message(NewOrder::parse(&json!({"userId": 1}))).contains("items is required"));
-        assert!(message(NewOrder::parse(&json!({"userId": 1, "items": []}))).contains("at least one"));
-        assert!(message(NewOrder::parse(&json!({"userId": 1, "items": {}}))).contains("array"));
-        assert!(message(NewOrder::parse(&json!([1, 2]))).contains("JSON object"));
+        assert!(message(NewOrder::parse(&json!({"userId": 1}), None)).contains("items is required"));
+        assert!(message(NewOrder::parse(&json!({"userId": 1, "items": []}), None)).contains("at least one"));
+        assert!(message(NewOrder::parse(&json!({"userId": 1, "items": {}}), None)).contains("array"));
+        assert!(message(NewOrder::parse(&json!([1, 2]), None)).contains("JSON object"));
         let duplicate =
             json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}, {"productId": 2, "quantity": 1}]});
-        assert!(message(NewOrder::parse(&duplicate)).contains("more than one line"));
+        assert!(message(NewOrder::parse(&duplicate, None)).contains("more than one line"));
         let many: Vec<_> = (1..=101).map(|id| json!({"productId": id, "quantity": 1})).collect();
-        assert!(message(NewOrder::parse(&json!({"userId": 1, "items": many}))).contains("at most 100"));
+        assert!(message(NewOrder::parse(&json!({"userId": 1, "items": many}), None)).contains("at most 100"));
     }
 
     #[test]
     fn fingerprints_ignore_formatting_but_not_content() {
-        let a = NewOrder::parse(&json!({"userId": 1, "items": [{"quantity": 2, "productId": 3}], "x": 1})).unwrap();
-        let b = NewOrder::parse(&json!({"items": [{"productId": 3, "quantity": 2}], "userId": 1})).unwrap();
-        let c = NewOrder::parse(&json!({"userId": 1, "items": [{"productId": 3, "quantity": 1}]})).unwrap();
+        let a =
+            NewOrder::parse(&json!({"userId": 1, "items": [{"quantity": 2, "productId": 3}], "x": 1}), None).unwrap();
+        let b = NewOrder::parse(&json!({"items": [{"productId": 3, "quantity": 2}], "userId": 1}), None).unwrap();
+        let c = NewOrder::parse(&json!({"userId": 1, "items": [{"productId": 3, "quantity": 1}]}), None).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert_ne!(a.fingerprint(), c.fingerprint());
     }

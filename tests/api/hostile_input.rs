@@ -50,7 +50,7 @@ proptest! {
     /// Parsing any JSON never panics; it either yields a valid order or an INVALID_REQUEST.
     #[test]
     fn parsing_any_json_never_panics_and_only_accepts_valid_orders(body in prop_oneof![any_json(), near_order()]) {
-        match NewOrder::parse(&body) {
+        match NewOrder::parse(&body, None) {
             Ok(order) => {
                 prop_assert!(order.user_id > 0);
                 prop_assert!(!order.lines.is_empty() && order.lines.len() <= order_api::domain::MAX_ORDER_LINES);

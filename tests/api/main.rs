@@ -4,6 +4,8 @@
 
 mod common;
 
+mod auth;
+
 mod concurrency;
 mod endpoints;
 mod errors;

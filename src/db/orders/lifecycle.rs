@@ -1,6 +1,6 @@
 //! Cancelling an order (its stock restored exactly once) and moving it along its lifecycle.
 
-use postgres_types::Type;
+use postgres_types::{ToSql, Type};
 
 use super::status_of;
 use crate::{
@@ -10,32 +10,39 @@ use crate::{
 };
 
 /// Locks the order row: concurrent cancels of one order queue here, one at a time.
-const LOCK_ORDER: Sql = Sql { params: &[Type::INT8], text: "SELECT status FROM orders WHERE id = $1 FOR UPDATE" };
+/// $1 order id, $2 its owner or NULL for any (another user's order is not there to lock).
+const LOCK_ORDER: Sql = Sql {
+    params: &[Type::INT8, Type::INT4],
+    text: "SELECT status FROM orders WHERE id = $1 AND ($2::int4 IS NULL OR user_id = $2) FOR UPDATE",
+};
 
 /// Locks, in ascending id order, the products whose stock a cancel will restore. Empty unless
 /// the order (already locked) is still processing, so a repeated cancel takes no product lock.
 const LOCK_ORDER_PRODUCTS: Sql = Sql {
-    params: &[Type::INT8],
+    params: &[Type::INT8, Type::INT4],
     text: "
     SELECT p.id
     FROM products p
     WHERE p.id IN (SELECT i.product_id
                    FROM order_items i JOIN orders o ON o.id = i.order_id
-                   WHERE o.id = $1 AND o.status = 'processing')
+                   WHERE o.id = $1 AND o.status = 'processing'
+                     AND ($2::int4 IS NULL OR o.user_id = $2))
     ORDER BY p.id
     FOR UPDATE OF p",
 };
 
 /// Cancels a processing order: marks it cancelled (the lifecycle trigger timestamps it), puts
-/// each line's quantity back in stock with its inventory movement, and marks the payment refunded. The `status = 'processing'` condition on the locked row
-/// is what makes the restore happen exactly once. Returns one row if it cancelled.
+/// each line's quantity back in stock with its inventory movement, and marks the payment
+/// refunded. The `status = 'processing'` condition on the locked row is what makes the restore
+/// happen exactly once. Returns one row if it cancelled. $1 order id, $2 owner or NULL, as in
+/// LOCK_ORDER.
 const CANCEL_ORDER: Sql = Sql {
-    params: &[Type::INT8],
+    params: &[Type::INT8, Type::INT4],
     text: "
     WITH cancelled AS (
         UPDATE orders
         SET status = 'cancelled'
-        WHERE id = $1 AND status = 'processing'
+        WHERE id = $1 AND status = 'processing' AND ($2::int4 IS NULL OR user_id = $2)
         RETURNING id
     ),
     restored AS (
@@ -58,12 +65,13 @@ const CANCEL_ORDER: Sql = Sql {
     SELECT id FROM cancelled",
 };
 
-/// Cancels an order. Cancelling a cancelled order is a success that changes nothing.
-pub async fn cancel(pool: &Pool, order_id: i64) -> Result<(), Error> {
+/// Cancels an order (with `owner`, only that user's: another's is `OrderNotFound`).
+/// Cancelling a cancelled order is a success that changes nothing.
+pub async fn cancel(pool: &Pool, order_id: i64, owner: Option<i32>) -> Result<(), Error> {
     let mut conn = pool.get().await?;
-    let [locked, _products, cancelled] = conn
-        .transaction([(&LOCK_ORDER, &[&order_id]), (&LOCK_ORDER_PRODUCTS, &[&order_id]), (&CANCEL_ORDER, &[&order_id])])
-        .await?;
+    let order: [&(dyn ToSql + Sync); 2] = [&order_id, &owner];
+    let [locked, _products, cancelled] =
+        conn.transaction([(&LOCK_ORDER, &order), (&LOCK_ORDER_PRODUCTS, &order), (&CANCEL_ORDER, &order)]).await?;
 
     let status = status_of(locked.first().ok_or(Error::OrderNotFound { order_id })?.get(0))?;
     match status {
@@ -88,14 +96,14 @@ const ADVANCE_ORDER: Sql = Sql {
 /// succeeds (PUT is idempotent); cancelling goes through `cancel`, which restores stock.
 pub async fn set_status(pool: &Pool, order_id: i64, target: OrderStatus) -> Result<(), Error> {
     if target == OrderStatus::Cancelled {
-        return cancel(pool, order_id).await;
+        return cancel(pool, order_id, None).await;
     }
     let mut conn = pool.get().await?;
     let (locked, advanced) = match target.reached_from() {
         Some(from) => {
             let [locked, advanced] = conn
                 .transaction([
-                    (&LOCK_ORDER, &[&order_id]),
+                    (&LOCK_ORDER, &[&order_id, &None::<i32>]),
                     (&ADVANCE_ORDER, &[&order_id, &target.as_str(), &from.as_str()]),
                 ])
                 .await?;

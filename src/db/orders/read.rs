@@ -38,9 +38,10 @@ pub struct OrderItem {
 }
 
 /// An order with its user and lines, one row per line (an order always has at least one).
+/// $1 order id, $2 its owner or NULL for any: another user's order reads as no order.
 /// `createdAt` is formatted by PostgreSQL as RFC 3339 in UTC with milliseconds.
 const GET_ORDER: Sql = Sql {
-    params: &[Type::INT8],
+    params: &[Type::INT8, Type::INT4],
     text: r#"
     SELECT o.id, o.status, o.total_amount,
            to_char(o.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
@@ -50,12 +51,13 @@ const GET_ORDER: Sql = Sql {
     JOIN users u ON u.id = o.user_id
     JOIN order_items i ON i.order_id = o.id
     JOIN products p ON p.id = i.product_id
-    WHERE o.id = $1
+    WHERE o.id = $1 AND ($2::int4 IS NULL OR o.user_id = $2)
     ORDER BY i.id"#,
 };
 
-pub async fn get(pool: &Pool, order_id: i64) -> Result<OrderDetails, Error> {
-    let rows = pool.get().await?.query(&GET_ORDER, &[&order_id]).await?;
+/// The order `order_id` if it exists and (with `owner`) is that user's.
+pub async fn get(pool: &Pool, order_id: i64, owner: Option<i32>) -> Result<OrderDetails, Error> {
+    let rows = pool.get().await?.query(&GET_ORDER, &[&order_id, &owner]).await?;
     let first = rows.first().ok_or(Error::OrderNotFound { order_id })?;
     Ok(OrderDetails {
         order_id: first.get(0),

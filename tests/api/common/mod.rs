@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use order_api::config::Config;
+use order_api::{auth::Secret, config::Config};
 use serde_json::Value;
 use tokio::{sync::oneshot, task::JoinHandle};
 use tokio_postgres::NoTls;
@@ -27,6 +27,10 @@ pub struct TestApp {
     /// `http://127.0.0.1:PORT`
     pub address: String,
     pub port: u16,
+    /// Sends `Authorization: Bearer OPERATOR_TOKEN` with every request, so the operator
+    /// endpoints (restock, status changes, every user's orders) work as in the tests before
+    /// they needed credentials; customer paths in open mode do not look at it. A request that
+    /// sets its own `Authorization` replaces it.
     pub http: reqwest::Client,
     /// A connection to the test database, to look at (and tamper with) what the API wrote.
     pub db: tokio_postgres::Client,
@@ -38,7 +42,15 @@ pub struct TestApp {
     _database: TestDatabase,
 }
 
-/// A fresh database, migrated and seeded, and a server on it with the default configuration.
+/// The operator token of every test server (`OPERATOR_TOKEN`), sent by `TestApp::http`.
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789-abcdef";
+
+fn operator_token() -> Option<Secret> {
+    Some(Secret::new(OPERATOR_TOKEN))
+}
+
+/// A fresh database, migrated and seeded, and a server on it with the default configuration
+/// (and `OPERATOR_TOKEN`).
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }
@@ -51,6 +63,7 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
         host: [127, 0, 0, 1].into(),
         port: 0,
         log_level: order_api::log::Level::Error,
+        operator_token: operator_token(),
         ..Config::default()
     };
     order_api::log::set_level(config.log_level);
@@ -63,6 +76,7 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
 /// pooler), which the test inspects directly; the database is dropped with the app.
 pub async fn spawn_app_on(mut config: Config, database: TestDatabase) -> TestApp {
     config.log_level = order_api::log::Level::Error;
+    config.operator_token = operator_token();
     order_api::log::set_level(config.log_level);
     start_server(config, database).await
 }
@@ -76,6 +90,7 @@ pub async fn spawn_app_without_database() -> TestApp {
         port: 0,
         connect_timeout: Duration::from_millis(500),
         log_level: order_api::log::Level::Error,
+        operator_token: operator_token(),
         ..Config::default()
     };
     start_server(config, database).await
@@ -96,7 +111,7 @@ async fn start_server(config: Config, database: TestDatabase) -> TestApp {
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         port,
-        http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+        http: client(Some(OPERATOR_TOKEN)),
         db,
         database_name: database.name.clone(),
         database_url: database.url.clone(),
@@ -104,6 +119,15 @@ async fn start_server(config: Config, database: TestDatabase) -> TestApp {
         server: Some(server),
         _database: database,
     }
+}
+
+/// An HTTP client that sends `Authorization: Bearer <token>` with every request, or nothing.
+pub fn client(bearer: Option<&str>) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = bearer {
+        headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
+    }
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).default_headers(headers).build().unwrap()
 }
 
 fn server_url() -> String {

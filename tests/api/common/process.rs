@@ -49,6 +49,7 @@ impl ServerProcess {
             .env("API_HOST", "127.0.0.1")
             .env("API_PORT", port.to_string())
             .env("SEED_ON_START", "true")
+            .env("OPERATOR_TOKEN", super::OPERATOR_TOKEN)
             .env("SHUTDOWN_GRACE_MS", "8000")
             .env("DB_STATEMENT_TIMEOUT_MS", "10000")
             .env("LOG_LEVEL", "info")

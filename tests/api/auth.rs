@@ -1,0 +1,362 @@
+//! Who may do what: the operator endpoints in both modes, and in `AUTH_MODE=jwt` the
+//! ownership rules and every kind of bad token. Each refusal is checked twice: the answer
+//! (status, code, `WWW-Authenticate`) and the database, which must not have changed.
+
+use std::{
+    process::Command,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, jwk::Jwk, jwk::JwkSet};
+use order_api::auth::{AuthMode, Secret};
+use serde_json::{Value, json};
+
+use crate::common::{Reply, TestApp, client, spawn_app, spawn_app_with};
+
+const SECRET: &str = "a-test-hs256-secret-of-at-least-32-bytes";
+const ISSUER: &str = "https://identity.shop.test";
+const AUDIENCE: &str = "order-api";
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// Claims of a valid customer token for `user`, to be changed by the test.
+fn claims(user: i32) -> Value {
+    json!({"sub": user.to_string(), "exp": now() + 300, "iss": ISSUER, "aud": AUDIENCE})
+}
+
+fn hs256(claims: &Value) -> String {
+    encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(SECRET.as_bytes()).unwrap()).unwrap()
+}
+
+fn customer(user: i32) -> String {
+    hs256(&claims(user))
+}
+
+async fn jwt_app() -> TestApp {
+    spawn_app_with(|config| {
+        config.auth_mode = AuthMode::Jwt;
+        config.jwt.hs256_secret = Some(Secret::new(SECRET));
+        config.jwt.issuer = Some(ISSUER.into());
+        config.jwt.audience = Some(AUDIENCE.into());
+    })
+    .await
+}
+
+/// A request with `Authorization: Bearer <token>` (or none).
+async fn send(app: &TestApp, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>) -> Reply {
+    let client = client(token);
+    let mut request = client.request(method, app.url(path));
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    Reply::read(request.send().await.expect("request")).await
+}
+
+#[track_caller]
+fn assert_unauthorized(reply: &Reply, token_sent: bool) {
+    reply.assert_error(401, "UNAUTHORIZED");
+    let challenge = if token_sent { r#"Bearer error="invalid_token""# } else { "Bearer" };
+    assert_eq!(reply.header("www-authenticate"), Some(challenge), "{}", reply.text);
+}
+
+/// In open mode the operator endpoints take the operator token and nothing else: no
+/// credentials 401, a wrong token 401 invalid_token; a refused request changes nothing.
+#[tokio::test]
+async fn operator_endpoints_take_only_the_operator_token_in_open_mode() {
+    let app = spawn_app().await;
+    let order_id = app.order(2, 1).await;
+    let before = app.snapshot().await;
+    for token in [None, Some("not-the-operator-token"), Some(&customer(1) as &str)] {
+        let restock =
+            send(&app, reqwest::Method::POST, "/api/products/2/restock", token, Some(json!({"quantity": 5}))).await;
+        assert_unauthorized(&restock, token.is_some());
+        let status = format!("/api/orders/{order_id}/status");
+        let ship = send(&app, reqwest::Method::PUT, &status, token, Some(json!({"status": "shipped"}))).await;
+        assert_unauthorized(&ship, token.is_some());
+        assert_unauthorized(&send(&app, reqwest::Method::GET, "/api/orders", token, None).await, token.is_some());
+    }
+    assert_eq!(app.snapshot().await, before);
+
+    // The customer paths of open mode stay open, and the operator token works.
+    assert_eq!(send(&app, reqwest::Method::GET, "/api/orders?userId=1", None, None).await.status, 200);
+    let operator = Some(crate::common::OPERATOR_TOKEN);
+    let restock =
+        send(&app, reqwest::Method::POST, "/api/products/2/restock", operator, Some(json!({"quantity": 5}))).await;
+    assert_eq!(restock.json["stock"], 54);
+    let all = send(&app, reqwest::Method::GET, "/api/orders", operator, None).await;
+    assert_eq!(all.json.as_array().map(Vec::len), Some(1), "{}", all.text);
+}
+
+/// Without `OPERATOR_TOKEN` the operator endpoints are disabled, with a 403 that says how to
+/// enable them.
+#[tokio::test]
+async fn without_an_operator_token_operator_endpoints_are_disabled() {
+    let app = spawn_app_with(|config| config.operator_token = None).await;
+    let before = app.snapshot().await;
+    let restock =
+        send(&app, reqwest::Method::POST, "/api/products/2/restock", None, Some(json!({"quantity": 5}))).await;
+    restock.assert_error(403, "FORBIDDEN");
+    assert!(restock.json["error"].as_str().unwrap().contains("OPERATOR_TOKEN"), "{}", restock.text);
+    assert_eq!(app.snapshot().await, before);
+}
+
+/// jwt mode: a customer orders as the token's user (`userId` may be left out), reads and
+/// cancels their own order; another `userId` is 403 and writes nothing.
+#[tokio::test]
+async fn a_customer_orders_reads_and_cancels_as_the_tokens_user() {
+    let app = jwt_app().await;
+    let alice = customer(1);
+    let items = json!([{"productId": 2, "quantity": 3}]);
+    let created = send(&app, reqwest::Method::POST, "/api/orders", Some(&alice), Some(json!({"items": items}))).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let order_id = created.json["orderId"].as_i64().unwrap();
+    let owner: i32 = app.db.query_one("SELECT user_id FROM orders WHERE id = $1", &[&order_id]).await.unwrap().get(0);
+    assert_eq!(owner, 1);
+
+    let before = app.snapshot().await;
+    let as_other =
+        send(&app, reqwest::Method::POST, "/api/orders", Some(&alice), Some(json!({"userId": 2, "items": items})))
+            .await;
+    as_other.assert_error(403, "FORBIDDEN");
+    assert_eq!(app.snapshot().await, before);
+
+    let read = send(&app, reqwest::Method::GET, &format!("/api/orders/{order_id}"), Some(&alice), None).await;
+    assert_eq!((read.status, read.json["user"]["id"].as_i64()), (200, Some(1)));
+    let cancel = send(&app, reqwest::Method::PUT, &format!("/api/orders/{order_id}/cancel"), Some(&alice), None).await;
+    assert_eq!(cancel.status, 200, "{}", cancel.text);
+    assert_eq!(app.stock(2).await, 50);
+}
+
+/// Another user's order does not exist for a customer: 404 on read, cancel and status, and
+/// nothing changes.
+#[tokio::test]
+async fn another_users_order_is_404_on_read_cancel_and_status() {
+    let app = jwt_app().await;
+    let created = send(
+        &app,
+        reqwest::Method::POST,
+        "/api/orders",
+        Some(&customer(1)),
+        Some(json!({"items": [{"productId": 2, "quantity": 3}]})),
+    )
+    .await;
+    let order_id = created.json["orderId"].as_i64().unwrap();
+    let before = app.snapshot().await;
+    let bob = customer(2);
+    for (method, path, body) in [
+        (reqwest::Method::GET, format!("/api/orders/{order_id}"), None),
+        (reqwest::Method::PUT, format!("/api/orders/{order_id}/cancel"), None),
+        (reqwest::Method::PUT, format!("/api/orders/{order_id}/status"), Some(json!({"status": "shipped"}))),
+    ] {
+        let reply = send(&app, method.clone(), &path, Some(&bob), body).await;
+        reply.assert_error(404, "ORDER_NOT_FOUND");
+    }
+    assert_eq!(app.snapshot().await, before);
+    // Their own order's status is an operator's to change.
+    let own = send(
+        &app,
+        reqwest::Method::PUT,
+        &format!("/api/orders/{order_id}/status"),
+        Some(&customer(1)),
+        Some(json!({"status": "shipped"})),
+    )
+    .await;
+    own.assert_error(403, "FORBIDDEN");
+    assert_eq!(app.snapshot().await, before);
+}
+
+/// A customer lists their own orders; another `userId` is 403; an operator's token (a JWT with
+/// the operator role, or the operator token) lists everyone's.
+#[tokio::test]
+async fn listings_are_ones_own_unless_operator() {
+    let app = jwt_app().await;
+    for user in [1, 2, 2] {
+        let body = json!({"items": [{"productId": 3, "quantity": 1}]});
+        assert_eq!(
+            send(&app, reqwest::Method::POST, "/api/orders", Some(&customer(user)), Some(body)).await.status,
+            201
+        );
+    }
+    let own = send(&app, reqwest::Method::GET, "/api/orders", Some(&customer(2)), None).await;
+    let users: Vec<i64> = own.json.as_array().unwrap().iter().map(|o| o["userId"].as_i64().unwrap()).collect();
+    assert_eq!(users, vec![2, 2]);
+    let other = send(&app, reqwest::Method::GET, "/api/orders?userId=1", Some(&customer(2)), None).await;
+    other.assert_error(403, "FORBIDDEN");
+
+    let mut operator_claims = claims(9);
+    operator_claims["roles"] = json!(["operator"]);
+    for operator in [hs256(&operator_claims), crate::common::OPERATOR_TOKEN.to_owned()] {
+        let all = send(&app, reqwest::Method::GET, "/api/orders", Some(&operator), None).await;
+        assert_eq!(all.json.as_array().map(Vec::len), Some(3), "{}", all.text);
+    }
+    let mut scoped = claims(9);
+    scoped["scope"] = json!("orders:read operator");
+    let restock = send(
+        &app,
+        reqwest::Method::POST,
+        "/api/products/3/restock",
+        Some(&hs256(&scoped)),
+        Some(json!({"quantity": 1})),
+    )
+    .await;
+    assert_eq!(restock.status, 200);
+    let by_customer =
+        send(&app, reqwest::Method::POST, "/api/products/3/restock", Some(&customer(2)), Some(json!({"quantity": 1})))
+            .await;
+    by_customer.assert_error(403, "FORBIDDEN");
+}
+
+/// Idempotency keys are per user: the same key from two users makes two orders.
+#[tokio::test]
+async fn the_same_idempotency_key_from_two_users_makes_two_orders() {
+    let app = jwt_app().await;
+    let mut ids = Vec::new();
+    for user in [1, 2] {
+        let response = client(Some(&customer(user)))
+            .post(app.url("/api/orders"))
+            .header("idempotency-key", "shared-key")
+            .json(&json!({"items": [{"productId": 2, "quantity": 1}]}))
+            .send()
+            .await
+            .unwrap();
+        let reply = Reply::read(response).await;
+        assert_eq!(reply.status, 201, "{}", reply.text);
+        assert!(reply.header("idempotent-replayed").is_none());
+        ids.push(reply.json["orderId"].as_i64().unwrap());
+    }
+    assert_ne!(ids[0], ids[1]);
+    assert_eq!(app.count("orders").await, 2);
+}
+
+/// Every kind of bad token is a 401 invalid_token (none at all: 401 without the error), and
+/// none of them writes anything.
+#[tokio::test]
+async fn bad_tokens_are_401_and_write_nothing() {
+    let app = jwt_app().await;
+    let before = app.snapshot().await;
+    let order = json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]});
+    let no_token = send(&app, reqwest::Method::POST, "/api/orders", None, Some(order.clone())).await;
+    assert_unauthorized(&no_token, false);
+
+    let good = customer(1);
+    let with = |change: &dyn Fn(&mut Value)| {
+        let mut claims = claims(1);
+        change(&mut claims);
+        hs256(&claims)
+    };
+    let unsigned = {
+        let (head, rest) = good.split_once('.').unwrap();
+        let _ = head;
+        let none_header = base64url(br#"{"alg":"none","typ":"JWT"}"#);
+        let payload = rest.split('.').next().unwrap();
+        format!("{none_header}.{payload}.")
+    };
+    let bad_tokens: Vec<(&str, String)> = vec![
+        ("malformed", "not-a-jwt".to_owned()),
+        ("truncated", good[..good.len() - 10].to_owned()),
+        ("huge", format!("{good}{}", "A".repeat(20_000))),
+        ("expired", with(&|c| c["exp"] = json!(now() - 3_600))),
+        ("without exp", with(&|c| drop(c.as_object_mut().unwrap().remove("exp")))),
+        ("not yet valid", with(&|c| c["nbf"] = json!(now() + 3_600))),
+        ("other issuer", with(&|c| c["iss"] = json!("https://evil.test"))),
+        ("other audience", with(&|c| c["aud"] = json!("another-api"))),
+        ("sub not a user id", with(&|c| c["sub"] = json!("alice"))),
+        ("sub zero", with(&|c| c["sub"] = json!(0))),
+        ("alg none", unsigned),
+        (
+            "other secret",
+            encode(&Header::new(Algorithm::HS256), &claims(1), &EncodingKey::from_secret(&[7u8; 40]).unwrap()).unwrap(),
+        ),
+    ];
+    for (kind, token) in &bad_tokens {
+        let reply = send(&app, reqwest::Method::POST, "/api/orders", Some(token), Some(order.clone())).await;
+        assert_eq!(reply.status, 401, "{kind}: {}", reply.text);
+        assert_unauthorized(&reply, true);
+        assert!(!reply.text.contains(token.as_str()), "{kind}: the body echoes the token");
+        let read = send(&app, reqwest::Method::GET, "/api/orders", Some(token), None).await;
+        assert_eq!(read.status, 401, "{kind}");
+    }
+    // Within the leeway a just-expired token still works; a good one works.
+    let just_expired = with(&|c| c["exp"] = json!(now() - 5));
+    let reply = send(&app, reqwest::Method::GET, "/api/orders", Some(&just_expired), None).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(app.snapshot().await, before);
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// A private key made for the test by `openssl genpkey`, as PEM.
+fn generate_key(args: &[&str]) -> Vec<u8> {
+    let output = Command::new("openssl").arg("genpkey").args(args).output().expect("run openssl");
+    assert!(output.status.success(), "openssl genpkey {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    output.stdout
+}
+
+/// RS256, ES256 and EdDSA tokens verify against a JWKS file with freshly generated keys,
+/// each key chosen by `kid`; a token whose header claims HS256 and is signed with the RSA
+/// public key's bytes (the algorithm-confusion attack) is refused.
+#[tokio::test]
+async fn public_keys_from_a_jwks_file_verify_their_own_algorithm_only() {
+    let rsa =
+        EncodingKey::from_rsa_pem(&generate_key(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])).unwrap();
+    let ec =
+        EncodingKey::from_ec_pem(&generate_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"])).unwrap();
+    let ed = EncodingKey::from_ed_pem(&generate_key(&["-algorithm", "ED25519"])).unwrap();
+    let mut keys = Vec::new();
+    for (kid, key, algorithm) in
+        [("rsa-1", &rsa, Algorithm::RS256), ("ec-1", &ec, Algorithm::ES256), ("ed-1", &ed, Algorithm::EdDSA)]
+    {
+        let mut jwk = Jwk::from_encoding_key(key, algorithm).unwrap();
+        jwk.common.key_id = Some(kid.into());
+        keys.push(jwk);
+    }
+    let jwks = serde_json::to_string(&JwkSet { keys: keys.clone() }).unwrap();
+    let app = spawn_app_with(|config| {
+        config.auth_mode = AuthMode::Jwt;
+        config.jwt.jwks = Some(jwks);
+        config.jwt.issuer = Some(ISSUER.into());
+        config.jwt.audience = Some(AUDIENCE.into());
+    })
+    .await;
+
+    for (kid, key, algorithm) in
+        [("rsa-1", &rsa, Algorithm::RS256), ("ec-1", &ec, Algorithm::ES256), ("ed-1", &ed, Algorithm::EdDSA)]
+    {
+        let header = Header { kid: Some(kid.into()), ..Header::new(algorithm) };
+        let token = encode(&header, &claims(1), key).unwrap();
+        let reply = send(&app, reqwest::Method::GET, "/api/orders", Some(&token), None).await;
+        assert_eq!(reply.status, 200, "{kid}: {}", reply.text);
+        // The right key under another key's kid fails.
+        let wrong_kid =
+            Header { kid: Some(if kid == "rsa-1" { "ec-1" } else { "rsa-1" }.into()), ..Header::new(algorithm) };
+        let token = encode(&wrong_kid, &claims(1), key).unwrap();
+        assert_unauthorized(&send(&app, reqwest::Method::GET, "/api/orders", Some(&token), None).await, true);
+    }
+
+    // A kid the JWKS does not have (a key rotated away) is refused, whatever signed it.
+    let unknown = Header { kid: Some("rotated-away".into()), ..Header::new(Algorithm::RS256) };
+    let token = encode(&unknown, &claims(1), &rsa).unwrap();
+    assert_unauthorized(&send(&app, reqwest::Method::GET, "/api/orders", Some(&token), None).await, true);
+
+    // HS256 with the RSA public key as the secret: no HMAC secret is configured, so there is
+    // nothing to check it with, and the RSA key only verifies RS256.
+    let public = serde_json::to_vec(&keys[0]).unwrap();
+    for kid in [Some("rsa-1".to_owned()), None] {
+        let header = Header { kid: kid.clone(), ..Header::new(Algorithm::HS256) };
+        let forged = encode(&header, &claims(1), &EncodingKey::from_secret(&public).unwrap()).unwrap();
+        let reply = send(&app, reqwest::Method::GET, "/api/orders", Some(&forged), None).await;
+        assert_unauthorized(&reply, true);
+    }
+}
