@@ -360,3 +360,42 @@ async fn public_keys_from_a_jwks_file_verify_their_own_algorithm_only() {
         assert_unauthorized(&reply, true);
     }
 }
+
+/// A run of the real binary that was given every kind of secret (the operator token, the
+/// HS256 secret, a password in `DATABASE_URL`) and sent good and bad tokens writes none of
+/// them to its log, and no error body echoes a token.
+#[tokio::test]
+async fn secrets_and_tokens_never_reach_the_log_or_an_error_body() {
+    const PASSWORD: &str = "database-password-that-must-not-leak";
+    let database = crate::common::TestDatabase::create().await;
+    // Trust authentication takes any password, so the URL may carry one for the test.
+    let url = database.url.replacen("postgresql://postgres@", &format!("postgresql://postgres:{PASSWORD}@"), 1);
+    assert!(url.contains(PASSWORD), "{url}");
+    let (open, gate) = std::sync::mpsc::channel();
+    open.send(()).unwrap();
+    let env = [("AUTH_MODE", "jwt"), ("AUTH_JWT_HS256_SECRET", SECRET), ("LOG_LEVEL", "debug")];
+    let mut server = crate::common::process::ServerProcess::start_with_stdout_gate(&url, gate, &env).await;
+
+    let good = hs256(&json!({"sub": "1", "exp": now() + 300}));
+    let bad = format!("{good}x");
+    let wrong_operator = "not-the-operator-token-but-long-enough-to-look-like-one";
+    let mut bodies = String::new();
+    for (method, path, token, body) in [
+        (reqwest::Method::POST, "/api/orders", good.as_str(), json!({"items": [{"productId": 2, "quantity": 1}]})),
+        (reqwest::Method::POST, "/api/orders", bad.as_str(), json!({"items": [{"productId": 2, "quantity": 1}]})),
+        (reqwest::Method::POST, "/api/products/2/restock", crate::common::OPERATOR_TOKEN, json!({"quantity": 1})),
+        (reqwest::Method::POST, "/api/products/2/restock", wrong_operator, json!({"quantity": 1})),
+        (reqwest::Method::POST, "/api/products/2/restock", good.as_str(), json!({"quantity": 1})),
+    ] {
+        let response = client(Some(token)).request(method, server.url(path)).json(&body).send().await.unwrap();
+        bodies.push_str(&response.text().await.unwrap());
+    }
+    server.terminate();
+    assert!(server.wait_for_exit(std::time::Duration::from_secs(10)).await.is_some_and(|status| status.success()));
+    let logs = server.logs();
+    assert!(logs.contains("\"route\":\"/api/products/{productId}/restock\""), "the requests were logged:\n{logs}");
+    for secret in [PASSWORD, SECRET, crate::common::OPERATOR_TOKEN, good.as_str(), bad.as_str(), wrong_operator] {
+        assert!(!logs.contains(secret), "a secret is in the log:\n{logs}");
+        assert!(!bodies.contains(secret), "a secret is in an error body:\n{bodies}");
+    }
+}
