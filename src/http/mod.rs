@@ -12,7 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hyper::{Request, body::Incoming, header::HeaderValue, server::conn::http1, service::service_fn};
+use hyper::{
+    Request,
+    body::Incoming,
+    header::{self, HeaderValue},
+    server::conn::http1,
+    service::service_fn,
+};
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
@@ -38,6 +44,11 @@ use crate::{
 /// Connections past `MAX_CONNECTIONS` answered with a 503 at the same time; more are closed.
 const MAX_REFUSALS_AT_ONCE: usize = 64;
 
+/// Most bytes of a request's head (request line and headers): past it hyper answers 431 and
+/// closes. Real requests use a few hundred bytes, a large JWT some kilobytes; hyper's own
+/// bound (its ~400 KB read buffer) would let each connection make the server hold far more.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
 /// Pause after a failed accept (typically EMFILE, out of file descriptors) before the next
 /// one, so the loop does not spin while descriptors are short.
 const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
@@ -61,7 +72,11 @@ const DEADLINE_BACKSTOP: Duration = Duration::from_secs(2);
 pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl Future<Output = ()>) {
     let config = &state.config;
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(config.header_read_timeout).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_header_size(MAX_HEADER_BYTES)
+        .keep_alive(true);
     // Limits the client connections served at once; past it, a short 503 and close, so that
     // an overload is visible to clients instead of a silently growing accept backlog.
     let connection_slots = Arc::new(Semaphore::new(config.max_connections));
@@ -153,6 +168,11 @@ async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Repl
     let started = Instant::now();
     let request_id = request_id::request_id(&request);
     let method = request.method().clone();
+    // A request framed by Transfer-Encoding may also have carried a Content-Length, which hyper
+    // drops (RFC 9112 6.1: the body is read by Transfer-Encoding alone). A proxy in front may
+    // have framed it by the other, so the connection is closed after the answer, as 6.1
+    // requires: nothing read after this body can be trusted to be the next request.
+    let close_after = request.headers().contains_key(header::TRANSFER_ENCODING);
     let matched = routes::find(request.uri().path());
     let route = matched.as_ref().map_or("unmatched", |m| m.route.template());
 
@@ -186,6 +206,9 @@ async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Repl
     let mut reply = outcome.unwrap_or_else(|error| reply::error(&error));
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         reply.headers_mut().insert("x-request-id", value);
+    }
+    if close_after {
+        reply.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     let elapsed = started.elapsed();
     let status = reply.status().as_u16();

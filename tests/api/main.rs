@@ -11,6 +11,7 @@ mod endpoints;
 mod errors;
 mod faults;
 mod hostile_input;
+mod http_edge;
 mod idempotency;
 mod ledger;
 mod lifecycle;
