@@ -63,6 +63,10 @@ pub struct Config {
     /// `LOG_BUFFER_BYTES`: most bytes of log lines waiting for stdout; past it lines are
     /// dropped and counted (see `log`).
     pub log_buffer_bytes: usize,
+    /// `RATE_LIMIT_ORDERS_PER_MINUTE`: most orders one user, and one client address, may
+    /// place per minute on one replica (bursts up to it, then at that rate); 0 (the default):
+    /// no limit.
+    pub rate_limit_orders_per_minute: u32,
     /// `AUTH_MODE`: `open` (the default: anyone may act as any user, as the replaced service
     /// allowed) or `jwt` (customers carry a JWT; see `auth`).
     pub auth_mode: AuthMode,
@@ -96,6 +100,7 @@ impl Default for Config {
             migrate_on_start: true,
             log_level: Level::Info,
             log_buffer_bytes: crate::log::DEFAULT_BUFFER_BYTES,
+            rate_limit_orders_per_minute: 0,
             auth_mode: AuthMode::Open,
             operator_token: None,
             jwt: JwtSettings { leeway_secs: DEFAULT_JWT_LEEWAY_SECS, ..JwtSettings::default() },
@@ -164,6 +169,12 @@ impl Config {
         set.set(&mut config.log_buffer_bytes, "LOG_BUFFER_BYTES", "a positive number of bytes", |v| {
             v.parse().ok().filter(|n| *n > 0)
         })?;
+        set.set(
+            &mut config.rate_limit_orders_per_minute,
+            "RATE_LIMIT_ORDERS_PER_MINUTE",
+            "a number of orders (0 for no limit)",
+            |v| v.parse().ok(),
+        )?;
         set.set(&mut config.auth_mode, "AUTH_MODE", "open or jwt", AuthMode::parse)?;
         config.operator_token = set.secret("OPERATOR_TOKEN", "OPERATOR_TOKEN_FILE")?;
         config.jwt.hs256_secret = set.secret("AUTH_JWT_HS256_SECRET", "AUTH_JWT_HS256_SECRET_FILE")?;

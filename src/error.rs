@@ -66,6 +66,10 @@ pub enum Error {
     },
     /// The caller is known but may not do this.
     Forbidden(&'static str),
+    /// Too many orders from one user or one client address (`RATE_LIMIT_ORDERS_PER_MINUTE`).
+    RateLimited {
+        retry_after_secs: u64,
+    },
     /// A request with this key is still running and did not finish while this one waited.
     IdempotencyInProgress,
     /// The key was used before with a different request.
@@ -82,8 +86,8 @@ pub enum Error {
 #[derive(Debug)]
 pub struct Answer {
     pub status: StatusCode,
-    /// Whether the answer carries `Retry-After: RETRY_AFTER_SECS` (the client may retry).
-    pub retry_after: bool,
+    /// `Retry-After` in seconds, when a retry may succeed.
+    pub retry_after: Option<u64>,
     pub body: ErrorBody,
 }
 
@@ -98,96 +102,59 @@ pub struct ErrorBody {
 }
 
 /// Seconds a client should wait before retrying a 503 or a 409 in progress.
-pub const RETRY_AFTER_SECS: u32 = 1;
+pub const RETRY_AFTER_SECS: u64 = 1;
 
 impl Error {
     pub fn invalid(message: impl Into<String>) -> Error {
         Error::InvalidRequest(message.into())
     }
 
-    /// The table: status, code, sentence and fields of every variant.
+    /// The table: status, code, sentence and fields of every variant, one line each.
+    #[rustfmt::skip]
     pub fn answer(&self) -> Answer {
         use StatusCode as S;
         let (status, code, error, extra) = match self {
             Error::InvalidRequest(message) => (S::BAD_REQUEST, "INVALID_REQUEST", message.clone(), json!({})),
-            Error::InsufficientStock { product_id, requested, available } => (
-                S::BAD_REQUEST,
-                "INSUFFICIENT_STOCK",
+            Error::InsufficientStock { product_id, requested, available } => (S::BAD_REQUEST, "INSUFFICIENT_STOCK",
                 format!("insufficient stock for product {product_id}: requested {requested}, available {available}"),
-                json!({"productId": product_id, "requested": requested, "available": available}),
-            ),
-            Error::OrderedProductNotFound { product_id } => (
-                S::BAD_REQUEST,
-                "PRODUCT_NOT_FOUND",
-                format!("product {product_id} does not exist"),
-                json!({"productId": product_id}),
-            ),
-            Error::UserNotFound { user_id } => {
-                (S::BAD_REQUEST, "USER_NOT_FOUND", format!("user {user_id} does not exist"), json!({"userId": user_id}))
-            }
-            Error::OrderNotFound { order_id } => (
-                S::NOT_FOUND,
-                "ORDER_NOT_FOUND",
-                format!("order {order_id} does not exist"),
-                json!({"orderId": order_id}),
-            ),
-            Error::ProductNotFound { product_id } => (
-                S::NOT_FOUND,
-                "PRODUCT_NOT_FOUND",
-                format!("product {product_id} does not exist"),
-                json!({"productId": product_id}),
-            ),
-            Error::RouteNotFound => (S::NOT_FOUND, "NOT_FOUND", "no such path".to_owned(), json!({})),
-            Error::MethodNotAllowed { allow } => (
-                S::METHOD_NOT_ALLOWED,
-                "METHOD_NOT_ALLOWED",
-                format!("method not allowed; this path allows {allow}"),
-                json!({"allow": allow}),
-            ),
-            Error::UnsupportedMediaType => (
-                S::UNSUPPORTED_MEDIA_TYPE,
-                "UNSUPPORTED_MEDIA_TYPE",
-                "request body must be JSON with Content-Type: application/json".to_owned(),
-                json!({}),
-            ),
-            Error::PayloadTooLarge { limit } => (
-                S::PAYLOAD_TOO_LARGE,
-                "PAYLOAD_TOO_LARGE",
-                format!("request body is larger than {limit} bytes"),
-                json!({"limit": limit}),
-            ),
-            Error::OrderNotCancellable { order_id, status } => (
-                S::CONFLICT,
-                "ORDER_NOT_CANCELLABLE",
-                format!("order {order_id} is {status} and can no longer be cancelled"),
-                json!({"orderId": order_id, "status": status}),
-            ),
+                json!({"productId": product_id, "requested": requested, "available": available})),
+            Error::OrderedProductNotFound { product_id } => (S::BAD_REQUEST, "PRODUCT_NOT_FOUND",
+                format!("product {product_id} does not exist"), json!({"productId": product_id})),
+            Error::UserNotFound { user_id } => (S::BAD_REQUEST, "USER_NOT_FOUND",
+                format!("user {user_id} does not exist"), json!({"userId": user_id})),
             Error::Unauthorized { reason, .. } => (S::UNAUTHORIZED, "UNAUTHORIZED", (*reason).to_owned(), json!({})),
             Error::Forbidden(reason) => (S::FORBIDDEN, "FORBIDDEN", (*reason).to_owned(), json!({})),
-            Error::IdempotencyInProgress => (
-                S::CONFLICT,
-                "IDEMPOTENCY_IN_PROGRESS",
-                "a request with this Idempotency-Key is still being processed; retry shortly".to_owned(),
-                json!({}),
-            ),
-            Error::IdempotencyKeyReused => (
-                S::UNPROCESSABLE_ENTITY,
-                "IDEMPOTENCY_KEY_REUSED",
-                "this Idempotency-Key was already used with a different request".to_owned(),
-                json!({}),
-            ),
-            Error::InvalidStatusTransition { order_id, status, requested } => (
-                S::CONFLICT,
-                "INVALID_STATUS_TRANSITION",
+            Error::OrderNotFound { order_id } => (S::NOT_FOUND, "ORDER_NOT_FOUND",
+                format!("order {order_id} does not exist"), json!({"orderId": order_id})),
+            Error::ProductNotFound { product_id } => (S::NOT_FOUND, "PRODUCT_NOT_FOUND",
+                format!("product {product_id} does not exist"), json!({"productId": product_id})),
+            Error::RouteNotFound => (S::NOT_FOUND, "NOT_FOUND", "no such path".to_owned(), json!({})),
+            Error::MethodNotAllowed { allow } => (S::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED",
+                format!("method not allowed; this path allows {allow}"), json!({"allow": allow})),
+            Error::PayloadTooLarge { limit } => (S::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE",
+                format!("request body is larger than {limit} bytes"), json!({"limit": limit})),
+            Error::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE",
+                "request body must be JSON with Content-Type: application/json".to_owned(), json!({})),
+            Error::OrderNotCancellable { order_id, status } => (S::CONFLICT, "ORDER_NOT_CANCELLABLE",
+                format!("order {order_id} is {status} and can no longer be cancelled"),
+                json!({"orderId": order_id, "status": status})),
+            Error::InvalidStatusTransition { order_id, status, requested } => (S::CONFLICT, "INVALID_STATUS_TRANSITION",
                 format!("order {order_id} is {status} and cannot move to {requested}"),
-                json!({"orderId": order_id, "status": status, "requested": requested}),
-            ),
-            Error::Unavailable(reason) => {
-                (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", (*reason).to_owned(), json!({}))
-            }
+                json!({"orderId": order_id, "status": status, "requested": requested})),
+            Error::IdempotencyInProgress => (S::CONFLICT, "IDEMPOTENCY_IN_PROGRESS",
+                "a request with this Idempotency-Key is still being processed; retry shortly".to_owned(), json!({})),
+            Error::IdempotencyKeyReused => (S::UNPROCESSABLE_ENTITY, "IDEMPOTENCY_KEY_REUSED",
+                "this Idempotency-Key was already used with a different request".to_owned(), json!({})),
+            Error::RateLimited { retry_after_secs } => (S::TOO_MANY_REQUESTS, "RATE_LIMITED",
+                format!("too many orders; retry in {retry_after_secs} s"), json!({"retryAfter": retry_after_secs})),
+            Error::Unavailable(reason) => (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", (*reason).to_owned(), json!({})),
             Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "INTERNAL", "internal error".to_owned(), json!({})),
         };
-        let retry_after = matches!(self, Error::Unavailable(_) | Error::IdempotencyInProgress);
+        let retry_after = match self {
+            Error::Unavailable(_) | Error::IdempotencyInProgress => Some(RETRY_AFTER_SECS),
+            Error::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        };
         Answer { status, retry_after, body: ErrorBody { error, code, extra } }
     }
 
@@ -228,6 +195,7 @@ impl Error {
             Error::InvalidStatusTransition { order_id: 1, status: "shipped".into(), requested: "processing".into() },
             Error::Unauthorized { reason: "x", token_rejected: true },
             Error::Forbidden("x"),
+            Error::RateLimited { retry_after_secs: 3 },
             Error::IdempotencyInProgress,
             Error::IdempotencyKeyReused,
             Error::Unavailable("x"),
@@ -258,12 +226,9 @@ mod tests {
             let body = serde_json::to_value(&answer.body).unwrap();
             assert_eq!(body["code"], error.code(), "{error:?}");
             assert!(body["error"].as_str().is_some_and(|text| !text.is_empty()), "{error:?}");
-            assert_eq!(
-                answer.retry_after,
-                matches!(answer.status, StatusCode::SERVICE_UNAVAILABLE)
-                    || matches!(error, Error::IdempotencyInProgress),
-                "{error:?}"
-            );
+            let may_retry = matches!(answer.status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS)
+                || matches!(error, Error::IdempotencyInProgress);
+            assert_eq!(answer.retry_after.is_some(), may_retry, "{error:?}");
         }
     }
 }

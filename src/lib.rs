@@ -32,6 +32,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod money;
+pub mod rate_limit;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -137,6 +138,7 @@ pub async fn run(
         },
     )?;
     let auth = auth_from(&config)?;
+    let order_limit = rate_limit::RateLimiter::new(config.rate_limit_orders_per_minute);
     let purge = tokio::spawn(db::idempotency::purge_periodically(
         pool.clone(),
         config.idempotency_retention,
@@ -147,6 +149,7 @@ pub async fn run(
         pool: pool.clone(),
         metrics: Metrics::default(),
         auth,
+        order_limit,
         catalogue: api::products::CatalogueReads::default(),
     });
     http::serve(listener, state, shutdown).await;

@@ -1,6 +1,8 @@
 //! Who may do what (the rules of `AUTH_MODE`), applied to one request's credentials: the
 //! `Authorization` header read once by the route table and handed to the handler that needs it.
 
+use std::net::IpAddr;
+
 use crate::{
     auth::{Auth, AuthMode, Caller},
     error::Error,
@@ -12,6 +14,9 @@ pub struct Credentials<'a> {
     pub auth: &'a Auth,
     /// The raw `Authorization` header, if any; never logged, never echoed.
     pub authorization: Option<&'a [u8]>,
+    /// The client's address as the server sees it: the peer of the TCP connection (behind a
+    /// proxy, the proxy; `X-Forwarded-For` is not trusted).
+    pub address: IpAddr,
 }
 
 impl Credentials<'_> {

@@ -14,7 +14,7 @@ pub mod routes;
 
 use hyper::header::{HeaderValue, LINK};
 
-use crate::{auth::Auth, config::Config, db::Pool, domain::Page, metrics::Metrics};
+use crate::{auth::Auth, config::Config, db::Pool, domain::Page, metrics::Metrics, rate_limit::RateLimiter};
 use reply::Reply;
 
 /// What every request handler shares.
@@ -24,6 +24,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// The credentials accepted (`AUTH_MODE`, `OPERATOR_TOKEN`, JWT keys).
     pub auth: Auth,
+    /// `RATE_LIMIT_ORDERS_PER_MINUTE`, per user and per client address; `None`: no limit.
+    pub order_limit: Option<RateLimiter>,
     /// Concurrent reads of the whole catalogue share one query.
     pub catalogue: products::CatalogueReads,
 }

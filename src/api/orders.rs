@@ -1,6 +1,8 @@
 //! `POST /api/orders`, `GET /api/orders`, `GET /api/orders/{orderId}`,
 //! `PUT /api/orders/{orderId}/cancel`, `PUT /api/orders/{orderId}/status`.
 
+use std::time::Instant;
+
 use hyper::{StatusCode, header::HeaderValue};
 use serde_json::{Value, json};
 
@@ -17,6 +19,7 @@ use crate::{
     },
     domain::{IdempotencyKey, NewOrder, OrderStatus, Page, parse_status_change, positive_int4_in_query},
     error::Error,
+    rate_limit::Key,
 };
 
 /// Header on a replayed response, so a client can tell a replay from a first answer.
@@ -38,6 +41,12 @@ pub async fn create(
     let order = NewOrder::parse(&body, caller.user_id)?;
     if caller.owner_filter().is_some_and(|own| own != order.user_id) {
         return Err(Error::Forbidden("an order may only be placed for the authenticated user"));
+    }
+    if let Some(limit) = &state.order_limit {
+        let keys = [Key::User(order.user_id), Key::Address(credentials.address)];
+        limit
+            .take(&keys, Instant::now())
+            .map_err(|wait| Error::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64 })?;
     }
     let placed = db::orders::place(&state.pool, &order, key.as_ref(), state.config.idempotency_retention).await;
     state.metrics.record_order(match &placed {

@@ -35,8 +35,12 @@ pub fn with_content_type(status: StatusCode, content_type: HeaderValue, body: im
 }
 
 /// Asks the client to wait `RETRY_AFTER_SECS` before trying again.
-pub fn retry_after(mut reply: Reply) -> Reply {
-    reply.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+pub fn retry_after(reply: Reply) -> Reply {
+    retry_after_secs(reply, RETRY_AFTER_SECS)
+}
+
+fn retry_after_secs(mut reply: Reply, seconds: u64) -> Reply {
+    reply.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     reply
 }
 
@@ -56,5 +60,8 @@ pub fn error(error: &Error) -> Reply {
         }
         _ => {}
     }
-    if answer.retry_after { retry_after(reply) } else { reply }
+    match answer.retry_after {
+        Some(seconds) => retry_after_secs(reply, seconds),
+        None => reply,
+    }
 }

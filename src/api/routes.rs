@@ -1,7 +1,7 @@
 //! The route table: path templates to routes, and (route, method) to the handler, with what
 //! the handler needs parsed from the request (path id, query, headers, body).
 
-use std::sync::LazyLock;
+use std::{net::IpAddr, sync::LazyLock};
 
 use hyper::{Method, Request, body::Incoming, header::AUTHORIZATION};
 
@@ -113,7 +113,13 @@ pub fn find(path: &str) -> Option<Matched> {
 }
 
 /// Calls the handler for the route and the request's method.
-pub async fn dispatch(state: &AppState, matched: Matched, request: Request<Incoming>) -> Result<Reply, Error> {
+/// `address` is the client's, as the connection shows it.
+pub async fn dispatch(
+    state: &AppState,
+    matched: Matched,
+    request: Request<Incoming>,
+    address: IpAddr,
+) -> Result<Reply, Error> {
     let id = || match &matched.id {
         Some((name, value)) => parse_path_id(value, name),
         None => Err(Error::Internal("route without an id".into())),
@@ -122,7 +128,7 @@ pub async fn dispatch(state: &AppState, matched: Matched, request: Request<Incom
     let param = |name: &str| query_param(query.as_deref(), name).transpose();
     let listing = || -> Result<Listing, Error> { Ok(Listing { limit: param("limit")?, after: param("after")? }) };
     let authorization = request.headers().get(AUTHORIZATION).map(|value| value.as_bytes().to_vec());
-    let credentials = Credentials { auth: &state.auth, authorization: authorization.as_deref() };
+    let credentials = Credentials { auth: &state.auth, authorization: authorization.as_deref(), address };
     // hyper sends no body in the answer to a HEAD, and keeps the headers of the GET.
     let method = match request.method() {
         &Method::HEAD => Method::GET,

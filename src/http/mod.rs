@@ -8,6 +8,7 @@ pub mod request_id;
 use std::{
     convert::Infallible,
     future::Future,
+    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -85,7 +86,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
     tokio::pin!(shutdown);
 
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -113,7 +114,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
             continue;
         };
         let state = state.clone();
-        let service = service_fn(move |request| handle(state.clone(), request));
+        let service = service_fn(move |request| handle(state.clone(), peer.ip(), request));
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             // Errors here are the client's doing (reset, timeout reading headers): nothing to log.
@@ -164,7 +165,7 @@ async fn refuse_over_capacity(mut stream: TcpStream) {
 
 /// One request: route it, run its handler in a task of its own under the request deadline,
 /// render errors, add `X-Request-Id`, record metrics and write the log line.
-async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Reply, Infallible> {
+async fn handle(state: Arc<AppState>, peer: IpAddr, request: Request<Incoming>) -> Result<Reply, Infallible> {
     let started = Instant::now();
     let request_id = request_id::request_id(&request);
     let method = request.method().clone();
@@ -185,7 +186,10 @@ async fn handle(state: Arc<AppState>, request: Request<Incoming>) -> Result<Repl
             let deadline = tokio::time::Instant::now() + state.config.request_timeout;
             let handler_state = state.clone();
             let handler =
-                deadline::scope(deadline, async move { routes::dispatch(&handler_state, matched, request).await });
+                deadline::scope(
+                    deadline,
+                    async move { routes::dispatch(&handler_state, matched, request, peer).await },
+                );
             let mut task = tokio::spawn(log::REQUEST_ID.scope(request_id.clone(), handler));
             // The handler honours the deadline itself: its pool wait ends there, and a
             // transaction still running is cancelled inside PostgreSQL, so the answer tells

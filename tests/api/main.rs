@@ -21,4 +21,5 @@ mod logs;
 mod migrations;
 mod operations;
 mod pooler;
+mod rate_limit;
 mod shutdown;
