@@ -101,7 +101,7 @@ async fn connect_at_startup(config: &Config) -> Result<tokio_postgres::Client, S
     let deadline = tokio::time::Instant::now() + config.startup_timeout;
     let mut wait = STARTUP_RETRY_FIRST;
     loop {
-        let error = match tokio::time::timeout_at(deadline, db::connect(&config.database_url)).await {
+        let error = match tokio::time::timeout_at(deadline, db::connect(&config.database()?)).await {
             Ok(Ok(client)) => return Ok(client),
             Ok(Err(e)) => e.to_string(),
             Err(_elapsed) => "no answer".to_owned(),
@@ -127,7 +127,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartupError> {
     let pool = Pool::new(
-        &config.database_url,
+        config.database()?,
         PoolSettings {
             max_size: config.pool_size,
             acquire_timeout: config.pool_timeout,
@@ -136,7 +136,7 @@ pub async fn run(
             unnamed_statements: config.transaction_pooler,
             max_lifetime: config.connection_max_lifetime,
         },
-    )?;
+    );
     let auth = auth_from(&config)?;
     let order_limit = rate_limit::RateLimiter::new(config.rate_limit_orders_per_minute);
     let purge = tokio::spawn(db::idempotency::purge_periodically(

@@ -52,7 +52,10 @@ fn main() -> ExitCode {
             None | Some("serve") => serve(config, started).await,
             Some("migrate") => order_api::prepare_database(&config, false).await,
             Some("seed") => order_api::prepare_database(&config, true).await,
-            Some("create-db") => db::create_database_if_missing(&config.database_url).await,
+            Some("create-db") => match config.database() {
+                Ok(database) => db::create_database_if_missing(&database).await,
+                Err(e) => Err(e.into()),
+            },
             // Broken invariants are the report's answer, not a failure of the command.
             Some("audit") => return audit(&config).await,
             Some("help" | "-h" | "--help") => {
@@ -90,7 +93,7 @@ async fn serve(config: Config, started: Instant) -> Result<(), db::StartupError>
 
 /// Prints the audit of the database as JSON; exit code 1 if an invariant is broken.
 async fn audit(config: &Config) -> Result<ExitCode, db::StartupError> {
-    let mut client = db::connect(&config.database_url).await?;
+    let mut client = db::connect(&config.database()?).await?;
     let audit = db::audit::audit(&mut client).await.map_err(|e| db::describe(&e))?;
     let violations = audit.violations();
     #[derive(serde::Serialize)]

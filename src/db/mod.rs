@@ -29,12 +29,7 @@ pub type StartupError = Box<dyn std::error::Error + Send + Sync>;
 const SEED_SQL: &str = include_str!("../../sql/seed.sql");
 
 /// Opens a single connection outside the pool, for the start-up steps.
-pub async fn connect(database_url: &str) -> Result<Client, StartupError> {
-    let config: tokio_postgres::Config = database_url.parse()?;
-    connect_with(&config).await
-}
-
-async fn connect_with(config: &tokio_postgres::Config) -> Result<Client, StartupError> {
+pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, StartupError> {
     let (client, connection) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -44,15 +39,14 @@ async fn connect_with(config: &tokio_postgres::Config) -> Result<Client, Startup
     Ok(client)
 }
 
-/// Creates the database named in `database_url` if it does not exist, connecting to the
-/// server's `postgres` database to do so. For `make run` and the tests; a production
-/// database is created by its operator (or by the postgres image in docker-compose).
-pub async fn create_database_if_missing(database_url: &str) -> Result<(), StartupError> {
-    let config: tokio_postgres::Config = database_url.parse()?;
+/// Creates the database named in `config` if it does not exist, connecting to the server's
+/// `postgres` database to do so. For `make run` and the tests; a production database is
+/// created by its operator (or by the postgres image in docker-compose).
+pub async fn create_database_if_missing(config: &tokio_postgres::Config) -> Result<(), StartupError> {
     let name = config.get_dbname().ok_or("DATABASE_URL names no database")?.to_owned();
     let mut admin_config = config.clone();
     admin_config.dbname("postgres");
-    let admin = connect_with(&admin_config).await?;
+    let admin = connect(&admin_config).await?;
     let exists = admin
         .query_typed_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[(&name, postgres_types::Type::TEXT)])
         .await?

@@ -109,8 +109,7 @@ impl Drop for OpenGuard {
 
 impl Pool {
     /// Builds a pool; no connection is opened until the first request needs one.
-    pub fn new(database_url: &str, settings: PoolSettings) -> Result<Pool, tokio_postgres::Error> {
-        let mut config: tokio_postgres::Config = database_url.parse()?;
+    pub fn new(mut config: tokio_postgres::Config, settings: PoolSettings) -> Pool {
         config.connect_timeout(settings.connect_timeout);
         config.application_name("order-api");
         if !settings.unnamed_statements {
@@ -125,7 +124,7 @@ impl Pool {
             };
             config.options(options);
         }
-        Ok(Pool {
+        Pool {
             inner: Arc::new(Inner {
                 config,
                 permits: Arc::new(Semaphore::new(settings.max_size)),
@@ -136,7 +135,7 @@ impl Pool {
                 waiting: AtomicUsize::new(0),
                 closed: AtomicBool::new(false),
             }),
-        })
+        }
     }
 
     /// A connection for one request: an idle one if there is one, else a new one.

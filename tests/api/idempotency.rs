@@ -147,7 +147,7 @@ async fn keys_expire_after_the_retention_and_are_purged() {
     assert_eq!(reused.status, 201, "an expired key is a new key: {}", reused.text);
     assert_eq!(app.count("orders").await, 3);
 
-    let pool = order_api::db::Pool::new(&app.database_url, pool_settings()).unwrap();
+    let pool = order_api::db::Pool::new(app.database_url.parse().unwrap(), pool_settings());
     let purged = order_api::db::idempotency::purge_expired(&pool, Duration::from_secs(1)).await.unwrap();
     assert_eq!(purged, 1, "only the expired 'older' key remains to purge");
     let keys: Vec<String> =
