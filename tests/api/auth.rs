@@ -102,6 +102,40 @@ async fn without_an_operator_token_operator_endpoints_are_disabled() {
     assert_eq!(app.snapshot().await, before);
 }
 
+/// jwt mode: the operator endpoints without credentials are 401, with a bad token 401
+/// invalid_token, with a customer's token 403; the operator token still works; refusals
+/// change nothing.
+#[tokio::test]
+async fn operator_endpoints_in_jwt_mode_refuse_missing_bad_and_customer_credentials() {
+    let app = jwt_app().await;
+    let created = send(
+        &app,
+        reqwest::Method::POST,
+        "/api/orders",
+        Some(&customer(1)),
+        Some(json!({"items": [{"productId": 2, "quantity": 1}]})),
+    )
+    .await;
+    let status_path = format!("/api/orders/{}/status", created.json["orderId"].as_i64().unwrap());
+    let before = app.snapshot().await;
+    for (token, expected) in [(None, 401), (Some("not-a-token".to_owned()), 401), (Some(customer(1)), 403)] {
+        let token = token.as_deref();
+        let restock = send(&app, reqwest::Method::POST, "/api/products/2/restock", token, Some(json!({"quantity": 5})));
+        let restock = restock.await;
+        let ship = send(&app, reqwest::Method::PUT, &status_path, token, Some(json!({"status": "shipped"}))).await;
+        for reply in [restock, ship] {
+            match expected {
+                401 => assert_unauthorized(&reply, token.is_some()),
+                _ => reply.assert_error(403, "FORBIDDEN"),
+            }
+        }
+    }
+    assert_eq!(app.snapshot().await, before);
+    let operator = Some(crate::common::OPERATOR_TOKEN);
+    let ship = send(&app, reqwest::Method::PUT, &status_path, operator, Some(json!({"status": "shipped"}))).await;
+    assert_eq!(ship.status, 200, "{}", ship.text);
+}
+
 /// jwt mode: a customer orders as the token's user (`userId` may be left out), reads and
 /// cancels their own order; another `userId` is 403 and writes nothing.
 #[tokio::test]
