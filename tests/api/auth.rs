@@ -54,6 +54,14 @@ async fn send(app: &TestApp, method: reqwest::Method, path: &str, token: Option<
     Reply::read(request.send().await.expect("request")).await
 }
 
+/// An order of `quantity` units of product 2 placed with `user`'s token; its id.
+async fn order_as(app: &TestApp, user: i32, quantity: i32) -> i64 {
+    let body = json!({"items": [{"productId": 2, "quantity": quantity}]});
+    let created = send(app, reqwest::Method::POST, "/api/orders", Some(&customer(user)), Some(body)).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    created.json["orderId"].as_i64().unwrap()
+}
+
 #[track_caller]
 fn assert_unauthorized(reply: &Reply, token_sent: bool) {
     reply.assert_error(401, "UNAUTHORIZED");
@@ -108,15 +116,7 @@ async fn without_an_operator_token_operator_endpoints_are_disabled() {
 #[tokio::test]
 async fn operator_endpoints_in_jwt_mode_refuse_missing_bad_and_customer_credentials() {
     let app = jwt_app().await;
-    let created = send(
-        &app,
-        reqwest::Method::POST,
-        "/api/orders",
-        Some(&customer(1)),
-        Some(json!({"items": [{"productId": 2, "quantity": 1}]})),
-    )
-    .await;
-    let status_path = format!("/api/orders/{}/status", created.json["orderId"].as_i64().unwrap());
+    let status_path = format!("/api/orders/{}/status", order_as(&app, 1, 1).await);
     let before = app.snapshot().await;
     for (token, expected) in [(None, 401), (Some("not-a-token".to_owned()), 401), (Some(customer(1)), 403)] {
         let token = token.as_deref();
@@ -168,15 +168,7 @@ async fn a_customer_orders_reads_and_cancels_as_the_tokens_user() {
 #[tokio::test]
 async fn another_users_order_is_404_on_read_cancel_and_status() {
     let app = jwt_app().await;
-    let created = send(
-        &app,
-        reqwest::Method::POST,
-        "/api/orders",
-        Some(&customer(1)),
-        Some(json!({"items": [{"productId": 2, "quantity": 3}]})),
-    )
-    .await;
-    let order_id = created.json["orderId"].as_i64().unwrap();
+    let order_id = order_as(&app, 1, 3).await;
     let before = app.snapshot().await;
     let bob = customer(2);
     for (method, path, body) in [
