@@ -7,6 +7,7 @@ use std::{collections::HashMap, env, fmt, net::IpAddr, time::Duration};
 
 use crate::{
     auth::{AuthMode, Secret, jwt::JwtSettings},
+    db::Target,
     log::Level,
 };
 
@@ -131,11 +132,10 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// The connection settings of the database: `DATABASE_URL` with `DB_PASSWORD_FILE`'s
     /// password.
-    pub fn database(&self) -> Result<tokio_postgres::Config, String> {
-        let mut database: tokio_postgres::Config =
-            self.database_url.parse().map_err(|e| format!("DATABASE_URL is not a valid connection string: {e}"))?;
+    pub fn database(&self) -> Result<Target, String> {
+        let mut database = self.database_url.parse::<Target>()?;
         if let Some(password) = &self.database_password {
-            database.password(password.expose());
+            database.config.password(password.expose());
         }
         Ok(database)
     }
@@ -204,6 +204,8 @@ impl Config {
         if let Some(path) = jwks_file {
             config.jwt.jwks = Some(read_file("AUTH_JWT_JWKS_FILE", &path)?);
         }
+        set.set(&mut config.jwt.jwks_url, "AUTH_JWT_JWKS_URL", "an https URL", |v| Some(Some(v.to_owned())))?;
+        set.set(&mut config.jwt.jwks_ca_file, "AUTH_JWT_JWKS_CA_FILE", "a file", |v| Some(Some(v.to_owned())))?;
         set.set(&mut config.jwt.issuer, "AUTH_JWT_ISSUER", "an issuer", |v| Some(Some(v.to_owned())))?;
         set.set(&mut config.jwt.audience, "AUTH_JWT_AUDIENCE", "an audience", |v| Some(Some(v.to_owned())))?;
         set.set(&mut config.jwt.leeway_secs, "AUTH_JWT_LEEWAY_SECS", "0 to 60 seconds", |v| {
@@ -336,8 +338,8 @@ mod tests {
         .unwrap();
         assert_eq!(config.operator_token.as_ref().map(Secret::expose), Some("operator-token-from-a-file-0123456789"));
         let database = config.database().unwrap();
-        assert_eq!(database.get_password(), Some(&b"s3cret from a file"[..]));
-        assert_eq!(database.get_user(), Some("shop"));
+        assert_eq!(database.config.get_password(), Some(&b"s3cret from a file"[..]));
+        assert_eq!(database.config.get_user(), Some("shop"));
 
         let both = from(&[
             ("OPERATOR_TOKEN", "plain-token-plain-token-plain-token"),

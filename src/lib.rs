@@ -17,7 +17,7 @@
 //! - [`auth`]: who is calling (`AUTH_MODE`, the operator token, JWTs).
 //! - [`error`]: the one error type and its table of status, code and body.
 //! - [`deadline`]: the request deadline, set by `http` and honoured by `db`.
-//! - [`log`], [`metrics`]: JSON log lines and Prometheus text.
+//! - [`log`], [`metrics`]: JSON log lines and Prometheus text; [`tls`]: rustls client settings.
 //!
 //! Data flows one way: `http` -> `api` -> `db` -> (`domain`, `error`, `money`).
 
@@ -33,6 +33,7 @@ pub mod log;
 pub mod metrics;
 pub mod money;
 pub mod rate_limit;
+pub mod tls;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -138,6 +139,15 @@ pub async fn run(
         },
     );
     let auth = auth_from(&config)?;
+    // The JWKS URL's keys: fetched once before serving (a failure is logged, and tokens with
+    // its kids are refused until a later fetch works), then every few minutes.
+    let jwks_refresh = match auth.remote_jwks() {
+        Some(remote) => {
+            let _ = remote.refresh().await;
+            Some(tokio::spawn(remote.refresh_periodically()))
+        }
+        None => None,
+    };
     let order_limit = rate_limit::RateLimiter::new(config.rate_limit_orders_per_minute);
     let purge = tokio::spawn(db::idempotency::purge_periodically(
         pool.clone(),
@@ -154,6 +164,9 @@ pub async fn run(
     });
     http::serve(listener, state, shutdown).await;
     purge.abort();
+    if let Some(refresh) = jwks_refresh {
+        refresh.abort();
+    }
     pool.close();
     Ok(())
 }

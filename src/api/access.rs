@@ -21,24 +21,24 @@ pub struct Credentials<'a> {
 
 impl Credentials<'_> {
     /// The caller of a customer path: anyone in open mode; in jwt mode a token's holder.
-    pub fn customer(&self) -> Result<Caller, Error> {
-        self.auth.customer(self.authorization)
+    pub async fn customer(&self) -> Result<Caller, Error> {
+        self.auth.customer(self.authorization).await
     }
 
     /// An operator, or the refusal (401 or 403).
-    pub fn operator(&self) -> Result<Caller, Error> {
-        self.auth.operator(self.authorization)
+    pub async fn operator(&self) -> Result<Caller, Error> {
+        self.auth.operator(self.authorization).await
     }
 
     /// The user whose orders a listing shows, `None` for everyone's, from the `userId` the
     /// query asked for: in open mode any user's are public and everyone's are an operator's;
     /// in jwt mode a customer sees their own (another `userId` is 403), an operator any.
-    pub fn order_listing(&self, requested: Option<i32>) -> Result<Option<i32>, Error> {
+    pub async fn order_listing(&self, requested: Option<i32>) -> Result<Option<i32>, Error> {
         match (self.auth.mode(), requested) {
             (AuthMode::Open, Some(user_id)) => Ok(Some(user_id)),
-            (AuthMode::Open, None) => self.operator().map(|_| None),
+            (AuthMode::Open, None) => self.operator().await.map(|_| None),
             (AuthMode::Jwt, _) => {
-                let caller = self.customer()?;
+                let caller = self.customer().await?;
                 match (caller.operator, caller.user_id, requested) {
                     (true, _, requested) => Ok(requested),
                     (false, Some(own), Some(other)) if other != own => {

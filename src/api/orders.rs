@@ -37,7 +37,7 @@ pub async fn create(
     key: Option<IdempotencyKey>,
     body: Value,
 ) -> Result<Reply, Error> {
-    let caller = credentials.customer()?;
+    let caller = credentials.customer().await?;
     let order = NewOrder::parse(&body, caller.user_id)?;
     if caller.owner_filter().is_some_and(|own| own != order.user_id) {
         return Err(Error::Forbidden("an order may only be placed for the authenticated user"));
@@ -80,7 +80,7 @@ pub struct OrderQuery {
 /// their own instead).
 pub async fn list(state: &AppState, credentials: Credentials<'_>, query: OrderQuery) -> Result<Reply, Error> {
     let requested = query.user_id.as_deref().map(|text| positive_int4_in_query(text, "userId")).transpose()?;
-    let user_id = credentials.order_listing(requested)?;
+    let user_id = credentials.order_listing(requested).await?;
     let status = match &query.status {
         None => None,
         Some(text) => Some(OrderStatus::parse(text).ok_or_else(|| {
@@ -104,7 +104,7 @@ pub async fn list(state: &AppState, credentials: Credentials<'_>, query: OrderQu
 
 /// The order with its lines; in jwt mode another user's order is 404, as if it did not exist.
 pub async fn get(state: &AppState, credentials: Credentials<'_>, order_id: i64) -> Result<Reply, Error> {
-    let owner = credentials.customer()?.owner_filter();
+    let owner = credentials.customer().await?.owner_filter();
     let order = db::orders::get(&state.pool, order_id, owner).await?;
     Ok(json(StatusCode::OK, &order))
 }
@@ -112,7 +112,7 @@ pub async fn get(state: &AppState, credentials: Credentials<'_>, order_id: i64) 
 /// 200 `{"orderId","status":"cancelled"}`, also when the order was already cancelled; in jwt
 /// mode another user's order is 404.
 pub async fn cancel(state: &AppState, credentials: Credentials<'_>, order_id: i64) -> Result<Reply, Error> {
-    let owner = credentials.customer()?.owner_filter();
+    let owner = credentials.customer().await?.owner_filter();
     db::orders::cancel(&state.pool, order_id, owner).await?;
     Ok(status_reply(order_id, OrderStatus::Cancelled))
 }
@@ -126,8 +126,8 @@ pub async fn set_status(
     order_id: i64,
     body: Value,
 ) -> Result<Reply, Error> {
-    if let Err(refused) = credentials.operator() {
-        if let Ok(caller) = credentials.customer()
+    if let Err(refused) = credentials.operator().await {
+        if let Ok(caller) = credentials.customer().await
             && let Some(own) = caller.owner_filter()
         {
             db::orders::get(&state.pool, order_id, Some(own)).await?;

@@ -145,7 +145,7 @@ pub async fn dispatch(
         (Route::Product, Method::GET) => products::get(state, id()?).await,
         (Route::ProductRestock, Method::POST) => {
             let product_id = id()?;
-            credentials.operator()?;
+            credentials.operator().await?;
             products::restock(state, product_id, json_body(request).await?).await
         }
         (Route::Orders, Method::GET) => {

@@ -2,7 +2,8 @@
 //! our own.
 //!
 //! Keys: an HS256 secret (`AUTH_JWT_HS256_SECRET`) and/or public keys from a JWKS file
-//! (`AUTH_JWT_JWKS_FILE`: RS256, ES256, EdDSA), chosen by the token's `kid`. Each key is
+//! (`AUTH_JWT_JWKS_FILE`) or URL (`AUTH_JWT_JWKS_URL`, cached and refreshed: `jwks.rs`):
+//! RS256, ES256, EdDSA, chosen by the token's `kid`. Each key is
 //! pinned to one algorithm when it is loaded (its `alg`, else the one its key type implies), and
 //! a token must name that algorithm: `none` is never accepted, and a public key is never used
 //! as an HMAC secret. `exp` is required, `nbf` honoured, with `AUTH_JWT_LEEWAY_SECS` (at most
@@ -13,7 +14,7 @@
 //! Every way a token can be wrong is a 401 `UNAUTHORIZED` with `error="invalid_token"`, and a
 //! reason that names the check, never the token.
 
-use std::{collections::HashMap, str::FromStr};
+use std::{collections::HashMap, str::FromStr, sync::Arc};
 
 use jsonwebtoken::{
     Algorithm, DecodingKey, Validation, decode, decode_header,
@@ -23,7 +24,10 @@ use jsonwebtoken::{
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::Secret;
+use super::{
+    Secret,
+    jwks::{Keys, RemoteJwks},
+};
 use crate::error::Error;
 
 /// The most clock leeway allowed between the identity provider and the service.
@@ -38,6 +42,10 @@ pub struct JwtSettings {
     pub hs256_secret: Option<Secret>,
     /// The text of a JWKS document (`{"keys": [...]}`).
     pub jwks: Option<String>,
+    /// An https URL serving the JWKS, and the CA file to check its certificate against
+    /// (the system's store when `None`).
+    pub jwks_url: Option<String>,
+    pub jwks_ca_file: Option<String>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_secs: u64,
@@ -52,8 +60,10 @@ pub struct Claims {
 
 pub struct Verifier {
     hs256: Option<DecodingKey>,
-    /// Public keys by `kid`, each with the one algorithm it verifies.
-    keys: HashMap<String, (DecodingKey, Algorithm)>,
+    /// Public keys by `kid`, each with the one algorithm it verifies (from the JWKS file).
+    keys: Keys,
+    /// Keys from the JWKS URL.
+    remote: Option<Arc<RemoteJwks>>,
     issuer: Option<String>,
     audience: Option<String>,
     leeway_secs: u64,
@@ -87,30 +97,49 @@ impl Verifier {
             Some(text) => public_keys(text)?,
             None => HashMap::new(),
         };
-        if hs256.is_none() && keys.is_empty() {
+        let remote = match &settings.jwks_url {
+            Some(url) => Some(Arc::new(RemoteJwks::new(url, settings.jwks_ca_file.as_deref(), public_keys)?)),
+            None => None,
+        };
+        if hs256.is_none() && keys.is_empty() && remote.is_none() {
             return Ok(None);
         }
         Ok(Some(Verifier {
             hs256,
             keys,
+            remote,
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
             leeway_secs: settings.leeway_secs,
         }))
     }
 
-    pub fn verify(&self, token: &str) -> Result<Claims, Error> {
+    /// The keys served at `AUTH_JWT_JWKS_URL`, for the fetches at start and every few minutes.
+    pub fn remote(&self) -> Option<Arc<RemoteJwks>> {
+        self.remote.clone()
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<Claims, Error> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(rejected("the token is too large"));
         }
         let header = decode_header(token).map_err(|_| rejected("the token is not a well-formed JWT"))?;
-        let (key, algorithm) = match (&header.kid, &self.hs256) {
-            (Some(kid), _) if self.keys.contains_key(kid) => {
-                let (key, algorithm) = &self.keys[kid];
-                (key, *algorithm)
+        // A public-key token whose kid neither the file nor the cached URL keys hold: the
+        // provider may have rotated its keys, so look again (rate-limited in `jwks.rs`).
+        let remote = match (&header.kid, &self.remote) {
+            (Some(kid), Some(remote)) if !self.keys.contains_key(kid) => {
+                if header.alg != Algorithm::HS256 && !remote.keys().contains_key(kid) {
+                    remote.refresh_for_unknown_kid(kid).await;
+                }
+                Some(remote.keys())
             }
-            (_, Some(secret)) if header.alg == Algorithm::HS256 => (secret, Algorithm::HS256),
-            (Some(_), _) => return Err(rejected("the token's key (kid) is not known")),
+            _ => None,
+        };
+        let public_key = header.kid.as_ref().and_then(|kid| self.keys.get(kid).or_else(|| remote.as_deref()?.get(kid)));
+        let (key, algorithm) = match (public_key, &self.hs256) {
+            (Some((key, algorithm)), _) => (key, *algorithm),
+            (None, Some(secret)) if header.alg == Algorithm::HS256 => (secret, Algorithm::HS256),
+            (None, _) if header.kid.is_some() => return Err(rejected("the token's key (kid) is not known")),
             (None, _) => return Err(rejected("the token names no known key (kid)")),
         };
         let mut validation = Validation::new(algorithm);
@@ -168,7 +197,7 @@ fn user_id(sub: &Value) -> Option<i32> {
 }
 
 /// The public keys of a JWKS document by `kid`, each pinned to one algorithm.
-fn public_keys(text: &str) -> Result<HashMap<String, (DecodingKey, Algorithm)>, String> {
+fn public_keys(text: &str) -> Result<Keys, String> {
     let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("the JWKS is not valid: {e}"))?;
     let mut keys = HashMap::new();
     for jwk in &set.keys {

@@ -11,9 +11,10 @@
 //!
 //! This module says who the caller is; the handlers apply the ownership rules with it.
 
+pub mod jwks;
 pub mod jwt;
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use subtle::ConstantTimeEq;
 
@@ -99,7 +100,7 @@ impl Auth {
         let jwt = match mode {
             AuthMode::Open => None,
             AuthMode::Jwt => Some(
-                jwt.ok_or("AUTH_MODE=jwt needs a key: AUTH_JWT_HS256_SECRET (or its _FILE) or AUTH_JWT_JWKS_FILE")?,
+                jwt.ok_or("AUTH_MODE=jwt needs a key: AUTH_JWT_HS256_SECRET (or its _FILE), AUTH_JWT_JWKS_FILE or AUTH_JWT_JWKS_URL")?,
             ),
         };
         Ok(Auth { mode, operator_token, jwt })
@@ -109,21 +110,26 @@ impl Auth {
         self.mode
     }
 
+    /// The keys served at `AUTH_JWT_JWKS_URL`, when jwt mode uses one.
+    pub fn remote_jwks(&self) -> Option<Arc<jwks::RemoteJwks>> {
+        self.jwt.as_ref()?.remote()
+    }
+
     /// The caller of a customer path (`/api/orders...`): anyone in open mode; in jwt mode the
     /// holder of a valid token (a user, or an operator), else 401.
-    pub fn customer(&self, authorization: Option<&[u8]>) -> Result<Caller, Error> {
+    pub async fn customer(&self, authorization: Option<&[u8]>) -> Result<Caller, Error> {
         match self.mode {
             AuthMode::Open => Ok(Caller::ANONYMOUS),
             AuthMode::Jwt => match authorization {
                 None => Err(Error::Unauthorized { reason: "this path needs a Bearer token", token_rejected: false }),
-                Some(header) => self.identify(header),
+                Some(header) => self.identify(header).await,
             },
         }
     }
 
     /// The caller of an operator endpoint: an operator, else 401 (no or bad credentials) or
     /// 403 (a customer's token, or operator access not configured at all).
-    pub fn operator(&self, authorization: Option<&[u8]>) -> Result<Caller, Error> {
+    pub async fn operator(&self, authorization: Option<&[u8]>) -> Result<Caller, Error> {
         if self.operator_token.is_none() && self.mode == AuthMode::Open {
             return Err(Error::Forbidden(
                 "operator endpoints are disabled: set OPERATOR_TOKEN (at least 32 characters) to enable them",
@@ -135,12 +141,12 @@ impl Auth {
                 token_rejected: false,
             });
         };
-        let caller = self.identify(header)?;
+        let caller = self.identify(header).await?;
         if caller.operator { Ok(caller) } else { Err(Error::Forbidden("this endpoint is for operators")) }
     }
 
     /// Who an `Authorization` header names: the operator token, or a valid JWT in jwt mode.
-    fn identify(&self, header: &[u8]) -> Result<Caller, Error> {
+    async fn identify(&self, header: &[u8]) -> Result<Caller, Error> {
         let token = bearer_token(header)?;
         if let Some(operator_token) = &self.operator_token
             && bool::from(operator_token.expose().as_bytes().ct_eq(token.as_bytes()))
@@ -150,7 +156,7 @@ impl Auth {
         let Some(verifier) = &self.jwt else {
             return Err(Error::Unauthorized { reason: "the token is not valid", token_rejected: true });
         };
-        let claims = verifier.verify(token)?;
+        let claims = verifier.verify(token).await?;
         Ok(Caller { user_id: Some(claims.user_id), operator: claims.operator })
     }
 }
@@ -182,26 +188,26 @@ mod tests {
         assert!(Auth::new(AuthMode::Jwt, None, None).is_err());
     }
 
-    #[test]
-    fn operator_endpoints_take_the_operator_token_only() {
+    #[tokio::test]
+    async fn operator_endpoints_take_the_operator_token_only() {
         let auth = open_with_operator();
         let bearer = |token: &str| format!("Bearer {token}");
-        assert_eq!(auth.operator(Some(bearer(OPERATOR).as_bytes())).unwrap(), Caller::OPERATOR);
-        assert_eq!(auth.operator(Some(format!("bearer  {OPERATOR}").as_bytes())).unwrap(), Caller::OPERATOR);
+        assert_eq!(auth.operator(Some(bearer(OPERATOR).as_bytes())).await.unwrap(), Caller::OPERATOR);
+        assert_eq!(auth.operator(Some(format!("bearer  {OPERATOR}").as_bytes())).await.unwrap(), Caller::OPERATOR);
         for wrong in [bearer("nope"), bearer(&OPERATOR[1..]), format!("Basic {OPERATOR}"), "Bearer".into()] {
-            let error = auth.operator(Some(wrong.as_bytes())).unwrap_err();
+            let error = auth.operator(Some(wrong.as_bytes())).await.unwrap_err();
             assert!(matches!(error, Error::Unauthorized { token_rejected: true, .. }), "{wrong}: {error:?}");
         }
-        assert!(matches!(auth.operator(None).unwrap_err(), Error::Unauthorized { token_rejected: false, .. }));
-        assert!(matches!(auth.operator(Some(&[0xff, 0xfe])).unwrap_err(), Error::Unauthorized { .. }));
+        assert!(matches!(auth.operator(None).await.unwrap_err(), Error::Unauthorized { token_rejected: false, .. }));
+        assert!(matches!(auth.operator(Some(&[0xff, 0xfe])).await.unwrap_err(), Error::Unauthorized { .. }));
     }
 
-    #[test]
-    fn without_an_operator_token_operator_endpoints_are_disabled_in_open_mode() {
+    #[tokio::test]
+    async fn without_an_operator_token_operator_endpoints_are_disabled_in_open_mode() {
         let auth = Auth::new(AuthMode::Open, None, None).unwrap();
-        assert!(matches!(auth.operator(Some(b"Bearer anything")).unwrap_err(), Error::Forbidden(_)));
+        assert!(matches!(auth.operator(Some(b"Bearer anything")).await.unwrap_err(), Error::Forbidden(_)));
         // Customer paths stay open, whatever the header says.
-        assert_eq!(auth.customer(Some(b"Bearer whatever")).unwrap(), Caller::ANONYMOUS);
+        assert_eq!(auth.customer(Some(b"Bearer whatever")).await.unwrap(), Caller::ANONYMOUS);
     }
 
     #[test]

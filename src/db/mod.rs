@@ -10,12 +10,14 @@ pub mod orders;
 pub mod pipeline;
 pub mod pool;
 pub mod products;
+pub mod target;
 pub mod tx;
 
-use tokio_postgres::{Client, NoTls, error::SqlState};
+use tokio_postgres::{Client, error::SqlState};
 
 pub use pipeline::Sql;
 pub use pool::{Pool, PoolSettings, PoolStatus, PooledConn};
+pub use target::Target;
 pub use tx::Tx;
 
 use crate::{error::Error, log};
@@ -29,11 +31,11 @@ pub type StartupError = Box<dyn std::error::Error + Send + Sync>;
 const SEED_SQL: &str = include_str!("../../sql/seed.sql");
 
 /// Opens a single connection outside the pool, for the start-up steps.
-pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, StartupError> {
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
+pub async fn connect(target: &Target) -> Result<Client, StartupError> {
+    let (client, connection) = target.config.connect(target.tls.clone()).await.map_err(|e| describe(&e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            log::warn("database connection closed", serde_json::json!({"error": e.to_string()}));
+            log::warn("database connection closed", serde_json::json!({"error": describe(&e)}));
         }
     });
     Ok(client)
@@ -42,11 +44,11 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<Client, StartupE
 /// Creates the database named in `config` if it does not exist, connecting to the server's
 /// `postgres` database to do so. For `make run` and the tests; a production database is
 /// created by its operator (or by the postgres image in docker-compose).
-pub async fn create_database_if_missing(config: &tokio_postgres::Config) -> Result<(), StartupError> {
-    let name = config.get_dbname().ok_or("DATABASE_URL names no database")?.to_owned();
-    let mut admin_config = config.clone();
-    admin_config.dbname("postgres");
-    let admin = connect(&admin_config).await?;
+pub async fn create_database_if_missing(target: &Target) -> Result<(), StartupError> {
+    let name = target.config.get_dbname().ok_or("DATABASE_URL names no database")?.to_owned();
+    let mut admin = target.clone();
+    admin.config.dbname("postgres");
+    let admin = connect(&admin).await?;
     let exists = admin
         .query_typed_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[(&name, postgres_types::Type::TEXT)])
         .await?
@@ -81,12 +83,21 @@ pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The server's message for a failed statement (tokio-postgres' Display says only "db error").
+/// The server's message for a failed statement (tokio-postgres' Display says only "db error"),
+/// or the whole chain of causes of any other failure ("error performing TLS handshake: invalid
+/// peer certificate: ..."), since the first link alone rarely says what to fix.
 pub fn describe(error: &tokio_postgres::Error) -> String {
-    match error.as_db_error() {
-        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
-        None => error.to_string(),
+    if let Some(db) = error.as_db_error() {
+        return format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
     }
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(source) = cause {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        cause = source.source();
+    }
+    text
 }
 
 /// A database error is the client's fault only in the cases a caller maps explicitly; here

@@ -12,7 +12,8 @@
 
 use futures_util::future::join_all;
 use postgres_types::{ToSql, Type};
-use tokio_postgres::{Client, Error as PgError, NoTls, Row, Statement};
+use tokio_postgres::{Client, Error as PgError, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::PooledConn;
 use crate::deadline;
@@ -109,6 +110,7 @@ impl PooledConn {
             sent.iter().map(|(sql, params)| params.iter().copied().zip(sql.params.iter().cloned()).collect()).collect();
 
         self.discard();
+        let tls = self.tls();
         let client = &self.conn().client;
         let requests = sent.iter().zip(&prepared).zip(&typed).map(|(((sql, params), statement), typed)| {
             let request: Request = match statement {
@@ -117,7 +119,7 @@ impl PooledConn {
             };
             request
         });
-        let mut results = within_deadline(client, join_all(requests)).await;
+        let mut results = within_deadline(client, tls, join_all(requests)).await;
         let transaction_left_open = close == Close::KeepOpen && open != Open::Nothing;
         if !transaction_left_open {
             self.keep();
@@ -155,7 +157,7 @@ type Request<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Vec<Row>, PgErro
 /// transaction fails and its COMMIT turns into ROLLBACK, then waits for the real outcome.
 /// Dropping `work` instead would not stop it: the statements are already in the server's
 /// buffer and would still run, COMMIT included, with the client told the opposite.
-async fn within_deadline<F: Future>(client: &Client, work: F) -> F::Output {
+async fn within_deadline<F: Future>(client: &Client, tls: MakeRustlsConnect, work: F) -> F::Output {
     let Some(deadline) = deadline::current() else {
         return work.await;
     };
@@ -163,7 +165,7 @@ async fn within_deadline<F: Future>(client: &Client, work: F) -> F::Output {
     match tokio::time::timeout_at(deadline, &mut work).await {
         Ok(output) => output,
         Err(_elapsed) => {
-            let _ = client.cancel_token().cancel_query(NoTls).await;
+            let _ = client.cancel_token().cancel_query(tls).await;
             work.await
         }
     }

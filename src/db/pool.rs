@@ -28,8 +28,10 @@ use std::{
 };
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
+use super::Target;
 use crate::{deadline, error::Error, log};
 
 /// How the pool is sized and how long it waits.
@@ -71,6 +73,8 @@ pub struct Pool {
 
 struct Inner {
     config: tokio_postgres::Config,
+    /// The TLS connector `DATABASE_URL`'s sslmode asks for; also used to send cancel requests.
+    tls: MakeRustlsConnect,
     settings: PoolSettings,
     /// One permit per connection that may be in use; held by `PooledConn` while checked out.
     permits: Arc<Semaphore>,
@@ -109,7 +113,8 @@ impl Drop for OpenGuard {
 
 impl Pool {
     /// Builds a pool; no connection is opened until the first request needs one.
-    pub fn new(mut config: tokio_postgres::Config, settings: PoolSettings) -> Pool {
+    pub fn new(target: Target, settings: PoolSettings) -> Pool {
+        let Target { mut config, tls, .. } = target;
         config.connect_timeout(settings.connect_timeout);
         config.application_name("order-api");
         if !settings.unnamed_statements {
@@ -127,6 +132,7 @@ impl Pool {
         Pool {
             inner: Arc::new(Inner {
                 config,
+                tls,
                 permits: Arc::new(Semaphore::new(settings.max_size)),
                 settings,
                 idle: Mutex::new(Vec::new()),
@@ -185,7 +191,7 @@ impl Pool {
         if self.inner.backoff.lock().unwrap().retry_at.is_some_and(|at| Instant::now() < at) {
             return Err(unreachable);
         }
-        let (client, connection) = match self.inner.config.connect(NoTls).await {
+        let (client, connection) = match self.inner.config.connect(self.inner.tls.clone()).await {
             Ok(connected) => {
                 self.inner.backoff.lock().unwrap().succeeded();
                 connected
@@ -194,7 +200,7 @@ impl Pool {
                 let pause = self.inner.backoff.lock().unwrap().failed();
                 log::warn(
                     "database connection failed",
-                    serde_json::json!({"error": e.to_string(), "next_attempt_in_ms": pause.as_millis()}),
+                    serde_json::json!({"error": super::describe(&e), "next_attempt_in_ms": pause.as_millis()}),
                 );
                 return Err(unreachable);
             }
@@ -203,7 +209,7 @@ impl Pool {
         // client is dropped, after which `client.is_closed()` is true.
         tokio::spawn(async move {
             if let Err(e) = connection.await {
-                log::warn("database connection closed", serde_json::json!({"error": e.to_string()}));
+                log::warn("database connection closed", serde_json::json!({"error": super::describe(&e)}));
             }
         });
         self.inner.open.fetch_add(1, Ordering::Relaxed);
@@ -270,6 +276,11 @@ impl PooledConn {
 
     pub fn client(&self) -> &Client {
         &self.conn.as_ref().expect("connection present until drop").client
+    }
+
+    /// The pool's TLS connector, for a cancel request (sent on a connection of its own).
+    pub(super) fn tls(&self) -> MakeRustlsConnect {
+        self.pool.tls.clone()
     }
 
     pub(super) fn unnamed_statements(&self) -> bool {

@@ -14,15 +14,15 @@ use serde_json::{Value, json};
 use crate::common::{Reply, TestApp, client, spawn_app, spawn_app_with};
 
 const SECRET: &str = "a-test-hs256-secret-of-at-least-32-bytes";
-const ISSUER: &str = "https://identity.shop.test";
-const AUDIENCE: &str = "order-api";
+pub(crate) const ISSUER: &str = "https://identity.shop.test";
+pub(crate) const AUDIENCE: &str = "order-api";
 
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 /// Claims of a valid customer token for `user`, to be changed by the test.
-fn claims(user: i32) -> Value {
+pub(crate) fn claims(user: i32) -> Value {
     json!({"sub": user.to_string(), "exp": now() + 300, "iss": ISSUER, "aud": AUDIENCE})
 }
 
@@ -45,7 +45,13 @@ async fn jwt_app() -> TestApp {
 }
 
 /// A request with `Authorization: Bearer <token>` (or none).
-async fn send(app: &TestApp, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>) -> Reply {
+pub(crate) async fn send(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Reply {
     let client = client(token);
     let mut request = client.request(method, app.url(path));
     if let Some(body) = body {
@@ -63,7 +69,7 @@ async fn order_as(app: &TestApp, user: i32, quantity: i32) -> i64 {
 }
 
 #[track_caller]
-fn assert_unauthorized(reply: &Reply, token_sent: bool) {
+pub(crate) fn assert_unauthorized(reply: &Reply, token_sent: bool) {
     reply.assert_error(401, "UNAUTHORIZED");
     let challenge = if token_sent { r#"Bearer error="invalid_token""# } else { "Bearer" };
     assert_eq!(reply.header("www-authenticate"), Some(challenge), "{}", reply.text);
@@ -324,7 +330,7 @@ fn base64url(bytes: &[u8]) -> String {
 }
 
 /// A private key made for the test by `openssl genpkey`, as PEM.
-fn generate_key(args: &[&str]) -> Vec<u8> {
+pub(crate) fn generate_key(args: &[&str]) -> Vec<u8> {
     let output = Command::new("openssl").arg("genpkey").args(args).output().expect("run openssl");
     assert!(output.status.success(), "openssl genpkey {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     output.stdout

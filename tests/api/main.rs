@@ -5,6 +5,7 @@
 mod common;
 
 mod auth;
+mod jwks;
 
 mod concurrency;
 mod endpoints;
@@ -23,3 +24,4 @@ mod operations;
 mod pooler;
 mod rate_limit;
 mod shutdown;
+mod tls;

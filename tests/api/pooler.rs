@@ -57,7 +57,7 @@ async fn the_order_flow_works_with_unnamed_statements() {
 struct PgBouncer {
     process: Child,
     port: u16,
-    _dir: tempdir::TempDir,
+    _dir: common::TempDir,
 }
 
 impl Drop for PgBouncer {
@@ -81,7 +81,7 @@ fn start_pgbouncer() -> Option<PgBouncer> {
         );
         return None;
     }
-    let dir = tempdir::TempDir::new();
+    let dir = common::TempDir::new("pgbouncer");
     let port = common::free_port();
     std::fs::write(dir.path.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
     std::fs::write(
@@ -129,29 +129,4 @@ async fn the_order_flow_works_through_pgbouncer_in_transaction_mode() {
     exercise(&app).await;
     drop(app);
     drop(bouncer);
-}
-
-mod tempdir {
-    //! A directory under the system temp dir, removed when dropped.
-    pub struct TempDir {
-        pub path: std::path::PathBuf,
-    }
-
-    impl TempDir {
-        pub fn new() -> TempDir {
-            let path = std::env::temp_dir().join(format!(
-                "order-api-pgbouncer-{}-{}",
-                std::process::id(),
-                crate::common::free_port()
-            ));
-            std::fs::create_dir_all(&path).unwrap();
-            TempDir { path }
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
 }

@@ -203,6 +203,25 @@ impl Drop for TestApp {
     }
 }
 
+/// A directory under the system temp dir, removed when dropped.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(purpose: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("order-api-{purpose}-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// A port nothing listens on: bound and released at once. Another process could take it in
 /// between; unlikely enough for a test.
 pub fn free_port() -> u16 {
