@@ -75,8 +75,13 @@ pub enum Error {
     /// The key was used before with a different request.
     IdempotencyKeyReused,
     /// The database cannot be reached, no pooled connection came free in time, or the request
-    /// ran past its deadline. The text says which and is safe to show.
+    /// ran past its deadline. The text says which and is safe to show. Promises that nothing
+    /// was written: a retry is free (CONTRACT part 4).
     Unavailable(&'static str),
+    /// A write was sent and the service cannot tell whether it stands: the connection broke
+    /// after the COMMIT went out, or PostgreSQL committed without the synchronous replica's
+    /// confirmation. A retry with the same Idempotency-Key finds out (CONTRACT part 4).
+    OutcomeUnknown(&'static str),
     /// Anything else. The detail is logged with the request id; the client sees a generic
     /// sentence.
     Internal(String),
@@ -149,9 +154,10 @@ impl Error {
                 format!("too many orders; retry in {retry_after_secs} s"), json!({"retryAfter": retry_after_secs})),
             Error::Unavailable(reason) => (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", (*reason).to_owned(), json!({})),
             Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "INTERNAL", "internal error".to_owned(), json!({})),
+            Error::OutcomeUnknown(reason) => (S::GATEWAY_TIMEOUT, "OUTCOME_UNKNOWN", (*reason).to_owned(), json!({})),
         };
         let retry_after = match self {
-            Error::Unavailable(_) | Error::IdempotencyInProgress => Some(RETRY_AFTER_SECS),
+            Error::Unavailable(_) | Error::IdempotencyInProgress | Error::OutcomeUnknown(_) => Some(RETRY_AFTER_SECS),
             Error::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         };
@@ -170,7 +176,7 @@ impl Error {
     pub fn log_detail(&self) -> Option<&str> {
         match self {
             Error::Internal(detail) => Some(detail),
-            Error::Unavailable(reason) => Some(reason),
+            Error::Unavailable(reason) | Error::OutcomeUnknown(reason) => Some(reason),
             _ => None,
         }
     }
@@ -199,6 +205,7 @@ impl Error {
             Error::IdempotencyInProgress,
             Error::IdempotencyKeyReused,
             Error::Unavailable("x"),
+            Error::OutcomeUnknown("x"),
             Error::Internal("x".into()),
         ]
     }
@@ -226,8 +233,10 @@ mod tests {
             let body = serde_json::to_value(&answer.body).unwrap();
             assert_eq!(body["code"], error.code(), "{error:?}");
             assert!(body["error"].as_str().is_some_and(|text| !text.is_empty()), "{error:?}");
-            let may_retry = matches!(answer.status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS)
-                || matches!(error, Error::IdempotencyInProgress);
+            let may_retry = matches!(
+                answer.status,
+                StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT | StatusCode::TOO_MANY_REQUESTS
+            ) || matches!(error, Error::IdempotencyInProgress);
             assert_eq!(answer.retry_after.is_some(), may_retry, "{error:?}");
         }
     }

@@ -193,8 +193,10 @@ pub enum Answer {
     Ok,
     /// 4xx: the shop said no (out of stock, not cancellable, ...).
     Rejected,
-    /// 503 with Retry-After: try again later.
+    /// 503 with Retry-After: try again later; nothing was written (CONTRACT part 4).
     Unavailable,
+    /// 504 OUTCOME_UNKNOWN with Retry-After: the write may or may not stand.
+    OutcomeUnknown,
     /// Any other 5xx, or a 503 without Retry-After: never acceptable.
     ServerError,
     /// No HTTP answer at all (connection refused or reset, timeout): the outcome is unknown.
@@ -327,6 +329,7 @@ impl Shopper {
                 let answer = match status {
                     200..=299 => Answer::Ok,
                     503 if retry_after => Answer::Unavailable,
+                    504 if retry_after && body["code"] == "OUTCOME_UNKNOWN" => Answer::OutcomeUnknown,
                     400..=499 => Answer::Rejected,
                     _ => Answer::ServerError,
                 };
@@ -433,8 +436,8 @@ pub struct Verification {
     pub cancel_lost: Vec<i64>,
     /// Orders in the database that no client was told about: requests whose outcome the
     /// client cannot know. Never more than those: the unanswered orders (server killed,
-    /// connection reset) and the orders answered 503 (retryable; when the database dies
-    /// during a commit, the commit may have happened without the API hearing of it).
+    /// connection reset) and the orders answered 504 OUTCOME_UNKNOWN (the database died
+    /// during the commit). A 503 promises nothing was written, so it does not count.
     pub unacknowledged_in_database: i64,
     pub unknown_outcome_orders: u64,
     pub violations: Vec<String>,
@@ -473,7 +476,7 @@ pub async fn verify(db: &mut Client, record: &SharedRecord) -> Verification {
     let (acknowledged, cancelled, unknown_outcome_orders) = {
         let record = record.lock().unwrap();
         let unknown =
-            record.count(|e| e.kind == Kind::Order && matches!(e.answer, Answer::Unanswered | Answer::Unavailable));
+            record.count(|e| e.kind == Kind::Order && matches!(e.answer, Answer::Unanswered | Answer::OutcomeUnknown));
         (record.acknowledged.clone(), record.cancelled.clone(), unknown)
     };
     let ids: Vec<i64> = acknowledged.keys().copied().collect();

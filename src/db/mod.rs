@@ -15,7 +15,7 @@ pub mod tx;
 
 use tokio_postgres::{Client, error::SqlState};
 
-pub use pipeline::Sql;
+pub use pipeline::{Failure, Sql};
 pub use pool::{Pool, PoolSettings, PoolStatus, PooledConn};
 pub use target::Target;
 pub use tx::Tx;
@@ -111,7 +111,10 @@ impl From<tokio_postgres::Error> for Error {
             // No SQLSTATE: an I/O or protocol failure on the connection.
             return Error::Unavailable("the database cannot be reached; retry");
         };
-        if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE {
+        if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
+            // A standby, or a demoted primary (the connection was retired, see pipeline.rs).
+            Error::Unavailable("the database is read-only (a failover is under way?); retry")
+        } else if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE {
             Error::Unavailable("the database did not answer in time; retry")
         } else if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED {
             Error::Unavailable("the database was busy; retry")
@@ -123,6 +126,38 @@ impl From<tokio_postgres::Error> for Error {
             Error::Unavailable("the database cannot be reached; retry")
         } else {
             Error::Internal(format!("database error: {}", describe(&error)))
+        }
+    }
+}
+
+/// A failure of a round trip as the client is told it: after `Failure::Db` nothing was
+/// written (a 503 or a refusal); after the other two the write may stand, so the answer is
+/// `OutcomeUnknown`, never 503 (which promises nothing was written) and never 201. Both are
+/// logged at error level: they are the moments a client's view and the database's may part.
+impl From<Failure> for Error {
+    fn from(failure: Failure) -> Error {
+        match failure {
+            Failure::Db(error) => Error::from(error),
+            Failure::CommitLost(error) => {
+                log::error(
+                    "outcome unknown: the connection broke after a commit was sent",
+                    serde_json::json!({"error": describe(&error)}),
+                );
+                Error::OutcomeUnknown(
+                    "the database connection broke after the write was sent, so it may or may not have \
+                     been committed; retry with the same Idempotency-Key to find out",
+                )
+            }
+            Failure::CommitUnreplicated => {
+                log::error(
+                    "outcome unknown: committed on this server, but the synchronous standby never confirmed it",
+                    serde_json::json!({"hint": "a standby in synchronous_standby_names is away; a failover now would lose this write"}),
+                );
+                Error::OutcomeUnknown(
+                    "the write was committed on the primary database but its replication was not \
+                     confirmed, so it may not survive a failover; retry with the same Idempotency-Key",
+                )
+            }
         }
     }
 }

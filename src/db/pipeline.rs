@@ -12,7 +12,7 @@
 
 use futures_util::future::join_all;
 use postgres_types::{ToSql, Type};
-use tokio_postgres::{Client, Error as PgError, Row, Statement};
+use tokio_postgres::{Client, Error as PgError, Row, Statement, error::SqlState};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::PooledConn;
@@ -51,14 +51,64 @@ pub(super) enum Open {
 pub(super) enum Close {
     Commit,
     Rollback,
-    /// Nothing: a transaction begun stays open for the next pipeline.
+    /// Nothing: a transaction begun stays open for the next pipeline (or, after
+    /// `Open::Nothing`, a statement that only reads).
     KeepOpen,
+    /// Nothing, after `Open::Nothing`: the one statement writes and commits on its own.
+    AutoCommit,
+}
+
+/// How a round trip failed. The difference matters to the client: after `Db` nothing of the
+/// round trip was written and a retry is free; after the other two the write may stand.
+#[derive(Debug)]
+pub enum Failure {
+    /// PostgreSQL refused a statement, or the connection failed where nothing could commit.
+    Db(PgError),
+    /// The round trip was to commit, and the connection broke (or the server went down)
+    /// before its answer came: it may or may not have committed.
+    CommitLost(PgError),
+    /// PostgreSQL committed locally but warned that it stopped waiting for the synchronous
+    /// standby: the write is not as durable as the deployment promises (a failover now would
+    /// lose it).
+    CommitUnreplicated,
+}
+
+impl Failure {
+    /// The SQLSTATE of a refused statement.
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            Failure::Db(error) | Failure::CommitLost(error) => error.code(),
+            Failure::CommitUnreplicated => None,
+        }
+    }
+}
+
+impl From<PgError> for Failure {
+    fn from(error: PgError) -> Failure {
+        Failure::Db(error)
+    }
+}
+
+/// Whether `error` means the connection is gone (closed, an I/O error, the server shutting
+/// down or crashed) rather than a statement refused: after a COMMIT was sent, that leaves the
+/// outcome unknown.
+fn connection_lost(error: &PgError) -> bool {
+    match error.code() {
+        None => true,
+        Some(code) => code.code().starts_with("08") || code.code().starts_with("57P"),
+    }
 }
 
 impl PooledConn {
-    /// Runs one statement on its own (a transaction of one statement).
-    pub async fn query(&mut self, sql: &'static Sql, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, PgError> {
+    /// Runs one statement that only reads, on its own.
+    pub async fn query(&mut self, sql: &'static Sql, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Failure> {
         let [rows] = self.pipeline(Open::Nothing, [(sql, params)], Close::KeepOpen).await?;
+        Ok(rows)
+    }
+
+    /// Runs one statement that writes, as a transaction of its own (it commits when it ends).
+    pub async fn write(&mut self, sql: &'static Sql, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Failure> {
+        let [rows] = self.pipeline(Open::Nothing, [(sql, params)], Close::AutoCommit).await?;
         Ok(rows)
     }
 
@@ -66,8 +116,14 @@ impl PooledConn {
     /// back to back without waiting for answers, then returns each statement's rows, or the
     /// first error in statement order. Either way no transaction is left open. For a
     /// transaction that needs the answer of one round trip to write the next, see `Tx`.
-    pub async fn transaction<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
+    pub async fn transaction<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], Failure> {
         self.pipeline(Open::Begin, steps, Close::Commit).await
+    }
+
+    /// Runs steps that only read as one transaction (one snapshot, and `SET LOCAL` settings),
+    /// ended with ROLLBACK: there is nothing to keep, so nothing can be lost.
+    pub async fn read_transaction<const N: usize>(&mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], Failure> {
+        self.pipeline(Open::Begin, steps, Close::Rollback).await
     }
 
     /// Sends [BEGIN,] steps [, COMMIT | ROLLBACK] as one pipeline and collects the answers:
@@ -82,7 +138,11 @@ impl PooledConn {
         open: Open,
         steps: [Step<'_>; N],
         close: Close,
-    ) -> Result<[Vec<Row>; N], PgError> {
+    ) -> Result<[Vec<Row>; N], Failure> {
+        let commits = matches!(close, Close::Commit | Close::AutoCommit);
+        if commits {
+            self.conn().notices.unreplicated_commit();
+        }
         let mut sent: Vec<Step> = Vec::with_capacity(N + 2);
         if open == Open::Begin {
             sent.push((&BEGIN, &[]));
@@ -91,7 +151,7 @@ impl PooledConn {
         match close {
             Close::Commit => sent.push((&COMMIT, &[])),
             Close::Rollback => sent.push((&ROLLBACK, &[])),
-            Close::KeepOpen => {}
+            Close::KeepOpen | Close::AutoCommit => {}
         }
         for (sql, params) in &sent {
             // A statement given the wrong number of values is a bug in this crate, not input.
@@ -124,8 +184,20 @@ impl PooledConn {
         if !transaction_left_open {
             self.keep();
         }
+        if let Some(failed) = results.iter().find_map(|result| result.as_ref().err()) {
+            // A standby, or a primary demoted since the connection was opened: the connection
+            // is closed rather than reused, and the next one finds the primary (with
+            // `target_session_attrs=read-write` and several hosts in DATABASE_URL).
+            if failed.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) {
+                self.retire();
+            }
+            if commits && connection_lost(failed) {
+                let failed = results.into_iter().find_map(Result::err).expect("found above");
+                return Err(Failure::CommitLost(failed));
+            }
+        }
 
-        let closed = if close == Close::KeepOpen { None } else { results.pop() };
+        let closed = if matches!(close, Close::Commit | Close::Rollback) { results.pop() } else { None };
         if open == Open::Begin {
             results.remove(0)?;
         }
@@ -133,11 +205,14 @@ impl PooledConn {
         if let Some(closed) = closed {
             closed?;
         }
+        if commits && self.conn().notices.unreplicated_commit() {
+            return Err(Failure::CommitUnreplicated);
+        }
         Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
     }
 
     /// The prepared form of `sql` on this connection, preparing it on first use.
-    async fn prepared(&mut self, sql: &'static Sql) -> Result<Statement, PgError> {
+    async fn prepared(&mut self, sql: &'static Sql) -> Result<Statement, Failure> {
         let conn = self.conn();
         if let Some(statement) = conn.statements.get(sql.text) {
             return Ok(statement.clone());

@@ -28,7 +28,7 @@ use std::{
 };
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{AsyncMessage, Client, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::Target;
@@ -94,6 +94,8 @@ struct Inner {
 /// One PostgreSQL connection with its prepared statements.
 pub(super) struct Conn {
     pub(super) client: Client,
+    /// What the server said on the side (notices), as far as the service acts on it.
+    pub(super) notices: Arc<Notices>,
     /// Statements prepared on this connection, keyed by their SQL text: a hot statement is
     /// parsed and planned by PostgreSQL once per connection.
     pub(super) statements: HashMap<&'static str, Statement>,
@@ -101,6 +103,33 @@ pub(super) struct Conn {
     opened_at: Instant,
     /// Counts this connection in `Inner::open` until dropped.
     _open: OpenGuard,
+}
+
+/// The notices of one connection that change what an answer may promise.
+#[derive(Default)]
+pub(super) struct Notices {
+    /// PostgreSQL's WARNING "canceling wait for synchronous replication ...": the transaction
+    /// committed locally, but the synchronous standby has not confirmed it.
+    unreplicated_commit: AtomicBool,
+}
+
+impl Notices {
+    /// Whether such a warning came since the last call (and forgets it).
+    pub(super) fn unreplicated_commit(&self) -> bool {
+        self.unreplicated_commit.swap(false, Ordering::SeqCst)
+    }
+
+    fn observe(&self, notice: &tokio_postgres::error::DbError) {
+        // The SQLSTATE is the generic 01000 (warning), so the text is what tells it apart
+        // (PostgreSQL's English messages: lc_messages must not be translated).
+        if notice.message().starts_with("canceling wait for synchronous replication") {
+            self.unreplicated_commit.store(true, Ordering::SeqCst);
+        }
+        log::warn(
+            "database notice",
+            serde_json::json!({"severity": notice.severity(), "message": notice.message(), "detail": notice.detail()}),
+        );
+    }
 }
 
 struct OpenGuard(Arc<Inner>);
@@ -147,8 +176,13 @@ impl Pool {
     /// A connection for one request: an idle one if there is one, else a new one.
     pub async fn get(&self) -> Result<PooledConn, Error> {
         let permit = self.acquire_permit().await?;
-        let checked_out =
-            |conn| PooledConn { pool: self.inner.clone(), conn: Some(conn), reusable: true, _permit: permit };
+        let checked_out = |conn| PooledConn {
+            pool: self.inner.clone(),
+            conn: Some(conn),
+            reusable: true,
+            retired: false,
+            _permit: permit,
+        };
         loop {
             let reused = self.inner.idle.lock().unwrap().pop();
             match reused {
@@ -205,15 +239,33 @@ impl Pool {
                 return Err(unreachable);
             }
         };
-        // The connection future does the socket I/O; it ends when the socket closes or the
-        // client is dropped, after which `client.is_closed()` is true.
+        // The connection task does the socket I/O; it ends when the socket closes or the
+        // client is dropped, after which `client.is_closed()` is true. It reads each message
+        // in order, so a notice sent before a statement's answer is recorded before the
+        // statement's caller sees that answer.
+        let notices = Arc::new(Notices::default());
+        let seen = notices.clone();
+        let mut connection = connection;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                log::warn("database connection closed", serde_json::json!({"error": super::describe(&e)}));
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(AsyncMessage::Notice(notice)) => seen.observe(&notice),
+                    Ok(_) => {}
+                    Err(e) => {
+                        log::warn("database connection closed", serde_json::json!({"error": super::describe(&e)}));
+                        break;
+                    }
+                }
             }
         });
         self.inner.open.fetch_add(1, Ordering::Relaxed);
-        Ok(Conn { client, statements: HashMap::new(), opened_at: Instant::now(), _open: OpenGuard(self.inner.clone()) })
+        Ok(Conn {
+            client,
+            notices,
+            statements: HashMap::new(),
+            opened_at: Instant::now(),
+            _open: OpenGuard(self.inner.clone()),
+        })
     }
 
     pub fn status(&self) -> PoolStatus {
@@ -265,6 +317,8 @@ pub struct PooledConn {
     /// Cleared by `discard`: the connection may still carry something of its request (an open
     /// transaction, answers not yet read), so it is closed instead of going back to the pool.
     reusable: bool,
+    /// Set by `retire`: closed when dropped, whatever follows (a read-only server).
+    retired: bool,
     /// Keeps the pool's count of connections in use; released after the connection is back.
     _permit: OwnedSemaphorePermit,
 }
@@ -297,12 +351,19 @@ impl PooledConn {
     pub(super) fn keep(&mut self) {
         self.reusable = true;
     }
+
+    /// Closes the connection when it is dropped, for good: it is on a server that cannot take
+    /// the service's writes.
+    pub(super) fn retire(&mut self) {
+        self.retired = true;
+    }
 }
 
 impl Drop for PooledConn {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else { return };
         let reusable = self.reusable
+            && !self.retired
             && !conn.client.is_closed()
             && conn.opened_at.elapsed() < self.pool.settings.max_lifetime
             && !self.pool.closed.load(Ordering::Relaxed);

@@ -165,7 +165,7 @@ const RESTOCK: Sql = Sql {
 pub async fn restock(pool: &Pool, product_id: i64, quantity: i32) -> Result<Product, Error> {
     let missing = Error::ProductNotFound { product_id };
     let Ok(id) = i32::try_from(product_id) else { return Err(missing) };
-    let rows = pool.get().await?.query(&RESTOCK, &[&id, &quantity]).await.map_err(|e| {
+    let rows = pool.get().await?.write(&RESTOCK, &[&id, &quantity]).await.map_err(|e| {
         if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
             Error::invalid(format!("restocking {quantity} would take the stock past {}", i32::MAX))
         } else {

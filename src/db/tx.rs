@@ -7,11 +7,11 @@
 //! dropped without an end (a panic, a cancelled request) closes its connection instead of
 //! returning it to the pool, which makes PostgreSQL roll the transaction back.
 
-use tokio_postgres::{Error as PgError, Row};
+use tokio_postgres::Row;
 
 use super::{
     PooledConn,
-    pipeline::{Close, Open, Step},
+    pipeline::{Close, Failure, Open, Step},
 };
 
 /// An open transaction on a connection of the pool.
@@ -23,28 +23,28 @@ pub struct Tx {
 
 impl PooledConn {
     /// BEGIN and `steps` in one round trip, leaving the transaction open.
-    pub async fn begin<const N: usize>(self, steps: [Step<'_>; N]) -> Result<(Tx, [Vec<Row>; N]), PgError> {
+    pub async fn begin<const N: usize>(self, steps: [Step<'_>; N]) -> Result<(Tx, [Vec<Row>; N]), Failure> {
         Tx { conn: self }.run(Open::Begin, steps).await
     }
 }
 
 impl Tx {
     /// More `steps` in the transaction, in one round trip.
-    pub async fn then<const N: usize>(self, steps: [Step<'_>; N]) -> Result<(Tx, [Vec<Row>; N]), PgError> {
+    pub async fn then<const N: usize>(self, steps: [Step<'_>; N]) -> Result<(Tx, [Vec<Row>; N]), Failure> {
         self.run(Open::Continue, steps).await
     }
 
     /// The last `steps` of the transaction and COMMIT, in one round trip.
-    pub async fn commit<const N: usize>(mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], PgError> {
+    pub async fn commit<const N: usize>(mut self, steps: [Step<'_>; N]) -> Result<[Vec<Row>; N], Failure> {
         self.conn.pipeline(Open::Continue, steps, Close::Commit).await
     }
 
     /// Ends the transaction without keeping anything of it.
-    pub async fn rollback(mut self) -> Result<(), PgError> {
+    pub async fn rollback(mut self) -> Result<(), Failure> {
         self.conn.pipeline(Open::Continue, [], Close::Rollback).await.map(drop)
     }
 
-    async fn run<const N: usize>(mut self, open: Open, steps: [Step<'_>; N]) -> Result<(Tx, [Vec<Row>; N]), PgError> {
+    async fn run<const N: usize>(mut self, open: Open, steps: [Step<'_>; N]) -> Result<(Tx, [Vec<Row>; N]), Failure> {
         match self.conn.pipeline(open, steps, Close::KeepOpen).await {
             Ok(rows) => Ok((self, rows)),
             Err(error) => {

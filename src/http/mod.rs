@@ -14,7 +14,7 @@ use std::{
 };
 
 use hyper::{
-    Request,
+    Method, Request,
     body::Incoming,
     header::{self, HeaderValue},
     server::conn::http1,
@@ -200,7 +200,16 @@ async fn handle(state: Arc<AppState>, peer: IpAddr, request: Request<Incoming>) 
                 Ok(Err(join_error)) => Err(Error::Internal(format!("handler panicked: {join_error}"))),
                 Err(_elapsed) => {
                     task.abort();
-                    Err(Error::Unavailable("the request took too long; retry"))
+                    // Cut off half way: a read wrote nothing, but a write may have been sent
+                    // (and committed) before the database went silent.
+                    if method == Method::GET || method == Method::HEAD {
+                        Err(Error::Unavailable("the request took too long; retry"))
+                    } else {
+                        Err(Error::OutcomeUnknown(
+                            "the database did not answer in time, so the write may or may not have been \
+                             committed; retry with the same Idempotency-Key to find out",
+                        ))
+                    }
                 }
             }
         }

@@ -21,6 +21,7 @@ mod listing;
 mod logs;
 mod migrations;
 mod operations;
+mod outcomes;
 mod pooler;
 mod rate_limit;
 mod shutdown;

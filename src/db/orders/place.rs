@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use postgres_types::{ToSql, Type};
 use serde::Serialize;
-use tokio_postgres::{Error as PgError, Row, error::SqlState};
+use tokio_postgres::{Row, error::SqlState};
 
 use crate::{
-    db::{Pool, Sql, Tx},
+    db::{Failure, Pool, Sql, Tx},
     domain::{IdempotencyKey, NewOrder, OrderStatus},
     error::Error,
     money::Money,
@@ -174,7 +174,7 @@ pub async fn place(
     let conn = pool.get().await?;
 
     let Some(key) = key else {
-        let rows = { conn }.query(&CREATE_ORDER, &create).await.map_err(refusal_or_failure)?;
+        let rows = { conn }.write(&CREATE_ORDER, &create).await.map_err(refusal_or_failure)?;
         return outcome(order, &rows).map(Placed::Created);
     };
 
@@ -243,7 +243,7 @@ fn replay(found: &[Row]) -> Result<StoredOutcome, Error> {
 }
 
 /// An order total beyond `numeric(12,2)` is the request's doing; any other failure is not.
-fn refusal_or_failure(error: PgError) -> Error {
+fn refusal_or_failure(error: Failure) -> Error {
     if error.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
         Error::invalid("the order total is larger than an order can hold")
     } else {

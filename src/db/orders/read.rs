@@ -124,7 +124,7 @@ pub async fn list(pool: &Pool, filter: OrderFilter, page: Page) -> Result<Vec<Or
     let [_, rows] = pool
         .get()
         .await?
-        .transaction([
+        .read_transaction([
             (&PLAN_FOR_THE_VALUES_GIVEN, &[]),
             (&LIST_ORDERS, &[&filter.user_id, &status, &page.after, &page.limit]),
         ])

@@ -5,6 +5,7 @@
 //! PostgreSQL is found through `TEST_DATABASE_URL` (a server URL whose database part is
 //! ignored), by default the local trust-auth server.
 
+pub mod private_pg;
 pub mod process;
 
 use std::{
@@ -38,8 +39,9 @@ pub struct TestApp {
     pub database_url: String,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
-    /// Dropped after the server is stopped (fields drop after `Drop::drop`).
-    _database: TestDatabase,
+    /// Dropped after the server is stopped (fields drop after `Drop::drop`); `None` for a
+    /// database the test owns itself (on a private server).
+    _database: Option<TestDatabase>,
 }
 
 /// The operator token of every test server (`OPERATOR_TOKEN`), sent by `TestApp::http`.
@@ -96,8 +98,24 @@ pub async fn spawn_app_without_database() -> TestApp {
     start_server(config, database).await
 }
 
+/// A server with `config`, on a database the test made and migrated itself at `config`'s
+/// `DATABASE_URL` (on a `PrivatePostgres`).
+pub async fn spawn_app_at(mut config: Config) -> TestApp {
+    config.log_level = order_api::log::Level::Error;
+    config.operator_token = operator_token();
+    config.host = [127, 0, 0, 1].into();
+    let url = config.database_url.clone();
+    let name = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    start(config, url, name, None).await
+}
+
 async fn start_server(config: Config, database: TestDatabase) -> TestApp {
-    let db = connect(&database.url).await;
+    let (url, name) = (database.url.clone(), database.name.clone());
+    start(config, url, name, Some(database)).await
+}
+
+async fn start(config: Config, database_url: String, database_name: String, database: Option<TestDatabase>) -> TestApp {
+    let db = connect(&database_url).await;
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (shutdown, shutdown_rx) = oneshot::channel::<()>();
@@ -113,8 +131,8 @@ async fn start_server(config: Config, database: TestDatabase) -> TestApp {
         port,
         http: client(Some(OPERATOR_TOKEN)),
         db,
-        database_name: database.name.clone(),
-        database_url: database.url.clone(),
+        database_name,
+        database_url,
         shutdown: Some(shutdown),
         server: Some(server),
         _database: database,

@@ -1,0 +1,137 @@
+//! A PostgreSQL server of the test's own (initdb in a temp dir, a free port), for what cannot be
+//! done to the shared test server without disturbing the tests running beside it: server-wide
+//! settings (`synchronous_standby_names`, `default_transaction_read_only`), SIGKILL.
+//!
+//! Run as root (as CI does), the server runs as the `postgres` user, since PostgreSQL refuses
+//! to run as root. The binaries are the newest under /usr/lib/postgresql (or `PG_BIN_DIR`).
+
+use std::{
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use super::{TempDir, free_port};
+
+pub struct PrivatePostgres {
+    pub port: u16,
+    bin: PathBuf,
+    dir: TempDir,
+    owner: Option<(u32, u32)>,
+    server: Option<Child>,
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
+}
+
+fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BIN_DIR") {
+        return dir.into();
+    }
+    let mut versions: Vec<u32> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL's server binaries in /usr/lib/postgresql (or set PG_BIN_DIR)")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    versions.sort_unstable();
+    PathBuf::from(format!("/usr/lib/postgresql/{}/bin", versions.last().expect("a PostgreSQL version")))
+}
+
+impl PrivatePostgres {
+    /// initdb and start, with `settings` (`name=value`) on the server's command line.
+    pub async fn start(settings: &[&str]) -> PrivatePostgres {
+        let dir = TempDir::new("private-pg");
+        let owner = (command_output("id", &["-u"]) == "0").then(|| {
+            let uid = command_output("id", &["-u", "postgres"]).parse().unwrap();
+            let gid = command_output("id", &["-g", "postgres"]).parse().unwrap();
+            command_output("chown", &["-R", "postgres:", dir.path.to_str().unwrap()]);
+            (uid, gid)
+        });
+        let mut pg = PrivatePostgres { port: free_port(), bin: bin_dir(), dir, owner, server: None };
+        let data = pg.data_dir();
+        let initdb = pg.command("initdb").args(["-U", "postgres", "--auth=trust", "-N", "-D"]).arg(&data).output();
+        let initdb = initdb.expect("run initdb");
+        assert!(initdb.status.success(), "initdb: {}", String::from_utf8_lossy(&initdb.stderr));
+        assert!(pg.launch(settings).await, "private PostgreSQL did not start: {}", pg.log());
+        pg
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path.join("data")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.owner {
+            command.uid(uid).gid(gid);
+        }
+        command
+    }
+
+    /// Starts the postmaster and waits until it takes connections; false if it exited.
+    async fn launch(&mut self, settings: &[&str]) -> bool {
+        let mut command = self.command("postgres");
+        command.arg("-D").arg(self.data_dir()).args(["-p", &self.port.to_string()]);
+        command.arg("-k").arg(&self.dir.path);
+        for setting in ["listen_addresses=127.0.0.1", "fsync=off", "logging_collector=off", "max_connections=40"]
+            .iter()
+            .chain(settings)
+        {
+            command.args(["-c", setting]);
+        }
+        let log = std::fs::File::create(self.dir.path.join("server.log")).unwrap();
+        self.server = Some(command.stdout(Stdio::null()).stderr(log).spawn().expect("start postgres"));
+        let started = Instant::now();
+        while tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await.is_err() {
+            if self.server.as_mut().unwrap().try_wait().unwrap().is_some() {
+                return false;
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "private PostgreSQL did not start: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
+    pub fn url(&self, database: &str) -> String {
+        format!("postgresql://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path.join("server.log")).unwrap_or_default()
+    }
+
+    /// A statement on the `postgres` database (ALTER SYSTEM, pg_reload_conf, ...).
+    pub async fn execute(&self, sql: &str) {
+        super::connect(&self.url("postgres")).await.batch_execute(sql).await.unwrap();
+    }
+
+    /// SIGKILL to the postmaster: a crash (its backends go with it at once and the next start
+    /// runs crash recovery), not a shutdown.
+    pub fn kill(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+
+    /// Starts it again on the same data and port (crash recovery after `kill`).
+    pub async fn restart(&mut self, settings: &[&str]) {
+        self.kill();
+        // A killed postmaster's children notice within moments and exit; a new postmaster
+        // refuses to start while they still hold the shared memory.
+        let started = Instant::now();
+        while !self.launch(settings).await {
+            assert!(started.elapsed() < Duration::from_secs(30), "restart failed: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
