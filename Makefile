@@ -7,7 +7,7 @@ RELEASE := target/release/order-api
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 IMAGE   ?= order-api
 
-.PHONY: run build migrate seed test lint fuzz bench chaos soak fmt clean docker-build up down logs help
+.PHONY: run build migrate seed test lint fuzz bench chaos soak ha-up ha-down ha-status fmt clean docker-build up down logs help
 
 ## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
 run: build
@@ -55,9 +55,24 @@ bench: build
 
 ## chaos: faults injected under load into the release binary, each on a fresh database, then
 ## the data checked: pg-restart (stops the local PostgreSQL for 3 s: run it alone), api-kill,
-## slow-clients, replicas. CHAOS="api-kill replicas" picks some; verdicts in target/reliability/
+## slow-clients, replicas; and failover on request (CHAOS=failover: a pg_auto_failover pair,
+## its primary killed). CHAOS="api-kill replicas" picks some; verdicts in target/reliability/
 chaos: build
 	$(CARGO) run --profile tools --locked --example chaos -- $(CHAOS)
+
+## ha-up: a local pg_auto_failover pair (monitor :6000, nodes :6001 and :6002, synchronous
+## replication; needs postgresql-15-auto-failover, run as root). Serve on it with
+## DATABASE_URL=$(.ci/ha url); `make chaos CHAOS=failover` makes its own.
+ha-up:
+	.ci/ha up
+
+## ha-down: stop the pair (its data stays; `.ci/ha destroy` removes it)
+ha-down:
+	.ci/ha down
+
+## ha-status: the pair's nodes as the monitor sees them
+ha-status:
+	.ci/ha status
 
 ## soak: a mixed workload for SOAK_SECONDS (default 600), then every invariant checked
 SOAK_SECONDS ?= 600

@@ -18,6 +18,14 @@
 //!   applies each migration), load over all three, one killed mid-load: the other two keep
 //!   serving and the data holds.
 //!
+//! - `failover`: the primary of a pg_auto_failover pair (`.ci/ha`: a monitor and two nodes with
+//!   synchronous replication) SIGKILLed whole, keeper and PostgreSQL, as the loss of its
+//!   machine would, under mixed load where every order carries an Idempotency-Key and is
+//!   retried with it until a definite answer; then the old primary rejoins and a planned
+//!   switchover moves the primary back. No acknowledged order lost, none oversold, exactly one
+//!   order per key, the API never restarted. Needs postgresql-15-auto-failover; not in the
+//!   default set (run it with `make chaos CHAOS=failover`, as .ci/run does).
+//!
 //! Every scenario prints `chaos NAME: PASS|FAIL {figures}`; the exit code is 1 if any failed.
 
 #[path = "reliability/mod.rs"]
@@ -58,8 +66,9 @@ async fn main() -> ExitCode {
             "api-kill" => api_kill(&settings).await,
             "slow-clients" => slow_clients(&settings).await,
             "replicas" => replicas(&settings).await,
+            "failover" => failover(&settings).await,
             other => {
-                eprintln!("unknown scenario {other:?}; scenarios: {}", SCENARIOS.join(", "));
+                eprintln!("unknown scenario {other:?}; scenarios: {}, failover", SCENARIOS.join(", "));
                 return ExitCode::from(2);
             }
         };
@@ -485,5 +494,239 @@ async fn replicas(settings: &Settings) -> bool {
     let passed = verdict(settings, "chaos", "replicas", &failures, figures);
     drop(servers);
     database.finish(passed).await;
+    passed
+}
+
+/// `.ci/ha ARGS`: the local pg_auto_failover topology; its stdout, or why it failed.
+fn ha(args: &[&str]) -> Result<String, String> {
+    let output = Command::new(".ci/ha").args(args).output().map_err(|e| format!(".ci/ha {args:?}: {e}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    } else {
+        Err(format!(".ci/ha {args:?}: {}", String::from_utf8_lossy(&output.stderr).trim()))
+    }
+}
+
+/// Waits (at most `limit`) until `.ci/ha states` reports a primary and a secondary.
+async fn ha_wait_healthy(limit: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    loop {
+        let states = ha(&["states"]).unwrap_or_default();
+        if states.split_whitespace().any(|s| s == "primary") && states.split_whitespace().any(|s| s == "secondary") {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > limit {
+            return Err(format!("no primary and secondary within {limit:?} (states: {states})"));
+        }
+        sleep_ms(250).await;
+    }
+}
+
+/// The node number (1 or 2) the monitor reports as primary.
+async fn ha_primary() -> Option<u32> {
+    let monitor = connect_monitor().await?;
+    let row = monitor
+        .query_opt(
+            "SELECT nodename FROM pgautofailover.node WHERE reportedstate IN ('primary', 'wait_primary', 'single')",
+            &[],
+        )
+        .await
+        .ok()??;
+    row.get::<_, String>(0).strip_prefix("node")?.parse().ok()
+}
+
+async fn connect_monitor() -> Option<tokio_postgres::Client> {
+    let url = "postgresql://postgres@127.0.0.1:6000/pg_auto_failover";
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(connection);
+    Some(client)
+}
+
+/// What the failover load's clients saw beyond the record: keyed orders settled after at
+/// least one unknown answer, and orders that never got a definite answer.
+#[derive(Default)]
+struct Retries {
+    resolved_by_retry: std::sync::atomic::AtomicU64,
+    never_definite: std::sync::atomic::AtomicU64,
+}
+
+/// One client of the failover load: keyed orders of 1 to 3 lines (retried with their key
+/// until 201 or 4xx), and now and then a cancel (retried until definite), a restock and reads.
+async fn failover_client(worker: usize, base: String, shopper: Shopper, stop: Arc<AtomicBool>, retries: Arc<Retries>) {
+    let mut placed: Vec<i64> = Vec::new();
+    let mut n = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let product = ((n * 7 + worker) % 4) as i32 + 1;
+        match n % 10 {
+            0 => {
+                // Not idempotent, so not retried: an unknown restock is in the ledger or not.
+                shopper.restock(&base, product, 8).await;
+            }
+            1 if !placed.is_empty() => {
+                let order_id = placed.swap_remove((n * 31) % placed.len());
+                let started = Instant::now();
+                while !matches!(shopper.cancel(&base, order_id).await.answer, Answer::Ok | Answer::Rejected) {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        break;
+                    }
+                    sleep_ms(100).await;
+                }
+            }
+            2 => {
+                shopper.get(&base, &format!("/api/products/{product}"), Kind::Read).await;
+            }
+            _ => {
+                let lines = 1 + n % 3;
+                let items: Vec<(i32, i32)> =
+                    (0..lines).map(|line| (((product as usize + line) % 4) as i32 + 1, 1 + (n % 2) as i32)).collect();
+                let key = format!("failover-{worker}-{n}");
+                let (started, mut unknown) = (Instant::now(), false);
+                loop {
+                    let reply = shopper.order_with_key(&base, 1, &items, Some(&key)).await;
+                    match reply.answer {
+                        Answer::Ok => {
+                            placed.push(reply.body["orderId"].as_i64().unwrap_or_default());
+                            break;
+                        }
+                        Answer::Rejected => break,
+                        _ => unknown = true,
+                    }
+                    if started.elapsed() > Duration::from_secs(60) {
+                        retries.never_definite.fetch_add(1, Ordering::Relaxed);
+                        unknown = false;
+                        break;
+                    }
+                    sleep_ms(100).await;
+                }
+                if unknown {
+                    retries.resolved_by_retry.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// The first order acknowledged after `after_ms` (record time), waiting at most `limit`.
+async fn first_order_after(record: &reliability::SharedRecord, after_ms: u32, limit: Duration) -> Option<u32> {
+    let started = Instant::now();
+    loop {
+        let first = record
+            .lock()
+            .unwrap()
+            .events()
+            .filter(|e| e.kind == Kind::Order && e.answer == Answer::Ok && e.at_ms > after_ms)
+            .map(|e| e.at_ms)
+            .min();
+        if first.is_some() || started.elapsed() > limit {
+            return first;
+        }
+        sleep_ms(50).await;
+    }
+}
+
+async fn failover(settings: &Settings) -> bool {
+    let fail = |failure: String| verdict(settings, "chaos", "failover", &[failure], json!({}));
+    if let Err(e) = ha(&["destroy"]).and_then(|_| ha(&["up"])) {
+        return fail(e);
+    }
+    let url = ha(&["url"]).expect(".ci/ha url");
+    let mut server = Server::spawn(settings, "chaos_failover", &url, free_port(), &[("REQUEST_TIMEOUT_MS", "5000")]);
+    if let Err(e) = server.wait_healthy(Duration::from_secs(60)).await {
+        return fail(format!("the API did not start on the pair: {e}"));
+    }
+    let record = new_record();
+    let shopper = Shopper::new(record.clone());
+    for product in 1..=4 {
+        shopper.restock(&server.base, product, 100).await;
+    }
+    let (stop, retries) = (Arc::new(AtomicBool::new(false)), Arc::new(Retries::default()));
+    let tasks: Vec<_> = (0..8)
+        .map(|worker| {
+            tokio::spawn(failover_client(worker, server.base.clone(), shopper.clone(), stop.clone(), retries.clone()))
+        })
+        .collect();
+
+    sleep_ms(4000).await;
+    let primary = ha_primary().await;
+    let killed = primary.map(|node| ha(&["kill", &node.to_string()]));
+    let killed_at = record.lock().unwrap().elapsed_ms();
+    let recovered_at = first_order_after(&record, killed_at, Duration::from_secs(90)).await;
+    sleep_ms(3000).await;
+
+    // The lost machine comes back: its keeper rejoins it (pg_rewind) as the secondary; then a
+    // planned switchover makes it primary again.
+    let rejoined = match primary {
+        Some(node) => ha(&["start", &node.to_string()]).map(drop),
+        None => Err("no primary found".into()),
+    };
+    let rejoin_took = ha_wait_healthy(Duration::from_secs(180)).await;
+    let switch_from = record.lock().unwrap().elapsed_ms();
+    let switched = ha(&["switchover"]);
+    let switch_to = record.lock().unwrap().elapsed_ms();
+    let recovered_after_switch = first_order_after(&record, switch_to, Duration::from_secs(60)).await;
+    sleep_ms(3000).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let primary_after = ha_primary().await;
+    let mut db = reliability::connect(&url).await;
+    let verification = verify(&mut db, &record).await;
+
+    let (figures, failures) = {
+        let record = record.lock().unwrap();
+        let unknown = |e: &Event| matches!(e.answer, Answer::OutcomeUnknown | Answer::Unanswered);
+        let transient = |e: &Event| unknown(e) || e.answer == Answer::Unavailable;
+        let during_switchover = |e: &Event| e.at_ms >= switch_from && e.at_ms <= switch_to + 2000;
+        let recovery_ms = recovered_at.map(|at| at - killed_at);
+        let never_definite = retries.never_definite.load(Ordering::Relaxed);
+        let figures = json!({
+            "acknowledged": verification.acknowledged_orders,
+            "lost": verification.lost.len(),
+            "oversold": verification.violations.len(),
+            "unknown": record.count(|e| e.kind == Kind::Order && unknown(e)),
+            "unavailable": record.count(|e| e.kind == Kind::Order && e.answer == Answer::Unavailable),
+            "resolved_by_retry": retries.resolved_by_retry.load(Ordering::Relaxed),
+            "never_definite": never_definite,
+            "duplicates": verification.unacknowledged_in_database,
+            "recovery_ms": recovery_ms,
+            "killed_node": primary,
+            "primary_after": primary_after,
+            "rejoin_to_healthy_ms": rejoin_took.as_ref().ok().map(Duration::as_millis),
+            "switchover": {
+                "took_ms": switch_to - switch_from,
+                "transient_answers": record.count(|e| during_switchover(e) && transient(e)),
+                "first_order_after_ms": recovered_after_switch.map(|at| at - switch_to),
+                "definite_failures": record.count(|e| during_switchover(e) && e.answer == Answer::ServerError),
+            },
+            "answers": record.tally(),
+            "api_restarted": !server.running(),
+            "data": verification.figures(),
+        });
+        let mut expect = Expectations::default();
+        expect.check(killed.as_ref().is_some_and(Result::is_ok), || format!("could not kill the primary: {killed:?}"));
+        expect.check(verification.ok(), || format!("data: {}", verification.figures()));
+        expect.check(verification.unacknowledged_in_database == 0, || {
+            format!("{} orders in the database that no client was told about", verification.unacknowledged_in_database)
+        });
+        expect.check(never_definite == 0, || format!("{never_definite} orders never got a definite answer"));
+        expect.check(record.count(|e| e.answer == Answer::ServerError) == 0, || {
+            format!("answers other than 2xx/4xx/503/504 OUTCOME_UNKNOWN: {:?}", record.bad_answers)
+        });
+        expect.check(recovery_ms.is_some(), || "no order acknowledged within 90 s of the kill".into());
+        expect.check(rejoined.is_ok() && rejoin_took.is_ok(), || format!("rejoin: {rejoined:?} {rejoin_took:?}"));
+        expect.check(switched.is_ok(), || format!("switchover: {switched:?}"));
+        expect.check(server.running(), || "the API process exited".into());
+        (figures, expect.0)
+    };
+    let passed = verdict(settings, "chaos", "failover", &failures, figures);
+    drop(server);
+    if passed {
+        let _ = ha(&["destroy"]);
+    } else {
+        println!("  kept the pair's data in /var/lib/postgresql/order-api-ha (.ci/ha destroy removes it)");
+        let _ = ha(&["down"]);
+    }
     passed
 }

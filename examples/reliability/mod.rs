@@ -354,11 +354,21 @@ impl Shopper {
 
     /// `POST /api/orders`; a 201 is recorded as acknowledged with its lines.
     pub async fn order(&self, base: &str, user_id: i32, items: &[(i32, i32)]) -> Reply {
+        self.order_with_key(base, user_id, items, None).await
+    }
+
+    /// `POST /api/orders` with an `Idempotency-Key`, if given; a 201 is recorded as
+    /// acknowledged with its lines (a replay names the same order, recorded once).
+    pub async fn order_with_key(&self, base: &str, user_id: i32, items: &[(i32, i32)], key: Option<&str>) -> Reply {
         let body = json!({
             "userId": user_id,
             "items": items.iter().map(|(p, q)| json!({"productId": p, "quantity": q})).collect::<Vec<_>>(),
         });
-        let reply = self.send(Kind::Order, base, self.http.post(format!("{base}/api/orders")).json(&body)).await;
+        let mut request = self.http.post(format!("{base}/api/orders")).json(&body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let reply = self.send(Kind::Order, base, request).await;
         if reply.status == 201 {
             let id = reply.body["orderId"].as_i64().expect("orderId in a 201");
             let mut lines = items.to_vec();
