@@ -15,7 +15,7 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -432,6 +432,158 @@ pub fn order_load(
             })
         })
         .collect()
+}
+
+/// What the keyed clients saw beyond the record.
+#[derive(Default)]
+pub struct Retries {
+    /// Orders settled (201 or 4xx) after at least one unknown answer (503, 504, no answer).
+    pub resolved_by_retry: AtomicU64,
+    /// Orders without a definite answer after 60 s of retrying.
+    pub never_definite: AtomicU64,
+}
+
+/// The exactly-once load of the chaos scenarios: `workers` clients placing orders of 1 to 3
+/// lines on products 1..=4, each with its own `Idempotency-Key` (`label-worker-n`) and retried
+/// with it every 100 ms until a definite answer (201, or a 4xx such as INSUFFICIENT_STOCK once
+/// the stock runs out); every tenth request a restock of 8 (not idempotent, so never retried),
+/// one in ten a cancel of an order the client placed (retried until definite), one in ten a
+/// read. A client whose server does not answer moves on to the next of `bases`.
+pub fn keyed_load(
+    shopper: &Shopper,
+    bases: &[String],
+    workers: usize,
+    label: &str,
+    stop: &Arc<AtomicBool>,
+) -> (Vec<tokio::task::JoinHandle<()>>, Arc<Retries>) {
+    let retries = Arc::new(Retries::default());
+    let tasks = (0..workers)
+        .map(|worker| {
+            let client = KeyedClient {
+                worker,
+                label: label.to_owned(),
+                bases: bases.to_vec(),
+                target: worker % bases.len(),
+                shopper: shopper.clone(),
+                retries: retries.clone(),
+            };
+            tokio::spawn(client.run(stop.clone()))
+        })
+        .collect();
+    (tasks, retries)
+}
+
+struct KeyedClient {
+    worker: usize,
+    label: String,
+    bases: Vec<String>,
+    target: usize,
+    shopper: Shopper,
+    retries: Arc<Retries>,
+}
+
+impl KeyedClient {
+    async fn run(mut self, stop: Arc<AtomicBool>) {
+        let mut placed: Vec<i64> = Vec::new();
+        let mut n = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            n += 1;
+            let product = ((n * 7 + self.worker) % 4) as i32 + 1;
+            match n % 10 {
+                0 => {
+                    let base = self.base();
+                    self.settle(self.shopper.restock(&base, product, 8).await.answer);
+                }
+                1 if !placed.is_empty() => {
+                    let order_id = placed.swap_remove((n * 31) % placed.len());
+                    self.until_definite(|shopper, base| async move { shopper.cancel(&base, order_id).await }).await;
+                }
+                2 => {
+                    let base = self.base();
+                    let answer = self.shopper.get(&base, &format!("/api/products/{product}"), Kind::Read).await.answer;
+                    self.settle(answer);
+                }
+                _ => {
+                    let items: Vec<(i32, i32)> = (0..1 + n % 3)
+                        .map(|line| (((product as usize + line) % 4) as i32 + 1, 1 + (n % 2) as i32))
+                        .collect();
+                    let key = format!("{}-{}-{n}", self.label, self.worker);
+                    let reply = self
+                        .until_definite(|shopper, base| {
+                            let (items, key) = (items.clone(), key.clone());
+                            async move { shopper.order_with_key(&base, 1, &items, Some(&key)).await }
+                        })
+                        .await;
+                    if let Some(reply) = reply
+                        && reply.answer == Answer::Ok
+                    {
+                        placed.push(reply.body["orderId"].as_i64().unwrap_or_default());
+                    }
+                }
+            }
+        }
+    }
+
+    fn base(&self) -> String {
+        self.bases[self.target].clone()
+    }
+
+    /// After an answer: a client whose server did not answer moves on to the next one.
+    fn settle(&mut self, answer: Answer) {
+        if answer == Answer::Unanswered {
+            self.target = (self.target + 1) % self.bases.len();
+        }
+    }
+
+    /// Sends until a definite answer (2xx or 4xx), at most 60 s; `None` if none came.
+    async fn until_definite<F, Fut>(&mut self, send: F) -> Option<Reply>
+    where
+        F: Fn(Shopper, String) -> Fut,
+        Fut: std::future::Future<Output = Reply>,
+    {
+        let (started, mut unknown) = (Instant::now(), false);
+        loop {
+            let reply = send(self.shopper.clone(), self.base()).await;
+            self.settle(reply.answer);
+            if matches!(reply.answer, Answer::Ok | Answer::Rejected) {
+                if unknown {
+                    self.retries.resolved_by_retry.fetch_add(1, Ordering::Relaxed);
+                }
+                return Some(reply);
+            }
+            unknown = true;
+            if started.elapsed() > Duration::from_secs(60) {
+                self.retries.never_definite.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The exactly-once figures every scenario reports, and what must hold of them: no
+/// acknowledged order lost or altered, no invariant broken (nothing oversold), no order in the
+/// database that no client was told about (with every client retrying its key until a
+/// definite answer, each key ends with exactly one order), and every order answered.
+pub fn exactly_once(verification: &Verification, retries: &Retries, record: &Record) -> (Value, Vec<String>) {
+    let never_definite = retries.never_definite.load(Ordering::Relaxed);
+    let figures = json!({
+        "acknowledged": verification.acknowledged_orders,
+        "lost": verification.lost.len() + verification.altered.len(),
+        "oversold": verification.violations.len(),
+        "unknown": record.count(|e| e.kind == Kind::Order && matches!(e.answer, Answer::OutcomeUnknown | Answer::Unanswered)),
+        "unavailable": record.count(|e| e.kind == Kind::Order && e.answer == Answer::Unavailable),
+        "resolved_by_retry": retries.resolved_by_retry.load(Ordering::Relaxed),
+        "duplicates": verification.unacknowledged_in_database,
+        "never_definite": never_definite,
+    });
+    let mut expect = Expectations::default();
+    expect.check(verification.ok(), || format!("data: {}", verification.figures()));
+    expect.check(verification.unacknowledged_in_database == 0, || {
+        format!("{} orders in the database that no client was told about", verification.unacknowledged_in_database)
+    });
+    expect.check(never_definite == 0, || format!("{never_definite} orders never got a definite answer"));
+    (figures, expect.0)
 }
 
 /// What the database holds compared with what clients were told.
