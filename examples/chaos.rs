@@ -13,6 +13,11 @@
 //!   it; the next start runs crash recovery), then started again: every acknowledged order
 //!   survives the recovery, answers stay fast while it is down, orders resume within 2 s of
 //!   PostgreSQL accepting connections. Same cluster and caveat as pg-restart.
+//! - `net-blackhole`: the path to PostgreSQL (through a fault-injecting TCP proxy) stops
+//!   forwarding without closing for 5 s: every answer still comes within the request deadline
+//!   plus the 1 s cancel grace, stuck connections are given up, and orders resume within 2 s of
+//!   the path coming back; then 200 ms of added round-trip latency for 5 s: slower, nothing
+//!   broken.
 //! - `api-kill`: the API killed with SIGKILL under load and started again on the same port:
 //!   no partial order, every acknowledged order complete, healthy again at once.
 //!
@@ -51,8 +56,8 @@ use std::{
 };
 
 use reliability::{
-    Answer, Database, Event, Expectations, Kind, Server, Settings, Shopper, exactly_once, free_port, keyed_load,
-    new_record, order_load, verdict, verify,
+    Answer, Database, Event, Expectations, FaultProxy, Kind, PathMode, Server, Settings, Shopper, exactly_once,
+    free_port, keyed_load, new_record, order_load, verdict, verify,
 };
 use serde_json::json;
 use tokio::{
@@ -60,7 +65,7 @@ use tokio::{
     net::TcpStream,
 };
 
-const SCENARIOS: [&str; 5] = ["pg-restart", "pg-crash", "api-kill", "slow-clients", "replicas"];
+const SCENARIOS: [&str; 6] = ["pg-restart", "pg-crash", "net-blackhole", "api-kill", "slow-clients", "replicas"];
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -74,6 +79,7 @@ async fn main() -> ExitCode {
         let passed = match name.as_str() {
             "pg-restart" => pg_restart(&settings).await,
             "pg-crash" => pg_crash(&settings).await,
+            "net-blackhole" => net_blackhole(&settings).await,
             "api-kill" => api_kill(&settings).await,
             "slow-clients" => slow_clients(&settings).await,
             "replicas" => replicas(&settings).await,
@@ -601,6 +607,122 @@ async fn pg_crash(settings: &Settings) -> bool {
     };
     let passed = verdict(settings, "chaos", "pg-crash", &failures, figures);
     drop(server);
+    database.finish(passed).await;
+    passed
+}
+
+/// The path to PostgreSQL blackholed for 5 s, then lagging 200 ms per round trip for 5 s.
+async fn net_blackhole(settings: &Settings) -> bool {
+    const DEADLINE_MS: u32 = 2000;
+    let database = Database::create(settings, "chaos_net_blackhole").await;
+    let direct: tokio_postgres::Config = database.url.parse().expect("the database URL");
+    let upstream = match (&direct.get_hosts()[0], direct.get_ports().first()) {
+        (tokio_postgres::config::Host::Tcp(host), port) => format!("{host}:{}", port.copied().unwrap_or(5432)),
+        _ => return verdict(settings, "chaos", "net-blackhole", &["needs PostgreSQL over TCP".into()], json!({})),
+    };
+    let upstream = tokio::net::lookup_host(&upstream).await.unwrap().next().unwrap();
+    let proxy = FaultProxy::start(upstream).await;
+    let url = format!(
+        "postgresql://{}@127.0.0.1:{}/{}?sslmode=disable",
+        direct.get_user().unwrap_or("postgres"),
+        proxy.port,
+        database.name
+    );
+    let deadline = DEADLINE_MS.to_string();
+    let env = [("REQUEST_TIMEOUT_MS", deadline.as_str()), ("DB_CONNECT_TIMEOUT_MS", "1000")];
+    let mut server = Server::spawn(settings, "chaos_net_blackhole", &url, free_port(), &env);
+    if let Err(e) = server.wait_healthy(Duration::from_secs(30)).await {
+        return verdict(settings, "chaos", "net-blackhole", &[format!("the API did not start: {e}")], json!({}));
+    }
+    let record = new_record();
+    let shopper = Shopper::new(record.clone());
+    for product in 1..=4 {
+        shopper.restock(&server.base, product, 200).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tasks, retries) = keyed_load(&shopper, std::slice::from_ref(&server.base), 8, "net-blackhole", &stop);
+    let now = || record.lock().unwrap().elapsed_ms();
+
+    sleep_ms(3000).await;
+    let hole_from = now();
+    proxy.set(PathMode::Blackhole);
+    sleep_ms(5000).await;
+    proxy.set(PathMode::Pass);
+    let hole_to = now();
+    let recovered_at = first_order_after(&record, hole_to, Duration::from_secs(10)).await;
+    sleep_ms(2000).await;
+    let lag_from = now();
+    proxy.set(PathMode::Delay(Duration::from_millis(100)));
+    sleep_ms(5000).await;
+    proxy.set(PathMode::Pass);
+    let lag_to = now();
+    sleep_ms(2000).await;
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let still_running = server.running();
+    let mut db = database.connect().await;
+    let verification = verify(&mut db, &record).await;
+
+    let (figures, failures) = {
+        let record = record.lock().unwrap();
+        // Requests that started in the hole (answered after it began, sent before it ended).
+        let in_hole = |e: &Event| e.at_ms > hole_from && e.at_ms.saturating_sub(e.latency_us / 1000) < hole_to;
+        let slowest_in_hole_ms =
+            record.events().filter(|e| in_hole(e)).map(|e| e.latency_us).max().unwrap_or(0) as f64 / 1000.0;
+        let orders_per_s = |from: u32, to: u32| {
+            let ok =
+                record.count(|e| e.kind == Kind::Order && e.answer == Answer::Ok && e.at_ms >= from && e.at_ms < to);
+            (ok as f64 / ((to - from) as f64 / 1000.0)).round()
+        };
+        let (before, lagging) = (orders_per_s(1000, hole_from), orders_per_s(lag_from, lag_to));
+        let recovery_ms = recovered_at.map(|at| at - hole_to);
+        let (exactly_once_figures, mut failures) = exactly_once(&verification, &retries, &record);
+        let limit_ms = (DEADLINE_MS + 1000 + 500) as f64;
+        let figures = json!({
+            "exactly_once": exactly_once_figures,
+            "blackhole": {
+                "seconds": (hole_to - hole_from) / 1000,
+                "answers": record.count(in_hole),
+                "answered_503": record.count(|e| in_hole(e) && e.answer == Answer::Unavailable),
+                "answered_504": record.count(|e| in_hole(e) && e.answer == Answer::OutcomeUnknown),
+                "slowest_answer_ms": slowest_in_hole_ms,
+                "request_deadline_ms": DEADLINE_MS,
+            },
+            "recovery_ms": recovery_ms,
+            "latency_200ms": {
+                "orders_per_s_before": before,
+                "orders_per_s_during": lagging,
+                "order_p50_ms_during": record.percentile_ms(0.5, |e| e.kind == Kind::Order && e.at_ms >= lag_from && e.at_ms < lag_to),
+                "answers_during": record.count(|e| e.at_ms >= lag_from && e.at_ms < lag_to),
+                "not_ok_during": record.count(|e| e.at_ms >= lag_from && e.at_ms < lag_to && e.answer != Answer::Ok),
+            },
+            "answers": record.tally(),
+            "api_restarted": !still_running,
+            "data": verification.figures(),
+        });
+        let mut expect = Expectations::default();
+        expect.check(record.count(|e| e.answer == Answer::ServerError) == 0, || {
+            format!("answers other than 2xx/4xx/503/504 OUTCOME_UNKNOWN: {:?}", record.bad_answers)
+        });
+        expect.check(record.count(|e| e.answer == Answer::Unanswered) == 0, || "requests left unanswered".into());
+        expect.check(slowest_in_hole_ms <= limit_ms, || {
+            format!(
+                "an answer took {slowest_in_hole_ms} ms in the blackhole (limit {limit_ms}: deadline + cancel grace)"
+            )
+        });
+        expect.check(recovery_ms.is_some_and(|ms| ms <= 2000), || {
+            format!("first order after the path came back: {recovery_ms:?} ms (limit 2000)")
+        });
+        expect.check(lagging > 0.0, || "no order placed while the path lagged".into());
+        expect.check(still_running, || "the API process exited".into());
+        failures.extend(expect.0);
+        (figures, failures)
+    };
+    let passed = verdict(settings, "chaos", "net-blackhole", &failures, figures);
+    drop(server);
+    drop(proxy);
     database.finish(passed).await;
     passed
 }

@@ -709,3 +709,101 @@ impl Expectations {
         }
     }
 }
+
+/// What a `FaultProxy` does to the bytes it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathMode {
+    Pass,
+    /// Nothing forwarded and nothing closed, as when packets are dropped: the bytes wait (as
+    /// TCP would retransmit them) until the path comes back.
+    Blackhole,
+    /// Every chunk delivered this long after it was read, each way.
+    Delay(Duration),
+}
+
+/// A TCP proxy on 127.0.0.1 in front of `upstream` whose path can be made to hang or lag, for
+/// the faults a real network has and a clean shutdown does not show.
+pub struct FaultProxy {
+    pub port: u16,
+    mode: Arc<Mutex<PathMode>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: std::net::SocketAddr) -> FaultProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(Mutex::new(PathMode::Pass));
+        let shared = mode.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let mode = shared.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    // Small writes go out at once, as they would without the proxy (Nagle's
+                    // algorithm against delayed ACKs would add 40 ms stalls).
+                    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    tokio::spawn(pump(client_read, server_write, mode.clone()));
+                    tokio::spawn(pump(server_read, client_write, mode));
+                });
+            }
+        });
+        FaultProxy { port, mode, task }
+    }
+
+    pub fn set(&self, mode: PathMode) {
+        *self.mode.lock().unwrap() = mode;
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One direction of a proxied connection: reads chunks, and writes each once it is due (its
+/// delay past) and the path is not blackholed. Reading stops while blackholed, so the sender's
+/// buffers fill as they would behind a dead route.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: Arc<Mutex<PathMode>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (queue, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer_mode = mode.clone();
+    let writer = tokio::spawn(async move {
+        while let Some((at, chunk)) = due.recv().await {
+            tokio::time::sleep_until(at).await;
+            while *writer_mode.lock().unwrap() == PathMode::Blackhole {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let current = *mode.lock().unwrap();
+        if current == PathMode::Blackhole {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let delay = if let PathMode::Delay(delay) = current { delay } else { Duration::ZERO };
+                if queue.send((tokio::time::Instant::now() + delay, buffer[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(queue);
+    let _ = writer.await;
+}

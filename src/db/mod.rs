@@ -148,6 +148,16 @@ impl From<Failure> for Error {
                      been committed; retry with the same Idempotency-Key to find out",
                 )
             }
+            Failure::NoAnswer { committing: false } => {
+                Error::Unavailable("the database did not answer in time (its connection was given up); retry")
+            }
+            Failure::NoAnswer { committing: true } => {
+                log::error("outcome unknown: no answer to a commit, nor to its cancel request", serde_json::json!({}));
+                Error::OutcomeUnknown(
+                    "the database did not answer in time after the write was sent, so it may or may not \
+                     have been committed; retry with the same Idempotency-Key to find out",
+                )
+            }
             Failure::CommitUnreplicated => {
                 log::error(
                     "outcome unknown: committed on this server, but the synchronous standby never confirmed it",

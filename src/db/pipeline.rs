@@ -10,6 +10,8 @@
 //! (`PoolSettings::unnamed_statements`) they are sent unnamed instead: parsed with every
 //! execution, but valid on whichever server connection runs them.
 
+use std::time::Duration;
+
 use futures_util::future::join_all;
 use postgres_types::{ToSql, Type};
 use tokio_postgres::{Client, Error as PgError, Row, Statement, error::SqlState};
@@ -71,6 +73,10 @@ pub enum Failure {
     /// standby: the write is not as durable as the deployment promises (a failover now would
     /// lose it).
     CommitUnreplicated,
+    /// No answer by the deadline, nor to the cancel request after it (the network to the
+    /// database hangs): the connection is given up. `committing`: the round trip carried a
+    /// commit, so it may have happened.
+    NoAnswer { committing: bool },
 }
 
 impl Failure {
@@ -78,7 +84,7 @@ impl Failure {
     pub fn code(&self) -> Option<&SqlState> {
         match self {
             Failure::Db(error) | Failure::CommitLost(error) => error.code(),
-            Failure::CommitUnreplicated => None,
+            Failure::CommitUnreplicated | Failure::NoAnswer { .. } => None,
         }
     }
 }
@@ -179,7 +185,10 @@ impl PooledConn {
             };
             request
         });
-        let mut results = within_deadline(client, tls, join_all(requests)).await;
+        let Some(mut results) = within_deadline(client, tls, join_all(requests)).await else {
+            // Stuck: the connection stays marked for discarding and is closed when dropped.
+            return Err(Failure::NoAnswer { committing: commits });
+        };
         let transaction_left_open = close == Close::KeepOpen && open != Open::Nothing;
         if !transaction_left_open {
             self.keep();
@@ -227,21 +236,28 @@ impl PooledConn {
 /// future is first polled, so `join_all` puts them all on the wire before the first answer.
 type Request<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Vec<Row>, PgError>> + Send + 'a>>;
 
+/// How long past the deadline the cancel request and the cancelled statement's real outcome
+/// are awaited before the connection is given up as stuck.
+const CANCEL_GRACE: Duration = Duration::from_secs(1);
+
 /// Awaits `work` (requests already sent or about to be sent on `client`) until the request's
 /// deadline, if there is one. Past it, asks PostgreSQL to cancel the running statement, so a
 /// transaction fails and its COMMIT turns into ROLLBACK, then waits for the real outcome.
 /// Dropping `work` instead would not stop it: the statements are already in the server's
-/// buffer and would still run, COMMIT included, with the client told the opposite.
-async fn within_deadline<F: Future>(client: &Client, tls: MakeRustlsConnect, work: F) -> F::Output {
+/// buffer and would still run, COMMIT included, with the client told the opposite. Only when
+/// not even that comes within `CANCEL_GRACE` (the network hangs without closing) is it given
+/// up: `None`, and the caller must close the connection and not claim to know the outcome.
+async fn within_deadline<F: Future>(client: &Client, tls: MakeRustlsConnect, work: F) -> Option<F::Output> {
     let Some(deadline) = deadline::current() else {
-        return work.await;
+        return Some(work.await);
     };
     tokio::pin!(work);
     match tokio::time::timeout_at(deadline, &mut work).await {
-        Ok(output) => output,
+        Ok(output) => Some(output),
         Err(_elapsed) => {
-            let _ = client.cancel_token().cancel_query(tls).await;
-            work.await
+            let grace = tokio::time::Instant::now() + CANCEL_GRACE;
+            let _ = tokio::time::timeout_at(grace, client.cancel_token().cancel_query(tls)).await;
+            tokio::time::timeout_at(grace, work).await.ok()
         }
     }
 }

@@ -47,6 +47,9 @@ impl Tx {
     async fn run<const N: usize>(mut self, open: Open, steps: [Step<'_>; N]) -> Result<(Tx, [Vec<Row>; N]), Failure> {
         match self.conn.pipeline(open, steps, Close::KeepOpen).await {
             Ok(rows) => Ok((self, rows)),
+            // No answer at all: a ROLLBACK would not get one either; the connection is
+            // closed on drop, which ends the transaction on the server.
+            Err(error @ Failure::NoAnswer { .. }) => Err(error),
             Err(error) => {
                 // The transaction is aborted: end it here so the connection can be reused.
                 // If even that fails, the connection stays marked and is closed on drop.
