@@ -812,11 +812,29 @@ async fn failover(settings: &Settings) -> bool {
     let primary = ha_primary().await;
     let killed = primary.map(|node| ha(&["kill", &node.to_string()]));
     let killed_at = record.lock().unwrap().elapsed_ms();
+    let killed_wall = std::time::SystemTime::now();
     let recovered_at = first_order_after(&record, killed_at, Duration::from_secs(90)).await;
     sleep_ms(3000).await;
 
     // The lost machine comes back: its keeper rejoins it (pg_rewind) as the secondary; then a
     // planned switchover makes it primary again.
+    // When the manager let the new primary take writes (wait_primary), from its event log:
+    // the part of the recovery that is the failover manager's, not the service's.
+    let promoted_ms = match (connect_monitor().await, primary) {
+        (Some(monitor), Some(node)) => monitor
+            .query_opt(
+                "SELECT min(eventtime) FROM pgautofailover.event
+                 WHERE nodename <> $1 AND reportedstate = 'wait_primary' AND eventtime > $2",
+                &[&format!("node{node}"), &killed_wall],
+            )
+            .await
+            .ok()
+            .flatten()
+            .and_then(|row| row.get::<_, Option<std::time::SystemTime>>(0))
+            .and_then(|at| at.duration_since(killed_wall).ok())
+            .map(|d| d.as_millis() as u64),
+        _ => None,
+    };
     let rejoined = match primary {
         Some(node) => ha(&["start", &node.to_string()]).map(drop),
         None => Err("no primary found".into()),
@@ -845,6 +863,7 @@ async fn failover(settings: &Settings) -> bool {
         let figures = json!({
             "exactly_once": exactly_once,
             "recovery_ms": recovery_ms,
+            "new_primary_writable_after_ms": promoted_ms,
             "killed_node": primary,
             "primary_after": primary_after,
             "rejoin_to_healthy_ms": rejoin_took.as_ref().ok().map(Duration::as_millis),
