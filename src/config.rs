@@ -22,6 +22,9 @@ pub struct Config {
     pub port: u16,
     /// `DATABASE_URL`: a libpq-style URL or key=value string.
     pub database_url: String,
+    /// `DATABASE_READ_URL`: a standby for the catalogue reads (`GET /api/products...`), if
+    /// any; everything else, order reads included, stays on `DATABASE_URL`.
+    pub database_read_url: Option<String>,
     /// `DB_PASSWORD_FILE`: the database password read from a file (a Docker secret), used
     /// instead of one in `DATABASE_URL`.
     pub database_password: Option<Secret>,
@@ -88,6 +91,7 @@ impl Default for Config {
             host: IpAddr::from([0, 0, 0, 0]),
             port: 3000,
             database_url: DEFAULT_DATABASE_URL.to_owned(),
+            database_read_url: None,
             database_password: None,
             pool_size: 8,
             pool_timeout: Duration::from_millis(2_000),
@@ -133,7 +137,16 @@ impl Config {
     /// The connection settings of the database: `DATABASE_URL` with `DB_PASSWORD_FILE`'s
     /// password.
     pub fn database(&self) -> Result<Target, String> {
-        let mut database = self.database_url.parse::<Target>()?;
+        self.target(&self.database_url)
+    }
+
+    /// The same for `DATABASE_READ_URL`, when it is set.
+    pub fn read_database(&self) -> Result<Option<Target>, String> {
+        self.database_read_url.as_deref().map(|url| self.target(url)).transpose()
+    }
+
+    fn target(&self, url: &str) -> Result<Target, String> {
+        let mut database = url.parse::<Target>()?;
         if let Some(password) = &self.database_password {
             database.config.password(password.expose());
         }
@@ -155,6 +168,7 @@ impl Config {
         set.set(&mut config.host, "API_HOST", "an IP address", |v| v.parse().ok())?;
         set.set(&mut config.port, "API_PORT", "a port number", |v| v.parse().ok())?;
         set.set(&mut config.database_url, "DATABASE_URL", "a URL", |v| Some(v.to_owned()))?;
+        set.set(&mut config.database_read_url, "DATABASE_READ_URL", "a URL", |v| Some(Some(v.to_owned())))?;
         set.set(&mut config.pool_size, "DB_POOL_SIZE", "an integer from 1 to 1000", |v| {
             v.parse().ok().filter(|n| (1..=1000).contains(n))
         })?;

@@ -127,17 +127,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartupError> {
-    let pool = Pool::new(
-        config.database()?,
-        PoolSettings {
-            max_size: config.pool_size,
-            acquire_timeout: config.pool_timeout,
-            connect_timeout: config.connect_timeout,
-            statement_timeout: config.statement_timeout,
-            unnamed_statements: config.transaction_pooler,
-            max_lifetime: config.connection_max_lifetime,
-        },
-    );
+    let pool = Pool::new(config.database()?, pool_settings(&config));
+    let read_pool = config.read_database()?.map(|standby| Pool::new(standby, pool_settings(&config)));
     let auth = auth_from(&config)?;
     // The JWKS URL's keys: fetched once before serving (a failure is logged, and tokens with
     // its kids are refused until a later fetch works), then every few minutes.
@@ -157,6 +148,7 @@ pub async fn run(
     let state = Arc::new(AppState {
         config,
         pool: pool.clone(),
+        read_pool: read_pool.clone(),
         metrics: Metrics::default(),
         auth,
         order_limit,
@@ -168,7 +160,22 @@ pub async fn run(
         refresh.abort();
     }
     pool.close();
+    if let Some(read_pool) = read_pool {
+        read_pool.close();
+    }
     Ok(())
+}
+
+/// The pool settings, the same for the primary and the standby of `DATABASE_READ_URL`.
+fn pool_settings(config: &Config) -> PoolSettings {
+    PoolSettings {
+        max_size: config.pool_size,
+        acquire_timeout: config.pool_timeout,
+        connect_timeout: config.connect_timeout,
+        statement_timeout: config.statement_timeout,
+        unnamed_statements: config.transaction_pooler,
+        max_lifetime: config.connection_max_lifetime,
+    }
 }
 
 /// The credentials the service accepts, from the configuration; says at start what is open.

@@ -21,6 +21,8 @@ use reply::Reply;
 pub struct AppState {
     pub config: Config,
     pub pool: Pool,
+    /// `DATABASE_READ_URL`'s pool (a standby) for the catalogue reads, if configured.
+    pub read_pool: Option<Pool>,
     pub metrics: Metrics,
     /// The credentials accepted (`AUTH_MODE`, `OPERATOR_TOKEN`, JWT keys).
     pub auth: Auth,

@@ -8,7 +8,7 @@ use super::{
     reply::{Reply, json, json_text},
 };
 use crate::{
-    db::{self, products::Product},
+    db::{self, Pool, products::Product},
     domain::{Page, parse_restock},
     error::Error,
 };
@@ -22,10 +22,11 @@ pub type CatalogueReads = db::products::CatalogueReads<Bytes>;
 /// there may be more.
 pub async fn list(state: &AppState, listing: Listing) -> Result<Reply, Error> {
     if listing.limit.is_none() && listing.after.is_none() {
-        return Ok(json_text(StatusCode::OK, state.catalogue.read(&state.pool, catalogue_json).await?));
+        let body = on_catalogue_pool(state, |pool| state.catalogue.read(pool, catalogue_json)).await?;
+        return Ok(json_text(StatusCode::OK, body));
     }
     let page = Page::parse(listing.limit.as_deref(), listing.after.as_deref())?;
-    let products = db::products::list_page(&state.pool, page).await?;
+    let products = on_catalogue_pool(state, |pool| db::products::list_page(pool, page)).await?;
     let last_id = products.last().map(|product| i64::from(product.id));
     let mut reply = json(StatusCode::OK, &products);
     next_page_link(&mut reply, "/api/products", &[], page, products.len(), last_id);
@@ -33,7 +34,25 @@ pub async fn list(state: &AppState, listing: Listing) -> Result<Reply, Error> {
 }
 
 pub async fn get(state: &AppState, product_id: i64) -> Result<Reply, Error> {
-    Ok(json(StatusCode::OK, &db::products::get(&state.pool, product_id).await?))
+    let product = on_catalogue_pool(state, |pool| db::products::get(pool, product_id)).await?;
+    Ok(json(StatusCode::OK, &product))
+}
+
+/// Runs a catalogue read on the standby of `DATABASE_READ_URL` when there is one, and on the
+/// primary when there is none or it cannot serve (a 503 of its own: down, unreachable).
+/// A standby may be a moment behind (replay lag): the stock it shows can be that old, which
+/// is safe, since an order checks stock on the primary under the product's row lock.
+async fn on_catalogue_pool<'a, T, F>(state: &'a AppState, read: impl Fn(&'a Pool) -> F) -> Result<T, Error>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    if let Some(standby) = &state.read_pool {
+        match read(standby).await {
+            Err(Error::Unavailable(_)) => {}
+            answered => return answered,
+        }
+    }
+    read(&state.pool).await
 }
 
 /// Adds `{"quantity": N}` units to a product's stock (an operator's action, recorded in the

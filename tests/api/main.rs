@@ -24,5 +24,6 @@ mod operations;
 mod outcomes;
 mod pooler;
 mod rate_limit;
+mod read_replica;
 mod shutdown;
 mod tls;
