@@ -14,8 +14,8 @@
 //!   survives the recovery, answers stay fast while it is down, orders resume within 2 s of
 //!   PostgreSQL accepting connections. Same cluster and caveat as pg-restart.
 //! - `net-blackhole`: the path to PostgreSQL (through a fault-injecting TCP proxy) stops
-//!   forwarding without closing for 5 s: every answer still comes within the request deadline
-//!   plus the 1 s cancel grace, stuck connections are given up, and orders resume within 2 s of
+//!   forwarding without closing for 5 s: every answer still comes within the request deadline,
+//!   stuck connections are given up, and orders resume within 2 s of
 //!   the path coming back; then 200 ms of added round-trip latency for 5 s: slower, nothing
 //!   broken.
 //! - `api-kill`: the API killed with SIGKILL under load and started again on the same port:
@@ -679,7 +679,8 @@ async fn net_blackhole(settings: &Settings) -> bool {
         let (before, lagging) = (orders_per_s(1000, hole_from), orders_per_s(lag_from, lag_to));
         let recovery_ms = recovered_at.map(|at| at - hole_to);
         let (exactly_once_figures, mut failures) = exactly_once(&verification, &retries, &record);
-        let limit_ms = (DEADLINE_MS + 1000 + 500) as f64;
+        // The deadline, and scheduling slack on a busy 2-core machine.
+        let limit_ms = (DEADLINE_MS + 300) as f64;
         let figures = json!({
             "exactly_once": exactly_once_figures,
             "blackhole": {
@@ -708,9 +709,7 @@ async fn net_blackhole(settings: &Settings) -> bool {
         });
         expect.check(record.count(|e| e.answer == Answer::Unanswered) == 0, || "requests left unanswered".into());
         expect.check(slowest_in_hole_ms <= limit_ms, || {
-            format!(
-                "an answer took {slowest_in_hole_ms} ms in the blackhole (limit {limit_ms}: deadline + cancel grace)"
-            )
+            format!("an answer took {slowest_in_hole_ms} ms in the blackhole (limit {limit_ms}: the deadline)")
         });
         expect.check(recovery_ms.is_some_and(|ms| ms <= 2000), || {
             format!("first order after the path came back: {recovery_ms:?} ms (limit 2000)")

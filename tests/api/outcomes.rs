@@ -44,7 +44,10 @@ async fn a_commit_whose_synchronous_replication_wait_is_cancelled_is_outcome_unk
     let reply = app.post_order(&order()).await;
     reply.assert_error(504, "OUTCOME_UNKNOWN");
     assert_eq!(reply.header("retry-after"), Some("1"));
-    assert!(started.elapsed() >= Duration::from_millis(1400), "answered after the deadline");
+    // The wait is cancelled shortly before the deadline (a fifth of the 1.5 s is kept for
+    // the cancel), and the answer comes by the deadline.
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1000) && took <= Duration::from_millis(2000), "answered in {took:?}");
     // It did commit here (and nowhere else): the answer did not claim otherwise.
     assert_eq!(app.count("orders").await, 1);
 
