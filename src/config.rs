@@ -25,6 +25,9 @@ pub struct Config {
     /// `DATABASE_READ_URL`: a standby for the catalogue reads (`GET /api/products...`), if
     /// any; everything else, order reads included, stays on `DATABASE_URL`.
     pub database_read_url: Option<String>,
+    /// `ORDER_BATCH_MAX`: the most orders without an Idempotency-Key placed in one transaction
+    /// when they arrive faster than they commit (1 to 256; 1: one order per transaction).
+    pub order_batch_max: usize,
     /// `DB_PASSWORD_FILE`: the database password read from a file (a Docker secret), used
     /// instead of one in `DATABASE_URL`.
     pub database_password: Option<Secret>,
@@ -92,6 +95,7 @@ impl Default for Config {
             port: 3000,
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             database_read_url: None,
+            order_batch_max: 64,
             database_password: None,
             pool_size: 8,
             pool_timeout: Duration::from_millis(2_000),
@@ -169,6 +173,9 @@ impl Config {
         set.set(&mut config.port, "API_PORT", "a port number", |v| v.parse().ok())?;
         set.set(&mut config.database_url, "DATABASE_URL", "a URL", |v| Some(v.to_owned()))?;
         set.set(&mut config.database_read_url, "DATABASE_READ_URL", "a URL", |v| Some(Some(v.to_owned())))?;
+        set.set(&mut config.order_batch_max, "ORDER_BATCH_MAX", "an integer from 1 to 256", |v| {
+            v.parse().ok().filter(|n| (1..=crate::db::orders::batch::MAX_BATCH).contains(n))
+        })?;
         set.set(&mut config.pool_size, "DB_POOL_SIZE", "an integer from 1 to 1000", |v| {
             v.parse().ok().filter(|n| (1..=1000).contains(n))
         })?;

@@ -10,7 +10,7 @@ use hyper::StatusCode;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Error {
     /// Malformed JSON, a wrong type, a missing field, an id or quantity that is not a positive
     /// integer, duplicate or too many lines, a bad query parameter or header.

@@ -28,6 +28,9 @@ pub struct AppState {
     pub auth: Auth,
     /// `RATE_LIMIT_ORDERS_PER_MINUTE`, per user and per client address; `None`: no limit.
     pub order_limit: Option<RateLimiter>,
+    /// Commit batching of orders without a key (`ORDER_BATCH_MAX` > 1); `None`: one order per
+    /// transaction.
+    pub batcher: Option<crate::db::orders::Batcher>,
     /// Concurrent reads of the whole catalogue share one query.
     pub catalogue: products::CatalogueReads,
 }

@@ -48,7 +48,8 @@ pub async fn create(
             .take(&keys, Instant::now())
             .map_err(|wait| Error::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64 })?;
     }
-    let placed = db::orders::place(&state.pool, &order, key.as_ref(), state.config.idempotency_retention).await;
+    let retention = state.config.idempotency_retention;
+    let placed = db::orders::place(&state.pool, state.batcher.as_ref(), &order, key.as_ref(), retention).await;
     state.metrics.record_order(match &placed {
         Ok(Placed::Created(_)) => "created",
         Ok(Placed::Replayed(_)) => "replayed",

@@ -94,13 +94,19 @@ async fn an_exhausted_pool_answers_503_with_retry_after() {
     })
     .await;
     let blocker = lock_product(&app, 1).await;
-    // Two orders that take both connections and wait on the lock, in a task of their own.
+    // Two orders that take both connections and wait on the lock, in a task of their own
+    // (keyed, so each is a transaction of its own, not two orders of one batch).
     let waiting = tokio::spawn({
         let (http, url) = (app.http.clone(), app.url("/api/orders"));
         async move {
-            let send =
-                || http.post(&url).header("content-type", "application/json").body(one_laptop().to_string()).send();
-            futures::future::join_all([send(), send()]).await
+            let send = |key: &str| {
+                http.post(&url)
+                    .header("content-type", "application/json")
+                    .header("Idempotency-Key", key)
+                    .body(one_laptop().to_string())
+                    .send()
+            };
+            futures::future::join_all([send("pool-1"), send("pool-2")]).await
         }
     });
     tokio::time::sleep(Duration::from_millis(200)).await; // both connections now wait on the lock

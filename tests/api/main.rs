@@ -5,6 +5,7 @@
 mod common;
 
 mod auth;
+mod batching;
 mod jwks;
 
 mod concurrency;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use order_api::config::Config;
 use serde_json::json;
 
-use crate::common::{self, TestApp, private_pg::PrivatePostgres, spawn_app, spawn_app_at};
+use crate::common::{self, TestApp, private_pg::PrivatePostgres, spawn_app_at, spawn_app_with};
 
 /// A private server with a migrated, seeded `shop` database, and the service on it.
 async fn app_on_private(pg: &PrivatePostgres, request_timeout: Duration) -> TestApp {
@@ -89,13 +89,14 @@ async fn waiting_backend(app: &TestApp) -> i32 {
     }
 }
 
-/// The connection dies while the order's statement runs. Unkeyed, the statement commits on
-/// its own, so the service cannot know: 504. Keyed, the COMMIT had not been sent yet, so
-/// nothing can have been written: 503. Each answer is checked against the database, and the
-/// keyed retry places exactly one order.
+/// The connection dies while the order's statement runs. One order per transaction
+/// (`ORDER_BATCH_MAX=1`), unkeyed, the statement commits on its own, so the service cannot
+/// know: 504. Keyed, the COMMIT had not been sent yet, so nothing can have been written: 503.
+/// Each answer is checked against the database, and the keyed retry places exactly one order.
+/// (In a batch the lock is taken before anything is written: `batching.rs`.)
 #[tokio::test]
 async fn a_connection_lost_mid_order_is_503_before_the_commit_and_504_after() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(|config| config.order_batch_max = 1).await;
     for key in [None, Some("lost-1")] {
         let blocker = common::connect(&app.database_url).await;
         blocker.batch_execute("BEGIN; SELECT * FROM products WHERE id = 2 FOR UPDATE").await.unwrap();

@@ -139,15 +139,18 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Requests that are certainly in flight: orders for product 1, whose row the test locks.
+    // Each has its own Idempotency-Key, so each is a transaction of its own (orders without a
+    // key would wait together in one batch) and each waits on the lock in its own backend.
     let mut lock = common::connect(database_url).await;
     let lock_tx = lock.transaction().await.unwrap();
     lock_tx.execute("SELECT stock FROM products WHERE id = 1 FOR UPDATE", &[]).await.unwrap();
     let blocked: Vec<_> = (0..BLOCKED_ORDERS)
-        .map(|_| {
+        .map(|i| {
             let (http, url) = (client(), server.url("/api/orders"));
             tokio::spawn(async move {
                 let reply = http
                     .post(url)
+                    .header("Idempotency-Key", format!("blocked-{i}"))
                     .json(&json!({"userId": 1, "items": [{"productId": 1, "quantity": 1}]}))
                     .send()
                     .await

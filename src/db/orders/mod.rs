@@ -17,10 +17,12 @@
 //! inside the transaction: the writing statement checks the same conditions and writes
 //! nothing, and the Rust code then says precisely why from what the locking part saw.
 
+pub mod batch;
 mod lifecycle;
 mod place;
 mod read;
 
+pub use batch::Batcher;
 pub use lifecycle::{cancel, set_status};
 pub use place::{CreatedOrder, Placed, StoredOutcome, place};
 pub use read::{OrderDetails, OrderFilter, OrderItem, OrderSummary, OrderUser, get, list};

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio_postgres::{Row, error::SqlState};
 
 use crate::{
-    db::{Failure, Pool, Sql, Tx},
+    db::{Failure, Pool, Sql, Tx, orders::Batcher},
     domain::{IdempotencyKey, NewOrder, OrderStatus},
     error::Error,
     money::Money,
@@ -162,12 +162,19 @@ const SAVE_OUTCOME: Sql = Sql {
 /// Places `order` in one transaction, or rejects it whole. With `key`, the outcome is stored
 /// with the key (kept for `key_retention`) in that same transaction, and a retry of the same
 /// request gets it back as `Placed::Replayed` instead of a second order.
+///
+/// Without a key and with a `batcher` (ORDER_BATCH_MAX > 1), the order joins the next batch
+/// instead (`batch.rs`): its own outcome all the same.
 pub async fn place(
     pool: &Pool,
+    batcher: Option<&Batcher>,
     order: &NewOrder,
     key: Option<&IdempotencyKey>,
     key_retention: Duration,
 ) -> Result<Placed, Error> {
+    if let (None, Some(batcher)) = (key, batcher) {
+        return batcher.place(order.clone()).await.map(Placed::Created);
+    }
     let product_ids: Vec<i32> = order.lines.iter().map(|line| line.product_id).collect();
     let quantities: Vec<i32> = order.lines.iter().map(|line| line.quantity).collect();
     let create: [&(dyn ToSql + Sync); 3] = [&order.user_id, &product_ids, &quantities];
@@ -253,7 +260,7 @@ fn refusal_or_failure(error: Failure) -> Error {
 
 /// The created order, or why nothing was written, from what CREATE_ORDER saw once the rows
 /// were locked.
-fn outcome(order: &NewOrder, rows: &[Row]) -> Result<CreatedOrder, Error> {
+pub(super) fn outcome(order: &NewOrder, rows: &[Row]) -> Result<CreatedOrder, Error> {
     let row = rows.first().ok_or_else(|| Error::Internal("order statement returned no row".into()))?;
     if let Some(order_id) = row.get::<_, Option<i64>>(0) {
         return Ok(CreatedOrder { order_id, status: OrderStatus::Processing, total_amount: row.get(1) });

@@ -1,0 +1,200 @@
+//! Commit batching (`ORDER_BATCH_MAX`, issue 14): orders without a key that arrive while a batch
+//! is being placed go into the next one, one transaction for all, each order on its own in
+//! arrival order. To make batches form for sure, each test first holds the product's row lock
+//! from a connection of its own: the batches in flight wait on it, the other orders queue, and
+//! when the lock is released the queue goes as one batch. Orders of one transaction share its
+//! `now()`, so `created_at` shows which orders were placed together.
+
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use serde_json::json;
+
+use crate::common::{self, Reply, TestApp, private_pg::PrivatePostgres, spawn_app_at, spawn_app_with};
+
+async fn batching_app() -> TestApp {
+    spawn_app_with(|config| config.order_batch_max = 64).await
+}
+
+/// Holds `product_id`'s row lock until the returned client commits.
+async fn hold_product(app: &TestApp, product_id: i32) -> tokio_postgres::Client {
+    let client = common::connect(&app.database_url).await;
+    client.batch_execute("BEGIN").await.unwrap();
+    client.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", &[&product_id]).await.unwrap();
+    client
+}
+
+/// Waits until `count` of the service's sessions wait on a lock.
+async fn wait_for_lock_waiters(app: &TestApp, count: i64) {
+    let started = Instant::now();
+    loop {
+        let waiting: i64 = app
+            .db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name = 'order-api' AND wait_event_type = 'Lock'",
+                &[&app.database_name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting >= count {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{waiting} of {count} batches waiting on the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `bodies` sent at once while `product_id` is locked; released once the batches in flight
+/// wait on it and the rest has had time to queue. The answers, in the order of `bodies`.
+async fn orders_behind_a_lock(app: &TestApp, product_id: i32, bodies: Vec<serde_json::Value>) -> Vec<Reply> {
+    let holder = hold_product(app, product_id).await;
+    let requests = join_all(bodies.iter().map(|body| app.post_order(body)));
+    let release = async {
+        wait_for_lock_waiters(app, 1).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        holder.batch_execute("COMMIT").await.unwrap();
+    };
+    let (replies, ()) = tokio::join!(requests, release);
+    replies
+}
+
+async fn transactions_of_orders(app: &TestApp) -> (i64, i64) {
+    let row = app.db.query_one("SELECT count(*), count(DISTINCT created_at) FROM orders", &[]).await.unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn accepted_and_refused_orders_for_one_product_share_a_batch_in_arrival_order() {
+    let app = batching_app().await;
+    // Product 4 has 5 in stock: 12 orders of one, so 5 placed and 7 refused.
+    let bodies = (0..12).map(|_| json!({"userId": 1, "items": [{"productId": 4, "quantity": 1}]})).collect();
+    let replies = orders_behind_a_lock(&app, 4, bodies).await;
+    let placed = replies.iter().filter(|reply| reply.status == 201).count();
+    for reply in replies.iter().filter(|reply| reply.status != 201) {
+        reply.assert_error(400, "INSUFFICIENT_STOCK");
+        assert_eq!(reply.json["available"], 0, "refused only once the stock was gone: {}", reply.text);
+    }
+    assert_eq!(placed, 5);
+    assert_eq!(app.stock(4).await, 0);
+    let (orders, transactions) = transactions_of_orders(&app).await;
+    assert_eq!(orders, 5);
+    assert!(transactions < orders, "no two orders shared a transaction ({transactions} for {orders})");
+    app.assert_invariants().await;
+}
+
+/// One order of the batch fails for a reason of its own (a trigger refuses its payment, for
+/// its amount only): the batch's writing statement fails, the batch is placed again order by
+/// order, and that order alone is answered 500 and leaves nothing; the others are placed.
+#[tokio::test]
+async fn a_fault_in_one_order_of_a_batch_fails_that_order_alone() {
+    let app = batching_app().await;
+    app.db
+        .batch_execute(
+            "CREATE FUNCTION fail_one_payment() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN IF NEW.amount = 3 * 500.00 THEN RAISE EXCEPTION 'injected payment failure'; END IF;
+                    RETURN NEW; END $$;
+             CREATE TRIGGER fail_one_payment BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION fail_one_payment();",
+        )
+        .await
+        .unwrap();
+    let price: String = app.db.query_one("SELECT price::text FROM products WHERE id = 2", &[]).await.unwrap().get(0);
+    assert_eq!(price, "500.00", "the seed's price of product 2");
+    let mut bodies: Vec<_> = (0..9).map(|_| json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]})).collect();
+    bodies.insert(5, json!({"userId": 1, "items": [{"productId": 2, "quantity": 3}]}));
+    let replies = orders_behind_a_lock(&app, 2, bodies).await;
+    replies[5].assert_error(500, "INTERNAL");
+    for (i, reply) in replies.iter().enumerate().filter(|(i, _)| *i != 5) {
+        assert_eq!(reply.status, 201, "order {i}: {}", reply.text);
+    }
+    assert_eq!(app.stock(2).await, 50 - 9);
+    assert_eq!(app.count("orders").await, 9);
+    app.db.batch_execute("DROP TRIGGER fail_one_payment ON payments").await.unwrap();
+    app.assert_invariants().await;
+}
+
+/// Batches racing cancellations and restocks of the same products: every answer holds, and
+/// stock + live ordered quantity = opening stock + restocks (the audit's ledger check).
+#[tokio::test]
+async fn cancels_and_restocks_racing_batches_keep_every_invariant() {
+    let app = batching_app().await;
+    let orders = (0..60).map(|i| {
+        let body = json!({"userId": 1, "items": [{"productId": 1 + i % 4, "quantity": 1 + i % 2}]});
+        let app = &app;
+        async move {
+            let reply = app.post_order(&body).await;
+            if reply.status == 201 && i % 3 == 0 {
+                let id = reply.json["orderId"].as_i64().unwrap();
+                assert_eq!(app.cancel(id).await.status, 200);
+            }
+            assert!(matches!(reply.status, 201 | 400), "{}", reply.text);
+        }
+    });
+    let restocks = (0..8).map(|i| {
+        let app = &app;
+        async move { app.restock(1 + i % 4, 2).await }
+    });
+    tokio::join!(join_all(orders), join_all(restocks));
+    app.assert_invariants().await;
+}
+
+/// A batch cut by a PostgreSQL crash: every order gets an answer; each 201 is in the database,
+/// and no more orders are there than were acknowledged plus those answered 504
+/// OUTCOME_UNKNOWN (a 503 promises nothing was written).
+#[tokio::test]
+async fn a_batch_cut_by_a_postgresql_crash_answers_every_order_honestly() {
+    let mut pg = PrivatePostgres::start(&[]).await;
+    pg.execute("CREATE DATABASE shop").await;
+    let config = order_api::config::Config {
+        database_url: pg.url("shop"),
+        port: 0,
+        order_batch_max: 64,
+        request_timeout: Duration::from_secs(5),
+        ..order_api::config::Config::default()
+    };
+    order_api::log::set_level(order_api::log::Level::Error);
+    order_api::prepare_database(&config, true).await.expect("migrate and seed");
+    let mut app = spawn_app_at(config).await;
+
+    let holder = hold_product(&app, 2).await;
+    let bodies: Vec<_> = (0..10).map(|_| json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]})).collect();
+    let requests = join_all(bodies.iter().map(|body| app.post_order(body)));
+    let crash = async {
+        wait_for_lock_waiters(&app, 1).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(holder);
+        pg.kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pg.restart(&[]).await;
+    };
+    let (replies, ()) = tokio::join!(requests, crash);
+    let acknowledged: Vec<i64> =
+        replies.iter().filter(|r| r.status == 201).map(|r| r.json["orderId"].as_i64().unwrap()).collect();
+    let unknown = replies.iter().filter(|r| r.status == 504).count();
+    for reply in replies.iter().filter(|r| r.status != 201) {
+        assert!(
+            matches!(
+                (reply.status, reply.json["code"].as_str()),
+                (503, Some("SERVICE_UNAVAILABLE")) | (504, Some("OUTCOME_UNKNOWN"))
+            ),
+            "{} {}",
+            reply.status,
+            reply.text
+        );
+    }
+    app.db = common::connect(&pg.url("shop")).await;
+    for id in &acknowledged {
+        assert_eq!(
+            app.db.query_one("SELECT count(*) FROM orders WHERE id = $1", &[id]).await.unwrap().get::<_, i64>(0),
+            1
+        );
+    }
+    let in_database = app.count("orders").await as usize;
+    assert!(
+        in_database >= acknowledged.len() && in_database <= acknowledged.len() + unknown,
+        "{in_database} orders for {} acknowledged and {unknown} unknown",
+        acknowledged.len()
+    );
+    app.assert_invariants().await;
+}
