@@ -31,7 +31,8 @@ fn order() -> serde_json::Value {
 /// PostgreSQL's own reproduction of a lost standby: `synchronous_standby_names` names one that
 /// never connects, so every commit waits; the request deadline cancels the wait and PostgreSQL
 /// commits locally with a warning. That order is not durable as promised: 504, never 201.
-/// Retried with its key, the stored outcome is found (one order, the same id).
+/// Retried with its key while the standby is away, the replay cannot promise more (504 again);
+/// once it is back, the stored order is replayed (one order for the key).
 #[tokio::test]
 async fn a_commit_whose_synchronous_replication_wait_is_cancelled_is_outcome_unknown() {
     let pg = PrivatePostgres::start(&[]).await;
@@ -53,17 +54,25 @@ async fn a_commit_whose_synchronous_replication_wait_is_cancelled_is_outcome_unk
 
     let reply = app.post_order_with_key("sync-rep-1", &order()).await;
     reply.assert_error(504, "OUTCOME_UNKNOWN");
-    let replayed = app.post_order_with_key("sync-rep-1", &order()).await;
-    assert_eq!(replayed.status, 201, "{}", replayed.text);
+    // The retry finds the stored 201, but while the standby is still away it cannot promise
+    // more than the first answer did: the replay's own commit waits for the standby too.
+    let retried = app.post_order_with_key("sync-rep-1", &order()).await;
+    retried.assert_error(504, "OUTCOME_UNKNOWN");
+    assert_eq!(app.count("orders").await, 2, "the retry placed no second order");
     let keyed: i64 =
         app.db.query_one("SELECT count(*) FROM idempotency_keys WHERE key = 'sync-rep-1'", &[]).await.unwrap().get(0);
     assert_eq!((keyed, app.count("orders").await), (1, 2), "one order for the key");
     assert_eq!(app.stock(2).await, 48);
 
-    // The standby requirement lifted: commits are acknowledged again.
+    // The standby requirement lifted (as if it were back): the retry is acknowledged with the
+    // stored order, no new one, and commits are acknowledged again.
     pg.execute("ALTER SYSTEM RESET synchronous_standby_names").await;
     pg.execute("SELECT pg_reload_conf()").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let replayed = app.post_order_with_key("sync-rep-1", &order()).await;
+    assert_eq!(replayed.status, 201, "{}", replayed.text);
+    assert_eq!(replayed.header("idempotent-replayed"), Some("true"), "the stored order, not a new one");
+    assert_eq!(app.count("orders").await, 2);
     assert_eq!(app.post_order(&order()).await.status, 201);
     app.assert_invariants().await;
 }

@@ -3,8 +3,9 @@
 //! maximum) and places them in one transaction with one commit.
 //!
 //! A batch is two round trips:
-//! 1. BEGIN, lock the batch's products in ascending id order (the order every transaction of
-//!    the service locks in) and read their stock, and read which of its users exist.
+//! 1. BEGIN, lock the batch's products that have stock left in ascending id order (the order
+//!    every transaction of the service locks in) and read their stock, and read which of its
+//!    products and users exist.
 //! 2. Decide each order here, in arrival order, against the stock the earlier orders of the
 //!    batch left: placed whole, or refused whole with the reason a single order would get
 //!    (unknown user, unknown product, not enough stock and how much there is). Then one
@@ -55,11 +56,19 @@ pub const MAX_BATCH: usize = 256;
 /// Batches placed at the same time (each on a connection of its own).
 const BATCHES_IN_FLIGHT: usize = 2;
 
-/// $1 the batch's product ids, ascending: locked, with their stock.
+/// $1 the batch's product ids, ascending: those with stock left, locked, with their stock.
+/// A product whose stock is zero is not locked: every order for it is refused from that
+/// reading (as it would be one instant earlier), so once a product sells out, the refusals
+/// wait on no row lock and hold none. If a concurrent order empties a product while this one
+/// waits for its lock, PostgreSQL checks `stock > 0` again on the new version and leaves it.
 const LOCK_PRODUCTS: Sql = Sql {
     params: &[Type::INT4_ARRAY],
-    text: "SELECT id, stock FROM products WHERE id = ANY($1::int4[]) ORDER BY id FOR UPDATE",
+    text: "SELECT id, stock FROM products WHERE id = ANY($1::int4[]) AND stock > 0 ORDER BY id FOR UPDATE",
 };
+
+/// $1 the batch's product ids: those that exist (the ones with no stock among them too).
+const EXISTING_PRODUCTS: Sql =
+    Sql { params: &[Type::INT4_ARRAY], text: "SELECT id FROM products WHERE id = ANY($1::int4[])" };
 
 /// $1 the batch's user ids: those that exist.
 const EXISTING_USERS: Sql =
@@ -226,12 +235,20 @@ async fn place_together(pool: &Pool, orders: &[&NewOrder]) -> Together {
     product_ids.sort_unstable();
     product_ids.dedup();
     let user_ids: Vec<i32> = orders.iter().map(|order| order.user_id).collect::<HashSet<_>>().into_iter().collect();
-    let locked = conn.begin([(&LOCK_PRODUCTS, &[&product_ids]), (&EXISTING_USERS, &[&user_ids])]).await;
-    let (tx, [locked, users]) = match locked {
+    let locked = conn
+        .begin([
+            (&LOCK_PRODUCTS, &[&product_ids]),
+            (&EXISTING_PRODUCTS, &[&product_ids]),
+            (&EXISTING_USERS, &[&user_ids]),
+        ])
+        .await;
+    let (tx, [locked, products, users]) = match locked {
         Ok(locked) => locked,
         Err(failure) => return Together::Failed(Error::from(failure)),
     };
-    let mut stock: HashMap<i32, i32> = locked.iter().map(|row| (row.get(0), row.get(1))).collect();
+    // Every existing product's stock: as locked, or zero (not locked, see LOCK_PRODUCTS).
+    let mut stock: HashMap<i32, i32> = products.iter().map(|row| (row.get(0), 0)).collect();
+    stock.extend(locked.iter().map(|row| (row.get::<_, i32>(0), row.get::<_, i32>(1))));
     let users: HashSet<i32> = users.iter().map(|row| row.get(0)).collect();
 
     // Each order in arrival order, against what the earlier ones left.

@@ -151,6 +151,13 @@ const FIND_KEY: Sql = Sql {
     WHERE user_id = $1 AND key = $2",
 };
 
+/// A write to a stored key that changes nothing, so that the replay's commit waits for the
+/// synchronous standby like any write's. $1 user, $2 key.
+const TOUCH_KEY: Sql = Sql {
+    params: &[Type::INT4, Type::TEXT],
+    text: "UPDATE idempotency_keys SET response_status = response_status WHERE user_id = $1 AND key = $2",
+};
+
 /// $1 user, $2 key, $3 status, $4 body.
 const SAVE_OUTCOME: Sql = Sql {
     params: &[Type::INT4, Type::TEXT, Type::INT2, Type::TEXT],
@@ -198,8 +205,21 @@ pub async fn place(
             _ => Error::from(e),
         })?;
     if claimed.is_empty() {
-        tx.rollback().await?;
-        return replay(&found).map(Placed::Replayed);
+        let stored = match replay(&found) {
+            Ok(stored) => stored,
+            Err(refusal) => {
+                tx.rollback().await?;
+                return Err(refusal);
+            }
+        };
+        // The stored outcome may be one whose commit was answered 504 because the synchronous
+        // standby never confirmed it: committed here, maybe nowhere else. Replaying it as a
+        // 201 would promise what the first answer could not. So the replay commits a write of
+        // its own, whose wait for the standby covers every earlier commit of this server (WAL
+        // is one sequence): acknowledged, the stored order is replicated too; if the wait is
+        // cancelled again, the replay is 504 OUTCOME_UNKNOWN like the first answer.
+        tx.commit([(&TOUCH_KEY, &claim[..2])]).await?;
+        return Ok(Placed::Replayed(stored));
     }
 
     // A failed statement has rolled the transaction back, the claim of the key with it.
