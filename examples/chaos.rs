@@ -57,7 +57,7 @@ use std::{
 
 use reliability::{
     Answer, Database, Event, Expectations, FaultProxy, Kind, PathMode, Server, Settings, Shopper, exactly_once,
-    free_port, keyed_load, new_record, order_load, verdict, verify,
+    free_port, keyed_load, new_record, order_load, stop_load, verdict, verify,
 };
 use serde_json::json;
 use tokio::{
@@ -175,10 +175,7 @@ async fn pg_restart(settings: &Settings) -> bool {
     let start_returned_at = now();
     let up_at = back.await.unwrap();
     sleep_ms(4000).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
+    stop_load(&stop, tasks).await;
     let mut server = server;
     let still_running = server.running();
     let mut db = database.connect().await;
@@ -267,10 +264,7 @@ async fn api_kill(settings: &Settings) -> bool {
     let mut restarted = Server::spawn(settings, "chaos_api_kill_restarted", &database.url, server.port, &[]);
     let restart_to_healthy = restarted.wait_healthy(Duration::from_secs(30)).await;
     sleep_ms(3000).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
+    stop_load(&stop, tasks).await;
     let mut db = database.connect().await;
     let verification = verify(&mut db, &record).await;
 
@@ -351,10 +345,7 @@ async fn measure_normal_clients(base: &str, workers: usize, seconds: u64) -> (f6
     sleep_ms(1000).await;
     let from = record.lock().unwrap().elapsed_ms();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
+    stop_load(&stop, tasks).await;
     let record = record.lock().unwrap();
     let measured = |e: &Event| e.at_ms >= from;
     let acknowledged = record.count(|e| measured(e) && e.answer == Answer::Ok);
@@ -478,10 +469,7 @@ async fn replicas(settings: &Settings) -> bool {
     let before_kill = record.lock().unwrap().ok_by_server.clone();
     servers[2].kill();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
+    stop_load(&stop, tasks).await;
     let verification = verify(&mut db, &record).await;
 
     let (figures, failures) = {
@@ -566,10 +554,7 @@ async fn pg_crash(settings: &Settings) -> bool {
     up_at = now().max(up_at);
     let recovered_at = first_order_after(&record, up_at, Duration::from_secs(10)).await;
     sleep_ms(3000).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
+    stop_load(&stop, tasks).await;
     let still_running = server.running();
     let mut db = database.connect().await;
     let verification = verify(&mut db, &record).await;
@@ -657,10 +642,7 @@ async fn net_blackhole(settings: &Settings) -> bool {
     proxy.set(PathMode::Pass);
     let lag_to = now();
     sleep_ms(2000).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
+    stop_load(&stop, tasks).await;
     let still_running = server.running();
     let mut db = database.connect().await;
     let verification = verify(&mut db, &record).await;
@@ -844,10 +826,7 @@ async fn failover(settings: &Settings) -> bool {
     let switch_to = record.lock().unwrap().elapsed_ms();
     let recovered_after_switch = first_order_after(&record, switch_to, Duration::from_secs(60)).await;
     sleep_ms(3000).await;
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
+    stop_load(&stop, tasks).await;
     let primary_after = ha_primary().await;
     let mut db = reliability::connect(&url).await;
     let verification = verify(&mut db, &record).await;

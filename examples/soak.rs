@@ -30,7 +30,7 @@ use std::{
 };
 
 use reliability::{
-    Answer, Database, Expectations, Kind, Server, Settings, Shopper, free_port, new_record, verdict, verify,
+    Answer, Database, Expectations, Kind, Server, Settings, Shopper, free_port, new_record, stop_load, verdict, verify,
 };
 use serde_json::json;
 
@@ -93,10 +93,7 @@ async fn main() -> ExitCode {
             println!("  {:>4} s: {requests} requests, RSS {rss} KiB", started.elapsed().as_secs());
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        task.await.unwrap();
-    }
+    stop_load(&stop, tasks).await;
     let still_running = server.running();
     let mut db = database.connect().await;
     let verification = verify(&mut db, &record).await;

@@ -434,6 +434,14 @@ pub fn order_load(
         .collect()
 }
 
+/// Ends a load: tells its clients to stop, and waits until each has had its last answer.
+pub async fn stop_load(stop: &AtomicBool, clients: Vec<tokio::task::JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        client.await.expect("a load client panicked");
+    }
+}
+
 /// What the keyed clients saw beyond the record.
 #[derive(Default)]
 pub struct Retries {
