@@ -15,7 +15,7 @@ use super::{
 use crate::{
     db::{
         self,
-        orders::{OrderFilter, Placed},
+        orders::{OrderFilter, OrderRequest, Placed},
     },
     domain::{IdempotencyKey, NewOrder, OrderStatus, Page, parse_status_change, positive_int4_in_query},
     error::Error,
@@ -49,7 +49,8 @@ pub async fn create(
             .map_err(|wait| Error::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64 })?;
     }
     let retention = state.config.idempotency_retention;
-    let placed = db::orders::place(&state.pool, state.batcher.as_ref(), &order, key.as_ref(), retention).await;
+    let request = OrderRequest { order, key };
+    let placed = db::orders::place(&state.pool, state.batcher.as_ref(), request, retention).await;
     state.metrics.record_order(match &placed {
         Ok(Placed::Created(_)) => "created",
         Ok(Placed::Replayed(_)) => "replayed",

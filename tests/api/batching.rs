@@ -1,5 +1,5 @@
-//! Commit batching (`ORDER_BATCH_MAX`, issue 14): orders without a key that arrive while a batch
-//! is being placed go into the next one, one transaction for all, each order on its own in
+//! Commit batching (`ORDER_BATCH_MAX`, issue 14): orders that arrive while a batch is being
+//! placed go into the next one, one transaction for all, each order on its own in
 //! arrival order. To make batches form for sure, each test first holds the product's row lock
 //! from a connection of its own: the batches in flight wait on it, the other orders queue, and
 //! when the lock is released the queue goes as one batch. Orders of one transaction share its
@@ -49,8 +49,22 @@ async fn wait_for_lock_waiters(app: &TestApp, count: i64) {
 /// `bodies` sent at once while `product_id` is locked; released once the batches in flight
 /// wait on it and the rest has had time to queue. The answers, in the order of `bodies`.
 async fn orders_behind_a_lock(app: &TestApp, product_id: i32, bodies: Vec<serde_json::Value>) -> Vec<Reply> {
+    keyed_orders_behind_a_lock(app, product_id, bodies.into_iter().map(|body| (None, body)).collect()).await
+}
+
+/// The same, each order with its Idempotency-Key or none.
+async fn keyed_orders_behind_a_lock(
+    app: &TestApp,
+    product_id: i32,
+    orders: Vec<(Option<&str>, serde_json::Value)>,
+) -> Vec<Reply> {
     let holder = hold_product(app, product_id).await;
-    let requests = join_all(bodies.iter().map(|body| app.post_order(body)));
+    let requests = join_all(orders.iter().map(|(key, body)| async move {
+        match key {
+            Some(key) => app.post_order_with_key(key, body).await,
+            None => app.post_order(body).await,
+        }
+    }));
     let release = async {
         wait_for_lock_waiters(app, 1).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -86,7 +100,8 @@ async fn accepted_and_refused_orders_for_one_product_share_a_batch_in_arrival_or
 
 /// One order of the batch fails for a reason of its own (a trigger refuses its payment, for
 /// its amount only): the batch's writing statement fails, the batch is placed again order by
-/// order, and that order alone is answered 500 and leaves nothing; the others are placed.
+/// order, and that order alone is answered 500 and leaves nothing (its key neither); the others
+/// are placed, keyed or not.
 #[tokio::test]
 async fn a_fault_in_one_order_of_a_batch_fails_that_order_alone() {
     let app = batching_app().await;
@@ -101,16 +116,144 @@ async fn a_fault_in_one_order_of_a_batch_fails_that_order_alone() {
         .unwrap();
     let price: String = app.db.query_one("SELECT price::text FROM products WHERE id = 2", &[]).await.unwrap().get(0);
     assert_eq!(price, "500.00", "the seed's price of product 2");
-    let mut bodies: Vec<_> = (0..9).map(|_| json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]})).collect();
-    bodies.insert(5, json!({"userId": 1, "items": [{"productId": 2, "quantity": 3}]}));
-    let replies = orders_behind_a_lock(&app, 2, bodies).await;
+    // Every other order has a key, the failing one too.
+    let keys = ["k0", "", "k2", "", "k4", "k5", "", "k7", "", "k9"];
+    let mut orders: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            ((!key.is_empty()).then_some(*key), json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]}))
+        })
+        .collect();
+    orders[5].1 = json!({"userId": 1, "items": [{"productId": 2, "quantity": 3}]});
+    let replies = keyed_orders_behind_a_lock(&app, 2, orders).await;
     replies[5].assert_error(500, "INTERNAL");
     for (i, reply) in replies.iter().enumerate().filter(|(i, _)| *i != 5) {
         assert_eq!(reply.status, 201, "order {i}: {}", reply.text);
     }
     assert_eq!(app.stock(2).await, 50 - 9);
     assert_eq!(app.count("orders").await, 9);
+    // The placed orders' keys hold their 201s; the failed order's key went with its rollback.
+    let stored: Vec<String> = app
+        .db
+        .query("SELECT key FROM idempotency_keys WHERE response_status = 201 ORDER BY key", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(stored, ["k0", "k2", "k4", "k7", "k9"]);
+    assert_eq!(app.count("idempotency_keys").await, 5);
     app.db.batch_execute("DROP TRIGGER fail_one_payment ON payments").await.unwrap();
+    app.assert_invariants().await;
+}
+
+/// Keyed and unkeyed orders in one batch, each answered on its own: a key's first request is
+/// placed (or refused) and its outcome stored in the batch's transaction; the same key twice
+/// in the batch places one order, the second replaying the first's 201; a key stored earlier
+/// is replayed; a key reused for another request is 422; a refusal is stored and replayed
+/// even after a restock.
+#[tokio::test]
+async fn keyed_orders_join_batches_and_each_key_keeps_its_own_outcome() {
+    let app = batching_app().await;
+    let one = |product_id: i32, quantity: i32| json!({"userId": 1, "items": [{"productId": product_id, "quantity": quantity}]});
+    let earlier = app.post_order_with_key("earlier", &one(3, 1)).await;
+    assert_eq!(earlier.status, 201);
+
+    // Product 4 has 5 in stock.
+    let orders = vec![
+        (Some("k1"), one(4, 1)),
+        (None, one(4, 1)),
+        (Some("k2"), one(4, 1)),
+        (Some("k1"), one(4, 1)),
+        (Some("earlier"), one(3, 1)),
+        (Some("too-many"), one(4, 10)),
+        (Some("k2"), one(4, 2)),
+        (None, one(4, 1)),
+        (None, one(4, 1)),
+    ];
+    let replies = keyed_orders_behind_a_lock(&app, 4, orders).await;
+    let replayed = |reply: &Reply| reply.header("idempotent-replayed").is_some();
+
+    // k1 twice: one order, the same 201 twice, one of them a replay.
+    assert_eq!((replies[0].status, replies[3].status), (201, 201), "{} / {}", replies[0].text, replies[3].text);
+    assert_eq!(replies[0].text, replies[3].text);
+    assert_eq!(replayed(&replies[0]) as u8 + replayed(&replies[3]) as u8, 1);
+    // The key stored earlier: its 201 again, no new order.
+    assert_eq!((replies[4].status, replies[4].text.as_str()), (201, earlier.text.as_str()));
+    assert!(replayed(&replies[4]));
+    // k2 for two different requests: whichever came second is refused.
+    let k2 = [&replies[2], &replies[6]];
+    assert_eq!(k2.iter().filter(|r| r.status == 422).count(), 1, "{} / {}", k2[0].text, k2[1].text);
+    k2.iter().find(|r| r.status == 422).unwrap().assert_error(422, "IDEMPOTENCY_KEY_REUSED");
+    replies[5].assert_error(400, "INSUFFICIENT_STOCK");
+
+    // Every order that was placed now: 5 units of product 4 at most, never beyond the stock.
+    let placed_now: i64 = app
+        .db
+        .query_one("SELECT count(*) FROM orders WHERE id > $1", &[&earlier.json["orderId"].as_i64().unwrap()])
+        .await
+        .unwrap()
+        .get(0);
+    let new_201s = replies.iter().filter(|r| r.status == 201 && !replayed(r)).count() as i64;
+    assert_eq!(placed_now, new_201s);
+    let (orders, transactions) = transactions_of_orders(&app).await;
+    assert!(transactions < orders, "no two orders shared a transaction ({transactions} for {orders})");
+
+    // Each key holds its first outcome, and answers it again.
+    let stored: Vec<(String, i16)> = app
+        .db
+        .query("SELECT key, response_status FROM idempotency_keys ORDER BY key", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let statuses: Vec<(&str, i16)> = stored.iter().map(|(key, status)| (key.as_str(), *status)).collect();
+    assert_eq!(statuses[0], ("earlier", 201));
+    assert_eq!(statuses[1], ("k1", 201));
+    assert_eq!(statuses[2].0, "k2");
+    assert_eq!(statuses[3], ("too-many", 400));
+    app.restock(4, 100).await;
+    let again = app.post_order_with_key("too-many", &one(4, 10)).await;
+    again.assert_error(400, "INSUFFICIENT_STOCK");
+    assert_eq!((again.text.as_str(), replayed(&again)), (replies[5].text.as_str(), true));
+    let k1_again = app.post_order_with_key("k1", &one(4, 1)).await;
+    assert_eq!((k1_again.text.as_str(), replayed(&k1_again)), (replies[0].text.as_str(), true));
+    app.assert_invariants().await;
+}
+
+/// A key held by a request elsewhere (here: claimed in a transaction the test keeps open)
+/// makes the batch's claim wait; past the lock timeout the batch is placed order by order, so
+/// the other orders of the batch are placed and only the held key's order gets 409
+/// IDEMPOTENCY_IN_PROGRESS.
+#[tokio::test]
+async fn a_key_held_elsewhere_holds_back_only_its_own_order() {
+    let app = spawn_app_with(|config| {
+        config.order_batch_max = 64;
+        config.statement_timeout = Duration::from_millis(400);
+    })
+    .await;
+    let holder = common::connect(&app.database_url).await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .execute("INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES (1, 'held', 'x')", &[])
+        .await
+        .unwrap();
+    let one = |key: Option<&'static str>| (key, json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]}));
+    // Behind the product lock, so that the held key's order and the others form one batch.
+    let orders = vec![one(Some("a")), one(None), one(Some("held")), one(Some("b")), one(None), one(None)];
+    let started = Instant::now();
+    let replies = keyed_orders_behind_a_lock(&app, 2, orders).await;
+    replies[2].assert_error(409, "IDEMPOTENCY_IN_PROGRESS");
+    for (i, reply) in replies.iter().enumerate().filter(|(i, _)| *i != 2) {
+        assert_eq!(reply.status, 201, "order {i}: {}", reply.text);
+    }
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(app.count("orders").await, 5);
+    assert_eq!(app.count("idempotency_keys").await, 2);
+    // The holder gone, the key is free.
+    assert_eq!(app.post_order_with_key("held", &one(None).1).await.status, 201);
     app.assert_invariants().await;
 }
 

@@ -91,11 +91,12 @@ async fn an_exhausted_pool_answers_503_with_retry_after() {
     let app = spawn_app_with(|config| {
         config.pool_size = 2;
         config.pool_timeout = Duration::from_millis(300);
+        // One order per transaction: two orders take two connections, not one batch's.
+        config.order_batch_max = 1;
     })
     .await;
     let blocker = lock_product(&app, 1).await;
-    // Two orders that take both connections and wait on the lock, in a task of their own
-    // (keyed, so each is a transaction of its own, not two orders of one batch).
+    // Two orders that take both connections and wait on the lock, in a task of their own.
     let waiting = tokio::spawn({
         let (http, url) = (app.http.clone(), app.url("/api/orders"));
         async move {

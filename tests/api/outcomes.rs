@@ -77,63 +77,98 @@ async fn a_commit_whose_synchronous_replication_wait_is_cancelled_is_outcome_unk
     app.assert_invariants().await;
 }
 
-/// The service's session waiting inside PostgreSQL, on a row lock the test holds.
-async fn waiting_backend(app: &TestApp) -> i32 {
+/// The service's session waiting inside PostgreSQL: on a row lock the test holds
+/// (`wait_event_type` 'Lock') or in a `pg_sleep` of a test trigger ('Timeout').
+async fn waiting_backend(app: &TestApp, wait_event_type: &str) -> i32 {
     let started = Instant::now();
     loop {
         let row = app
             .db
             .query_opt(
                 "SELECT pid FROM pg_stat_activity
-                 WHERE datname = $1 AND application_name = 'order-api' AND wait_event_type = 'Lock'",
-                &[&app.database_name],
+                 WHERE datname = $1 AND application_name = 'order-api' AND wait_event_type = $2",
+                &[&app.database_name, &wait_event_type],
             )
             .await
             .unwrap();
         if let Some(row) = row {
             return row.get(0);
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "the order never waited on the lock");
+        assert!(started.elapsed() < Duration::from_secs(10), "the order never waited ({wait_event_type})");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
-/// The connection dies while the order's statement runs. One order per transaction
-/// (`ORDER_BATCH_MAX=1`), unkeyed, the statement commits on its own, so the service cannot
-/// know: 504. Keyed, the COMMIT had not been sent yet, so nothing can have been written: 503.
-/// Each answer is checked against the database, and the keyed retry places exactly one order.
-/// (In a batch the lock is taken before anything is written: `batching.rs`.)
+/// An order sent in a task of its own, with or without a key.
+fn send_order(app: &TestApp, key: Option<&'static str>) -> tokio::task::JoinHandle<common::Reply> {
+    let (http, url) = (app.http.clone(), app.url("/api/orders"));
+    tokio::spawn(async move {
+        let mut request = http.post(url).json(&order());
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        common::Reply::read(request.send().await.unwrap()).await
+    })
+}
+
+/// The connection dies while an order is inside PostgreSQL (one order per transaction,
+/// `ORDER_BATCH_MAX=1`, so the service's session is the order's). The answer says exactly what
+/// the service can know:
+/// - waiting on a product's lock, before any COMMIT was sent: nothing can have been written,
+///   503, keyed or not;
+/// - in the round trip that carries the COMMIT (held there by a slow trigger): 504. That is
+///   the write for an order without a key, and the storing of the outcome for one with a key,
+///   whose write goes a round trip earlier (the 201 body needs the order id): killed in its
+///   write, a keyed order is 503.
+///
+/// Each answer is checked against the database, and the keyed retries place one order each.
 #[tokio::test]
 async fn a_connection_lost_mid_order_is_503_before_the_commit_and_504_after() {
     let app = spawn_app_with(|config| config.order_batch_max = 1).await;
     for key in [None, Some("lost-1")] {
         let blocker = common::connect(&app.database_url).await;
         blocker.batch_execute("BEGIN; SELECT * FROM products WHERE id = 2 FOR UPDATE").await.unwrap();
-        let request = {
-            let (http, url) = (app.http.clone(), app.url("/api/orders"));
-            tokio::spawn(async move {
-                let mut request = http.post(url).json(&order());
-                if let Some(key) = key {
-                    request = request.header("Idempotency-Key", key);
-                }
-                common::Reply::read(request.send().await.unwrap()).await
-            })
-        };
-        let pid = waiting_backend(&app).await;
+        let request = send_order(&app, key);
+        let pid = waiting_backend(&app, "Lock").await;
         app.db.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
-        let reply = request.await.unwrap();
+        request.await.unwrap().assert_error(503, "SERVICE_UNAVAILABLE");
         blocker.batch_execute("ROLLBACK").await.unwrap();
-        match key {
-            None => reply.assert_error(504, "OUTCOME_UNKNOWN"),
-            Some(_) => reply.assert_error(503, "SERVICE_UNAVAILABLE"),
-        }
-        // Terminated while waiting: nothing was written, as a 503 promises (and as a 504 allows).
-        assert_eq!(app.count("orders").await, 0);
-        assert_eq!(app.stock(2).await, 50);
     }
-    let retried = app.post_order_with_key("lost-1", &order()).await;
-    assert_eq!(retried.status, 201, "{}", retried.text);
-    assert_eq!(app.count("orders").await, 1);
+
+    app.db
+        .batch_execute(
+            "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+                 $$ BEGIN PERFORM pg_sleep(30); RETURN NEW; END $$;",
+        )
+        .await
+        .unwrap();
+    let slow_payments = "CREATE TRIGGER slow BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION slow()";
+    let slow_keys = "CREATE TRIGGER slow BEFORE UPDATE ON idempotency_keys FOR EACH ROW EXECUTE FUNCTION slow()";
+    let cases = [
+        (slow_payments, None, 504, "OUTCOME_UNKNOWN"),
+        (slow_payments, Some("lost-2"), 503, "SERVICE_UNAVAILABLE"),
+        (slow_keys, Some("lost-3"), 504, "OUTCOME_UNKNOWN"),
+    ];
+    for (trigger, key, status, code) in cases {
+        app.db.batch_execute(trigger).await.unwrap();
+        let request = send_order(&app, key);
+        let pid = waiting_backend(&app, "Timeout").await;
+        app.db.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+        request.await.unwrap().assert_error(status, code);
+        let table = if trigger == slow_payments { "payments" } else { "idempotency_keys" };
+        app.db.batch_execute(&format!("DROP TRIGGER slow ON {table}")).await.unwrap();
+    }
+    // Terminated before committing: nothing was written, as a 503 promises (and a 504 allows).
+    assert_eq!(app.count("orders").await, 0);
+    assert_eq!(app.count("idempotency_keys").await, 0);
+    assert_eq!(app.stock(2).await, 50);
+
+    for key in ["lost-1", "lost-2", "lost-3"] {
+        let retried = app.post_order_with_key(key, &order()).await;
+        assert_eq!(retried.status, 201, "{}", retried.text);
+        assert!(retried.header("idempotent-replayed").is_none(), "nothing was stored for {key}");
+    }
+    assert_eq!(app.count("orders").await, 3);
     app.assert_invariants().await;
 }
 

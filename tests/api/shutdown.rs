@@ -127,7 +127,9 @@ async fn load_loop(server_url: String, orders: bool, signalled: Arc<AtomicBool>)
 async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     let test_database = TestDatabase::create().await;
     let (database, database_url) = (test_database.name.as_str(), test_database.url.as_str());
-    let mut server = ServerProcess::start(database_url).await;
+    // One order per transaction (ORDER_BATCH_MAX=1), so that each blocked order below waits
+    // on the lock in its own backend and the test can count them there.
+    let mut server = ServerProcess::start_with_env(database_url, &[("ORDER_BATCH_MAX", "1")]).await;
     let db = common::connect(database_url).await;
     // Enough stock for the whole load on product 2.
     db.execute("UPDATE products SET stock = 1000000 WHERE id = 2", &[]).await.unwrap();
@@ -139,8 +141,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Requests that are certainly in flight: orders for product 1, whose row the test locks.
-    // Each has its own Idempotency-Key, so each is a transaction of its own (orders without a
-    // key would wait together in one batch) and each waits on the lock in its own backend.
+    // Each has its own Idempotency-Key.
     let mut lock = common::connect(database_url).await;
     let lock_tx = lock.transaction().await.unwrap();
     lock_tx.execute("SELECT stock FROM products WHERE id = 1 FOR UPDATE", &[]).await.unwrap();

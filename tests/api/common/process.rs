@@ -27,9 +27,14 @@ impl ServerProcess {
     /// Starts `order-api serve` with `SEED_ON_START=true` (so it migrates and seeds the empty
     /// database) and waits until `GET /health` answers 200.
     pub async fn start(database_url: &str) -> ServerProcess {
+        ServerProcess::start_with_env(database_url, &[]).await
+    }
+
+    /// The same, with more environment variables.
+    pub async fn start_with_env(database_url: &str, env: &[(&str, &str)]) -> ServerProcess {
         let (read_stdout, stdout_gate) = std::sync::mpsc::channel();
         read_stdout.send(()).unwrap();
-        ServerProcess::start_with_stdout_gate(database_url, stdout_gate, &[]).await
+        ServerProcess::start_with_stdout_gate(database_url, stdout_gate, env).await
     }
 
     /// The same, with more environment variables, and with nobody reading the process's
