@@ -129,8 +129,9 @@ pub async fn run(
 ) -> Result<(), StartupError> {
     let pool = Pool::new(config.database()?, pool_settings(&config));
     let read_pool = config.read_database()?.map(|standby| Pool::new(standby, pool_settings(&config)));
-    let batcher = (config.order_batch_max > 1)
-        .then(|| db::orders::Batcher::start(pool.clone(), config.order_batch_max, config.idempotency_retention));
+    let order_batches = (config.order_batch_max > 1)
+        .then(|| db::orders::place_in_batches(pool.clone(), config.order_batch_max, config.idempotency_retention));
+    let order_reads = db::orders::read_in_batches(pool.clone());
     let auth = auth_from(&config)?;
     // The JWKS URL's keys: fetched once before serving (a failure is logged, and tokens with
     // its kids are refused until a later fetch works), then every few minutes.
@@ -151,7 +152,8 @@ pub async fn run(
         config,
         pool: pool.clone(),
         read_pool: read_pool.clone(),
-        batcher,
+        order_batches,
+        order_reads,
         metrics: Metrics::default(),
         auth,
         order_limit,

@@ -28,9 +28,10 @@ pub struct AppState {
     pub auth: Auth,
     /// `RATE_LIMIT_ORDERS_PER_MINUTE`, per user and per client address; `None`: no limit.
     pub order_limit: Option<RateLimiter>,
-    /// Commit batching of orders without a key (`ORDER_BATCH_MAX` > 1); `None`: one order per
-    /// transaction.
-    pub batcher: Option<crate::db::orders::Batcher>,
+    /// Commit batching of orders (`ORDER_BATCH_MAX` > 1); `None`: one order per transaction.
+    pub order_batches: Option<crate::db::orders::PlaceBatches>,
+    /// Concurrent reads of single orders share one statement.
+    pub order_reads: crate::db::orders::ReadBatches,
     /// Concurrent reads of the whole catalogue share one query.
     pub catalogue: products::CatalogueReads,
 }

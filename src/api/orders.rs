@@ -50,7 +50,7 @@ pub async fn create(
     }
     let retention = state.config.idempotency_retention;
     let request = OrderRequest { order, key };
-    let placed = db::orders::place(&state.pool, state.batcher.as_ref(), request, retention).await;
+    let placed = db::orders::place(&state.pool, state.order_batches.as_ref(), request, retention).await;
     state.metrics.record_order(match &placed {
         Ok(Placed::Created(_)) => "created",
         Ok(Placed::Replayed(_)) => "replayed",
@@ -107,7 +107,7 @@ pub async fn list(state: &AppState, credentials: Credentials<'_>, query: OrderQu
 /// The order with its lines; in jwt mode another user's order is 404, as if it did not exist.
 pub async fn get(state: &AppState, credentials: Credentials<'_>, order_id: i64) -> Result<Reply, Error> {
     let owner = credentials.customer().await?.owner_filter();
-    let order = db::orders::get(&state.pool, order_id, owner).await?;
+    let order = db::orders::get(&state.order_reads, order_id, owner).await?;
     Ok(json(StatusCode::OK, &order))
 }
 
@@ -132,7 +132,7 @@ pub async fn set_status(
         if let Ok(caller) = credentials.customer().await
             && let Some(own) = caller.owner_filter()
         {
-            db::orders::get(&state.pool, order_id, Some(own)).await?;
+            db::orders::get(&state.order_reads, order_id, Some(own)).await?;
         }
         return Err(refused);
     }

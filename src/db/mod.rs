@@ -4,6 +4,7 @@
 //! (an order with its idempotency key) is one call. Nothing here knows about HTTP.
 
 pub mod audit;
+pub mod batch;
 pub mod idempotency;
 pub mod migrate;
 pub mod orders;

@@ -199,6 +199,48 @@ async fn another_users_order_is_404_on_read_cancel_and_status() {
     assert_eq!(app.snapshot().await, before);
 }
 
+/// Reads of single orders are served in batches, one statement for many lookups. Within one
+/// batch each customer still reads only their own orders (another's, or none, is 404). The
+/// reads are held back by a lock on the orders table, so that they queue and go together.
+#[tokio::test]
+async fn reads_batched_together_keep_each_customers_orders_their_own() {
+    let app = jwt_app().await;
+    let (alice_order, bob_order) = (order_as(&app, 1, 3).await, order_as(&app, 2, 2).await);
+    let (alice, bob) = (customer(1), customer(2));
+    let mut reads = Vec::new();
+    for _ in 0..6 {
+        reads.extend([
+            (&alice, alice_order, 200),
+            (&alice, bob_order, 404),
+            (&bob, bob_order, 200),
+            (&bob, alice_order, 404),
+            (&bob, 999_999, 404),
+        ]);
+    }
+    let holder = crate::common::connect(&app.database_url).await;
+    holder.batch_execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE").await.unwrap();
+    let paths: Vec<String> = reads.iter().map(|(_, order_id, _)| format!("/api/orders/{order_id}")).collect();
+    let requests = futures::future::join_all(
+        reads.iter().zip(&paths).map(|((token, ..), path)| send(&app, reqwest::Method::GET, path, Some(token), None)),
+    );
+    let release = async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        holder.batch_execute("COMMIT").await.unwrap();
+    };
+    let (replies, ()) = tokio::join!(requests, release);
+    for ((_, order_id, status), reply) in reads.iter().zip(&replies) {
+        match status {
+            200 => {
+                assert_eq!(reply.status, 200, "{}", reply.text);
+                assert_eq!(reply.json["orderId"], *order_id);
+                let quantity = if *order_id == alice_order { 3 } else { 2 };
+                assert_eq!(reply.json["items"][0]["quantity"], quantity, "{}", reply.text);
+            }
+            _ => reply.assert_error(404, "ORDER_NOT_FOUND"),
+        }
+    }
+}
+
 /// A customer lists their own orders; another `userId` is 403; an operator's token (a JWT with
 /// the operator role, or the operator token) lists everyone's.
 #[tokio::test]

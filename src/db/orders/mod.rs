@@ -1,4 +1,4 @@
-//! Orders: placing (`place.rs`, in batches gathered by `batch.rs`), reading and listing
+//! Orders: placing (`place.rs`, in batches gathered by `db::batch`), reading and listing
 //! (`read.rs`), cancelling and moving along the lifecycle (`lifecycle.rs`), each one
 //! transaction.
 //!
@@ -19,15 +19,15 @@
 //! nothing, or the orders are decided here before anything is written, and the Rust code says
 //! precisely why from what the locking part saw.
 
-pub mod batch;
 mod lifecycle;
 mod place;
 mod read;
 
-pub use batch::Batcher;
 pub use lifecycle::{cancel, set_status};
-pub use place::{CreatedOrder, OrderRequest, Placed, StoredOutcome, place};
-pub use read::{OrderDetails, OrderFilter, OrderItem, OrderSummary, OrderUser, get, list};
+pub use place::{CreatedOrder, MAX_BATCH, OrderRequest, PlaceBatches, Placed, StoredOutcome, place, place_in_batches};
+pub use read::{
+    OrderDetails, OrderFilter, OrderItem, OrderLookup, OrderSummary, OrderUser, ReadBatches, get, list, read_in_batches,
+};
 
 use crate::{domain::OrderStatus, error::Error};
 

@@ -1,5 +1,5 @@
 //! Placing orders: one transaction places a batch of orders (one or more, gathered by
-//! `batch.rs`), each placed or refused on its own, in arrival order, with or without an
+//! `db::batch`), each placed or refused on its own, in arrival order, with or without an
 //! idempotency key. With `ORDER_BATCH_MAX=1` every order is a batch of one.
 //!
 //! The transaction is two round trips, three when the batch holds keys:
@@ -50,7 +50,7 @@ use serde::Serialize;
 use tokio_postgres::{Row, error::SqlState};
 
 use crate::{
-    db::{Failure, Pool, PooledConn, Sql, Tx, orders::Batcher},
+    db::{Failure, Pool, PooledConn, Sql, Tx, batch::Batches},
     domain::{IdempotencyKey, NewOrder, OrderStatus},
     error::Error,
     money::Money,
@@ -205,26 +205,43 @@ const SAVE_OUTCOMES: Sql = Sql {
     WHERE k.user_id = s.user_id AND k.key = s.key",
 };
 
-/// Places one order: in the next batch with a `batcher` (ORDER_BATCH_MAX > 1), else at once as
-/// a batch of one. `key_retention`: how long a key is kept, after which it may be claimed anew.
+/// Orders placed in batches of many, one transaction each (`ORDER_BATCH_MAX` > 1).
+pub type PlaceBatches = Batches<OrderRequest, Placed>;
+
+/// The most orders in one batch.
+pub const MAX_BATCH: usize = 256;
+
+/// Batches placed at the same time, each on a connection of its own.
+const BATCHES_IN_FLIGHT: usize = 2;
+
+/// Starts placing orders in batches of at most `max` (capped at `MAX_BATCH`) on `pool`;
+/// idempotency keys are kept for `key_retention`.
+pub fn place_in_batches(pool: Pool, max: usize, key_retention: Duration) -> PlaceBatches {
+    Batches::start(max.min(MAX_BATCH), BATCHES_IN_FLIGHT, move |batch: Vec<OrderRequest>| {
+        let pool = pool.clone();
+        async move {
+            let requests: Vec<&OrderRequest> = batch.iter().collect();
+            place_all(&pool, &requests, key_retention).await
+        }
+    })
+}
+
+/// Places one order: in the next batch with `batches`, else at once as a batch of one.
+/// `key_retention`: how long a key is kept, after which it may be claimed anew.
 pub async fn place(
     pool: &Pool,
-    batcher: Option<&Batcher>,
+    batches: Option<&PlaceBatches>,
     request: OrderRequest,
     key_retention: Duration,
 ) -> Result<Placed, Error> {
-    match batcher {
-        Some(batcher) => batcher.place(request).await,
+    match batches {
+        Some(batches) => batches.submit(request).await,
         None => place_all(pool, &[&request], key_retention).await.pop().expect("one outcome per request"),
     }
 }
 
 /// Places `requests` (one or more), each on its own: their outcomes, in the same order.
-pub(super) async fn place_all(
-    pool: &Pool,
-    requests: &[&OrderRequest],
-    key_retention: Duration,
-) -> Vec<Result<Placed, Error>> {
+async fn place_all(pool: &Pool, requests: &[&OrderRequest], key_retention: Duration) -> Vec<Result<Placed, Error>> {
     let mut outcomes: Vec<Option<Result<Placed, Error>>> = requests.iter().map(|_| None).collect();
     let mut pending: Vec<usize> = (0..requests.len()).collect();
     while !pending.is_empty() {
