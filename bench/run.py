@@ -145,6 +145,10 @@ API_SCENARIOS = [
     ApiScenario("api.orders_hot.64", "POST /api/orders, 1 hot product", 64, ["orders", "1"], "pg.order_a.hot", "pg.order_b.hot"),
     ApiScenario("api.orders_hot.64.unbatched", "POST /api/orders, hot, unbatched", 64, ["orders", "1"],
                 "pg.order_a.hot", "pg.order_b.hot", UNBATCHED),
+    ApiScenario("api.orders_keyed.64", "POST /api/orders, keyed, 4 products", 64, ["keyed", "4"],
+                "pg.order_a.spread", "pg.order_b.spread"),
+    ApiScenario("api.orders_keyed.64.unbatched", "POST /api/orders, keyed, unbatched", 64, ["keyed", "4"],
+                "pg.order_a.spread", "pg.order_b.spread", UNBATCHED),
     ApiScenario("api.order.64", "GET /api/orders/:id", 64, ["order"], None, "pg.get_order"),
     ApiScenario("api.products.64", "GET /api/products", 64, ["products"], None, "pg.products"),
 ]
@@ -168,7 +172,8 @@ PG_EXTRA_CLIENTS = {"pg.order_b.spread": [1]}
 # most. On this shared machine the speed of the whole box drifts by 10-20% over tens of
 # minutes; a ratio of two runs taken far apart would partly measure that drift.
 GROUPS = [
-    (["api.orders.16", "api.orders.64", "api.orders.1", "api.orders.1.unbatched", "api.orders.64.unbatched"],
+    (["api.orders.16", "api.orders.64", "api.orders.1", "api.orders.1.unbatched", "api.orders.64.unbatched",
+      "api.orders_keyed.64.unbatched", "api.orders_keyed.64"],
      ["pg.order_a.spread", "pg.order_b.spread"]),
     (["api.orders_hot.64.unbatched", "api.orders_hot.64"], ["pg.order_a.hot", "pg.order_b.hot"]),
     (["api.order.64"], ["pg.get_order"]),
@@ -763,7 +768,9 @@ def write_chart(report, path):
     groups = []
     for title, batched, unbatched in (("4 products, 64 connections", "api.orders.64", "api.orders.64.unbatched"),
                                       ("1 hot product, 64 connections", "api.orders_hot.64",
-                                       "api.orders_hot.64.unbatched")):
+                                       "api.orders_hot.64.unbatched"),
+                                      ("4 products, Idempotency-Key, 64 conn.", "api.orders_keyed.64",
+                                       "api.orders_keyed.64.unbatched")):
         bars = []
         for label, name in (("batched", batched), ("1 order/tx", unbatched)):
             if name in runs:
@@ -777,7 +784,8 @@ def write_chart(report, path):
         return None
     colors = {"batched": "#2a7ab0", "1 order/tx": "#9cc3dd"}
     top = max(rps for _, bars in groups for _, rps, _ in bars) * 1.15
-    width, height, left, bottom, bar_w, gap = 900, 360, 60, 300, 80, 50
+    height, left, bottom, bar_w, gap = 360, 60, 300, 80, 50
+    width = max(900, left + gap + sum(len(bars) * (bar_w + 6) + gap for _, bars in groups) + 10)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            f'font-size="12">',
            f'<text x="{left}" y="18" font-size="14">POST /api/orders, req/s and p99: commit batching '

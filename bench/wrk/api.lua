@@ -2,6 +2,7 @@
 --
 --   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- orders 4    POST /api/orders, products 1..4 in turn
 --   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- orders 1    POST /api/orders, product 1 only (hot)
+--   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- keyed 4     the same, each with its own Idempotency-Key
 --   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- order 5000  GET /api/orders/:id, id random in 1..5000
 --   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- products    GET /api/products
 --
@@ -11,6 +12,10 @@
 local requests_to_send = {}
 local next_request = 0
 local random_ids = 0
+-- keyed mode: the order bodies, and a counter that makes each request's key unique.
+local keyed_bodies = nil
+local keys_sent = 0
+local run_id = 0
 
 -- Numbers the threads, so each seeds its random generator differently.
 local threads_set_up = 0
@@ -28,17 +33,33 @@ function init(args)
          local body = string.format('{"userId":1,"items":[{"productId":%d,"quantity":1}]}', product_id)
          requests_to_send[product_id] = wrk.format("POST", "/api/orders", headers, body)
       end
+   elseif mode == "keyed" then
+      local products = tonumber(args[2] or "4")
+      keyed_bodies = {}
+      for product_id = 1, products do
+         keyed_bodies[product_id] =
+            string.format('{"userId":1,"items":[{"productId":%d,"quantity":1}]}', product_id)
+      end
+      -- Keys unique across threads and across runs on the same database.
+      run_id = os.time()
    elseif mode == "order" then
       random_ids = tonumber(args[2])
       math.randomseed(os.time() * 100 + thread_number)
    elseif mode == "products" then
       requests_to_send[1] = wrk.format("GET", "/api/products")
    else
-      error("unknown mode " .. tostring(mode) .. ": expected orders, order or products")
+      error("unknown mode " .. tostring(mode) .. ": expected orders, keyed, order or products")
    end
 end
 
 function request()
+   if keyed_bodies then
+      keys_sent = keys_sent + 1
+      next_request = next_request % #keyed_bodies + 1
+      local headers = { ["Content-Type"] = "application/json",
+                        ["Idempotency-Key"] = string.format("%d-%d-%d", run_id, thread_number, keys_sent) }
+      return wrk.format("POST", "/api/orders", headers, keyed_bodies[next_request])
+   end
    if random_ids > 0 then
       return wrk.format("GET", "/api/orders/" .. math.random(1, random_ids))
    end
