@@ -157,7 +157,7 @@ pub async fn run(
         metrics: Metrics::default(),
         auth,
         order_limit,
-        catalogue: api::products::CatalogueReads::default(),
+        catalogue: api::products::share_catalogue_reads(pool.clone(), read_pool.clone()),
     });
     http::serve(listener, state, shutdown).await;
     purge.abort();

@@ -1,13 +1,10 @@
 //! Products: the catalogue and its stock.
 
-use std::sync::Mutex;
-
 use postgres_types::Type;
 use serde::Serialize;
-use tokio::sync::watch;
 use tokio_postgres::{Row, error::SqlState};
 
-use super::{Pool, Sql};
+use super::{Pool, Sql, batch::Batches};
 use crate::{domain::Page, error::Error, money::Money};
 
 #[derive(Debug, Serialize)]
@@ -30,95 +27,43 @@ const LIST_ALL: Sql = Sql { params: &[], text: "SELECT id, name, price, stock FR
 /// Reads of the whole catalogue, shared between requests that ask for it at the same time.
 ///
 /// The catalogue is the hottest read of a shop, and each read costs a round trip to PostgreSQL
-/// and back through the kernel, most of its price on a small machine. So a request that comes
-/// while another one's read is still waiting for a connection joins that read instead of making
-/// its own. The batch closes when its leader has a connection, just before the query is sent:
-/// every answer therefore comes from a snapshot taken after its request arrived, and a client
+/// and back through the kernel, most of its price on a small machine. So requests are served in
+/// batches (`db::batch`): those that arrive while `CATALOGUE_READS_IN_FLIGHT` reads are under
+/// way share the next one. Each read is sent after every request it serves arrived, so a client
 /// that has just placed an order sees the stock it took. (A cache would answer faster but from
 /// the past; this never does.)
 ///
 /// What is shared is `T`, the catalogue as the caller renders it (the API shares its JSON
 /// body), so that the rendering too is done once per batch, not once per request.
-pub struct CatalogueReads<T> {
-    /// The batch still open for joining, if any: a receiver of its outcome.
-    open_batch: Mutex<Option<watch::Receiver<Option<BatchOutcome<T>>>>>,
-}
+pub type CatalogueReads<T> = Batches<(), T>;
 
-/// What a batch's read gave: the rendered catalogue, or why there is none (an
-/// `Error::Unavailable` reason, or `None` for any other failure, which the leader's request
-/// logs).
-type BatchOutcome<T> = Result<T, Option<&'static str>>;
+/// Catalogue reads under way at once; every other request waits for the next, shared, one.
+const CATALOGUE_READS_IN_FLIGHT: usize = 2;
 
-impl<T> Default for CatalogueReads<T> {
-    fn default() -> Self {
-        CatalogueReads { open_batch: Mutex::new(None) }
-    }
-}
+/// The most requests one catalogue read serves.
+const MAX_SHARED_READ: usize = 1024;
 
-impl<T: Clone> CatalogueReads<T> {
-    /// The whole catalogue, by id, rendered by `render`.
-    pub async fn read(&self, pool: &Pool, render: fn(&[Product]) -> Result<T, Error>) -> Result<T, Error> {
-        let joined = {
-            let mut open_batch = self.open_batch.lock().unwrap();
-            match &*open_batch {
-                Some(outcome) => Err(outcome.clone()),
-                None => {
-                    let (sender, outcome) = watch::channel(None);
-                    *open_batch = Some(outcome);
-                    Ok(sender)
-                }
-            }
-        };
-        match joined {
-            Ok(sender) => self.lead(pool, render, sender).await,
-            Err(mut outcome) => {
-                let shared = outcome.wait_for(Option::is_some).await.ok().and_then(|outcome| outcome.clone());
-                match shared {
-                    Some(Ok(catalogue)) => Ok(catalogue),
-                    Some(Err(Some(reason))) => Err(Error::Unavailable(reason)),
-                    Some(Err(None)) => Err(Error::Internal("the shared catalogue read failed".into())),
-                    // The leader was dropped before answering: read alone.
-                    None => render(&list_all(pool.get().await?.query(&LIST_ALL, &[]).await?)),
-                }
-            }
+/// Serves reads of the whole catalogue in shared batches: each batch reads it with `read`
+/// (which picks the database) and renders it once with `render`.
+pub fn share_catalogue_reads<T, R, Read>(read: R, render: fn(&[Product]) -> Result<T, Error>) -> CatalogueReads<T>
+where
+    T: Clone + Send + 'static,
+    R: Fn() -> Read + Send + Sync + 'static,
+    Read: Future<Output = Result<Vec<Product>, Error>> + Send + 'static,
+{
+    Batches::start(MAX_SHARED_READ, CATALOGUE_READS_IN_FLIGHT, move |requests: Vec<()>| {
+        let catalogue = read();
+        async move {
+            let rendered = catalogue.await.and_then(|products| render(&products));
+            requests.iter().map(|()| rendered.clone()).collect()
         }
-    }
-
-    /// Gets a connection, closes the batch, reads, and tells everyone who joined.
-    async fn lead(
-        &self,
-        pool: &Pool,
-        render: fn(&[Product]) -> Result<T, Error>,
-        sender: watch::Sender<Option<BatchOutcome<T>>>,
-    ) -> Result<T, Error> {
-        // Closes the batch however this ends, even if the request is dropped while waiting.
-        struct CloseBatch<'a, T>(&'a CatalogueReads<T>);
-        impl<T> Drop for CloseBatch<'_, T> {
-            fn drop(&mut self) {
-                self.0.open_batch.lock().unwrap().take();
-            }
-        }
-        let close = CloseBatch(self);
-        let conn = pool.get().await;
-        drop(close);
-        let result = match conn {
-            Ok(mut conn) => {
-                conn.query(&LIST_ALL, &[]).await.map_err(Error::from).and_then(|rows| render(&list_all(rows)))
-            }
-            Err(e) => Err(e),
-        };
-        let shared = match &result {
-            Ok(catalogue) => Ok(catalogue.clone()),
-            Err(Error::Unavailable(reason)) => Err(Some(*reason)),
-            Err(_) => Err(None),
-        };
-        let _ = sender.send(Some(shared));
-        result
-    }
+    })
 }
 
-fn list_all(rows: Vec<Row>) -> Vec<Product> {
-    rows.iter().map(Product::from_row).collect()
+/// The whole catalogue, by id.
+pub async fn list_all(pool: &Pool) -> Result<Vec<Product>, Error> {
+    let rows = pool.get().await?.query(&LIST_ALL, &[]).await?;
+    Ok(rows.iter().map(Product::from_row).collect())
 }
 
 /// One keyset page of the catalogue: ids after $1, at most $2 of them.
