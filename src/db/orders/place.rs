@@ -381,7 +381,8 @@ async fn place_together(pool: &Pool, batch: &[&OrderRequest], key_retention: Dur
     let written = Written::of(&placed);
     let write: [&(dyn ToSql + Sync); 4] = [&written.users, &written.line_order, &written.products, &written.quantities];
     let (tx, created) = match (tx, keys.is_empty(), placed.is_empty()) {
-        (Begun::Not(_), ..) => (None, Vec::new()),
+        // Every batch has an order, keyed (step 1 began) or open (step 2 began).
+        (Begun::Not(_), ..) => return Together::Failed(Error::Internal("a batch that sent nothing".into())),
         (Begun::Tx(tx), true, true) => {
             return match tx.rollback().await {
                 Ok(()) => Together::Answered(answers(fates, Vec::new())),
