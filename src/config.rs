@@ -174,7 +174,7 @@ impl Config {
         set.set(&mut config.database_url, "DATABASE_URL", "a URL", |v| Some(v.to_owned()))?;
         set.set(&mut config.database_read_url, "DATABASE_READ_URL", "a URL", |v| Some(Some(v.to_owned())))?;
         set.set(&mut config.order_batch_max, "ORDER_BATCH_MAX", "an integer from 1 to 256", |v| {
-            v.parse().ok().filter(|n| (1..=crate::db::orders::MAX_BATCH).contains(n))
+            v.parse().ok().filter(|n| (1..=crate::db::MAX_BATCH).contains(n))
         })?;
         set.set(&mut config.pool_size, "DB_POOL_SIZE", "an integer from 1 to 1000", |v| {
             v.parse().ok().filter(|n| (1..=1000).contains(n))

@@ -22,3 +22,16 @@ pub async fn scope<F: Future>(deadline: Instant, work: F) -> F::Output {
 pub fn current() -> Option<Instant> {
     REQUEST_DEADLINE.try_with(|deadline| *deadline).ok()
 }
+
+/// Whether the deadline of the request this task serves has passed (never, outside a request).
+pub fn passed() -> bool {
+    current().is_some_and(|deadline| deadline <= Instant::now())
+}
+
+/// Runs `work` under `deadline` if there is one, else under the current deadline (if any).
+pub async fn within<F: Future>(deadline: Option<Instant>, work: F) -> F::Output {
+    match deadline {
+        Some(deadline) => scope(deadline, work).await,
+        None => work.await,
+    }
+}

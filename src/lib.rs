@@ -33,6 +33,7 @@ pub mod log;
 pub mod metrics;
 pub mod money;
 pub mod rate_limit;
+pub mod sync;
 pub mod tls;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -43,7 +44,7 @@ use crate::{
     api::AppState,
     auth::{Auth, AuthMode},
     config::Config,
-    db::{Pool, PoolSettings, StartupError},
+    db::{Db, DbSettings, PlaceSettings, PoolSettings, StartupError},
     metrics::Metrics,
 };
 
@@ -127,11 +128,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), StartupError> {
-    let pool = Pool::new(config.database()?, pool_settings(&config));
-    let read_pool = config.read_database()?.map(|standby| Pool::new(standby, pool_settings(&config)));
-    let order_batches = (config.order_batch_max > 1)
-        .then(|| db::orders::place_in_batches(pool.clone(), config.order_batch_max, config.idempotency_retention));
-    let order_reads = db::orders::read_in_batches(pool.clone());
+    let db = Db::start(db_settings(&config)?);
     let auth = auth_from(&config)?;
     // The JWKS URL's keys: fetched once before serving (a failure is logged, and tokens with
     // its kids are refused until a later fetch works), then every few minutes.
@@ -143,44 +140,38 @@ pub async fn run(
         None => None,
     };
     let order_limit = rate_limit::RateLimiter::new(config.rate_limit_orders_per_minute);
-    let purge = tokio::spawn(db::idempotency::purge_periodically(
-        pool.clone(),
-        config.idempotency_retention,
-        IDEMPOTENCY_PURGE_INTERVAL,
-    ));
-    let state = Arc::new(AppState {
-        config,
-        pool: pool.clone(),
-        read_pool: read_pool.clone(),
-        order_batches,
-        order_reads,
-        metrics: Metrics::default(),
-        auth,
-        order_limit,
-        catalogue: api::products::share_catalogue_reads(pool.clone(), read_pool.clone()),
-    });
+    let purge =
+        tokio::spawn(db.clone().purge_keys_periodically(config.idempotency_retention, IDEMPOTENCY_PURGE_INTERVAL));
+    let state = Arc::new(AppState { config, db: db.clone(), metrics: Metrics::default(), auth, order_limit });
     http::serve(listener, state, shutdown).await;
     purge.abort();
     if let Some(refresh) = jwks_refresh {
         refresh.abort();
     }
-    pool.close();
-    if let Some(read_pool) = read_pool {
-        read_pool.close();
-    }
+    db.close();
     Ok(())
 }
 
-/// The pool settings, the same for the primary and the standby of `DATABASE_READ_URL`.
-fn pool_settings(config: &Config) -> PoolSettings {
-    PoolSettings {
-        max_size: config.pool_size,
-        acquire_timeout: config.pool_timeout,
-        connect_timeout: config.connect_timeout,
-        statement_timeout: config.statement_timeout,
-        unnamed_statements: config.transaction_pooler,
-        max_lifetime: config.connection_max_lifetime,
-    }
+/// The database's settings, from the configuration. The pool settings are the same for the
+/// primary and the standby of `DATABASE_READ_URL`.
+fn db_settings(config: &Config) -> Result<DbSettings, StartupError> {
+    Ok(DbSettings {
+        primary: config.database()?,
+        standby: config.read_database()?,
+        pool: PoolSettings {
+            max_size: config.pool_size,
+            acquire_timeout: config.pool_timeout,
+            connect_timeout: config.connect_timeout,
+            statement_timeout: config.statement_timeout,
+            unnamed_statements: config.transaction_pooler,
+            max_lifetime: config.connection_max_lifetime,
+        },
+        place: PlaceSettings {
+            batch_max: config.order_batch_max,
+            key_retention: config.idempotency_retention,
+            store_refusal: api::reply::stored_refusal,
+        },
+    })
 }
 
 /// The credentials the service accepts, from the configuration; says at start what is open.

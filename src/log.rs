@@ -183,7 +183,7 @@ fn output() -> &'static Output {
 
 impl Output {
     fn lock(&self) -> std::sync::MutexGuard<'_, Buffered> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     fn append(&self, line: &[u8]) {

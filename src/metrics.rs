@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, fmt::Write, sync::Mutex, time::Duration};
 
 use hyper::Method;
 
-use crate::db::PoolStatus;
+use crate::{db::PoolStatus, sync::lock};
 
 /// Upper bounds of the latency histogram buckets, in seconds. The last is the default request
 /// deadline (`REQUEST_TIMEOUT_MS`, 10 s), so requests that ran into it stand apart.
@@ -57,9 +57,9 @@ fn method_label(method: &Method) -> &'static str {
 impl Metrics {
     pub fn record_request(&self, route: &'static str, method: &Method, status: u16, elapsed: Duration) {
         let method = method_label(method);
-        *self.requests.lock().unwrap().entry((route, method, status)).or_default() += 1;
+        *lock(&self.requests).entry((route, method, status)).or_default() += 1;
         let seconds = elapsed.as_secs_f64();
-        let mut latency = self.latency.lock().unwrap();
+        let mut latency = lock(&self.latency);
         let histogram = latency.entry((route, method)).or_default();
         histogram.count += 1;
         histogram.sum += seconds;
@@ -72,11 +72,11 @@ impl Metrics {
 
     /// `outcome` is "created", "replayed" or the error code of a rejection.
     pub fn record_order(&self, outcome: &'static str) {
-        *self.orders.lock().unwrap().entry(outcome).or_default() += 1;
+        *lock(&self.orders).entry(outcome).or_default() += 1;
     }
 
     pub fn record_refused_connection(&self) {
-        *self.refused_connections.lock().unwrap() += 1;
+        *lock(&self.refused_connections) += 1;
     }
 
     pub fn render(&self, pool: PoolStatus) -> String {
@@ -90,7 +90,7 @@ impl Metrics {
             "counter",
             "HTTP requests answered, by route template, method and status.",
         );
-        for ((route, method, status), count) in self.requests.lock().unwrap().iter() {
+        for ((route, method, status), count) in lock(&self.requests).iter() {
             let _ = writeln!(
                 out,
                 "order_api_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {count}"
@@ -99,7 +99,7 @@ impl Metrics {
 
         let name = "order_api_http_request_duration_seconds";
         family(&mut out, name, "histogram", "Time from request headers read to response ready.");
-        for ((route, method), histogram) in self.latency.lock().unwrap().iter() {
+        for ((route, method), histogram) in lock(&self.latency).iter() {
             let labels = format!("route=\"{route}\",method=\"{method}\"");
             for (bound, count) in LATENCY_BUCKETS.iter().zip(histogram.buckets) {
                 let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
@@ -115,11 +115,11 @@ impl Metrics {
             "counter",
             "Order creation attempts by outcome: created, replayed, or the rejection code.",
         );
-        for (outcome, count) in self.orders.lock().unwrap().iter() {
+        for (outcome, count) in lock(&self.orders).iter() {
             let _ = writeln!(out, "order_api_orders_total{{outcome=\"{outcome}\"}} {count}");
         }
 
-        let refused = *self.refused_connections.lock().unwrap();
+        let refused = *lock(&self.refused_connections);
         for (name, kind, help, value) in [
             (
                 "order_api_connections_refused_total",

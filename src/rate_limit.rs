@@ -60,7 +60,7 @@ impl RateLimiter {
 
     /// Takes a token from each key's bucket, or none and says how long until every one has one.
     pub fn take(&self, keys: &[Key], now: Instant) -> Result<(), Duration> {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut buckets = crate::sync::lock(&self.buckets);
         let refilled: Vec<Bucket> = keys
             .iter()
             .map(|key| {

@@ -10,7 +10,6 @@ use super::{
     AppState,
     reply::{Reply, json, retry_after, with_content_type},
 };
-use crate::db;
 
 /// A health check must answer quickly even when the database hangs: past this, unhealthy.
 const HEALTH_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -28,7 +27,7 @@ struct Health {
 /// 200 `{"status":"ok","db":"healthy"}` when a pooled connection answers, else 503
 /// `{"status":"error","db":"unhealthy"}`.
 pub async fn check(state: &AppState) -> Reply {
-    match tokio::time::timeout(HEALTH_CHECK_TIMEOUT, db::ping(&state.pool)).await {
+    match tokio::time::timeout(HEALTH_CHECK_TIMEOUT, state.db.ping()).await {
         Ok(Ok(())) => json(StatusCode::OK, &Health { status: "ok", db: "healthy", migrations: None }),
         _ => unhealthy(Health { status: "error", db: "unhealthy", migrations: None }),
     }
@@ -48,7 +47,7 @@ pub fn live() -> Reply {
 /// has every migration of this build; else 503 saying which is missing, so that a load
 /// balancer sends no traffic to a replica that cannot serve it.
 pub async fn ready(state: &AppState) -> Reply {
-    let applied = tokio::time::timeout(HEALTH_CHECK_TIMEOUT, db::migrate::all_applied(&state.pool)).await;
+    let applied = tokio::time::timeout(HEALTH_CHECK_TIMEOUT, state.db.migrations_applied()).await;
     match applied {
         Ok(Ok(true)) => json(StatusCode::OK, &Health { status: "ok", db: "healthy", migrations: Some("applied") }),
         Ok(Ok(false)) => unhealthy(Health { status: "error", db: "healthy", migrations: Some("pending") }),
@@ -65,6 +64,6 @@ pub fn metrics(state: &AppState) -> Reply {
     with_content_type(
         StatusCode::OK,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        state.metrics.render(state.pool.status()),
+        state.metrics.render(state.db.pool_status()),
     )
 }

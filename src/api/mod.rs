@@ -14,26 +14,19 @@ pub mod routes;
 
 use hyper::header::{HeaderValue, LINK};
 
-use crate::{auth::Auth, config::Config, db::Pool, domain::Page, metrics::Metrics, rate_limit::RateLimiter};
+use crate::{auth::Auth, config::Config, db::Db, domain::Page, metrics::Metrics, rate_limit::RateLimiter};
 use reply::Reply;
 
 /// What every request handler shares.
 pub struct AppState {
     pub config: Config,
-    pub pool: Pool,
-    /// `DATABASE_READ_URL`'s pool (a standby) for the catalogue reads, if configured.
-    pub read_pool: Option<Pool>,
+    /// The one door to the database.
+    pub db: Db,
     pub metrics: Metrics,
     /// The credentials accepted (`AUTH_MODE`, `OPERATOR_TOKEN`, JWT keys).
     pub auth: Auth,
     /// `RATE_LIMIT_ORDERS_PER_MINUTE`, per user and per client address; `None`: no limit.
     pub order_limit: Option<RateLimiter>,
-    /// Commit batching of orders (`ORDER_BATCH_MAX` > 1); `None`: one order per transaction.
-    pub order_batches: Option<crate::db::orders::PlaceBatches>,
-    /// Concurrent reads of single orders share one statement.
-    pub order_reads: crate::db::orders::ReadBatches,
-    /// Concurrent reads of the whole catalogue share one query.
-    pub catalogue: products::CatalogueReads,
 }
 
 /// The raw listing parameters of a query string (`limit`, `after`), parsed by the endpoint.

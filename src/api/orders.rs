@@ -13,10 +13,7 @@ use super::{
     reply::{Reply, json, json_text},
 };
 use crate::{
-    db::{
-        self,
-        orders::{OrderFilter, OrderRequest, Placed},
-    },
+    db::{OrderFilter, OrderRequest, Placed, Replay},
     domain::{IdempotencyKey, NewOrder, OrderStatus, Page, parse_status_change, positive_int4_in_query},
     error::Error,
     rate_limit::Key,
@@ -27,7 +24,8 @@ const REPLAYED: &str = "idempotent-replayed";
 
 /// 201 `{"orderId","status":"processing","totalAmount"}`, or the reason the order was refused.
 /// With an `Idempotency-Key`, the outcome is stored with the key in the order's transaction and
-/// a retry gets it replayed byte for byte (see `db::orders::place`).
+/// a retry gets it replayed byte for byte: a created order's 201 is rendered again from the
+/// order, exactly as here; a refusal is kept as `reply::stored_refusal` rendered it.
 ///
 /// In jwt mode the order is the token's user's: `userId` may be left out, and another user's
 /// id is 403 (an operator's token may order for anyone).
@@ -48,23 +46,22 @@ pub async fn create(
             .take(&keys, Instant::now())
             .map_err(|wait| Error::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64 })?;
     }
-    let retention = state.config.idempotency_retention;
-    let request = OrderRequest { order, key };
-    let placed = db::orders::place(&state.pool, state.order_batches.as_ref(), request, retention).await;
+    let placed = state.db.place(OrderRequest { order, key }).await;
     state.metrics.record_order(match &placed {
         Ok(Placed::Created(_)) => "created",
         Ok(Placed::Replayed(_)) => "replayed",
         Err(error) => error.code(),
     });
-    match placed? {
-        Placed::Created(created) => Ok(json(StatusCode::CREATED, &created)),
-        Placed::Replayed(stored) => {
+    let mut reply = match placed? {
+        Placed::Created(created) => return Ok(json(StatusCode::CREATED, &created)),
+        Placed::Replayed(Replay::Created(created)) => json(StatusCode::CREATED, &created),
+        Placed::Replayed(Replay::Answered(stored)) => {
             let status = StatusCode::from_u16(stored.status).map_err(|e| Error::Internal(e.to_string()))?;
-            let mut reply = json_text(status, stored.body);
-            reply.headers_mut().insert(REPLAYED, HeaderValue::from_static("true"));
-            Ok(reply)
+            json_text(status, stored.body)
         }
-    }
+    };
+    reply.headers_mut().insert(REPLAYED, HeaderValue::from_static("true"));
+    Ok(reply)
 }
 
 /// The raw filters of `GET /api/orders`.
@@ -90,7 +87,7 @@ pub async fn list(state: &AppState, credentials: Credentials<'_>, query: OrderQu
         })?),
     };
     let page = Page::parse(query.listing.limit.as_deref(), query.listing.after.as_deref())?;
-    let orders = db::orders::list(&state.pool, OrderFilter { user_id, status }, page).await?;
+    let orders = state.db.orders(OrderFilter { user_id, status }, page).await?;
 
     let mut filters = Vec::new();
     if let Some(user_id) = user_id {
@@ -107,7 +104,7 @@ pub async fn list(state: &AppState, credentials: Credentials<'_>, query: OrderQu
 /// The order with its lines; in jwt mode another user's order is 404, as if it did not exist.
 pub async fn get(state: &AppState, credentials: Credentials<'_>, order_id: i64) -> Result<Reply, Error> {
     let owner = credentials.customer().await?.owner_filter();
-    let order = db::orders::get(&state.order_reads, order_id, owner).await?;
+    let order = state.db.order(order_id, owner).await?;
     Ok(json(StatusCode::OK, &order))
 }
 
@@ -115,7 +112,7 @@ pub async fn get(state: &AppState, credentials: Credentials<'_>, order_id: i64) 
 /// mode another user's order is 404.
 pub async fn cancel(state: &AppState, credentials: Credentials<'_>, order_id: i64) -> Result<Reply, Error> {
     let owner = credentials.customer().await?.owner_filter();
-    db::orders::cancel(&state.pool, order_id, owner).await?;
+    state.db.cancel(order_id, owner).await?;
     Ok(status_reply(order_id, OrderStatus::Cancelled))
 }
 
@@ -132,12 +129,12 @@ pub async fn set_status(
         if let Ok(caller) = credentials.customer().await
             && let Some(own) = caller.owner_filter()
         {
-            db::orders::get(&state.order_reads, order_id, Some(own)).await?;
+            state.db.order(order_id, Some(own)).await?;
         }
         return Err(refused);
     }
     let target = parse_status_change(&body)?;
-    db::orders::set_status(&state.pool, order_id, target).await?;
+    state.db.set_status(order_id, target).await?;
     Ok(status_reply(order_id, target))
 }
 

@@ -1,4 +1,5 @@
-//! Building responses: JSON bodies, and errors rendered from `Error::answer` in one place.
+//! Building responses: JSON bodies, and errors rendered from `Error::head` and `Error::body`
+//! in one place.
 
 use http_body_util::Full;
 use hyper::{
@@ -8,7 +9,10 @@ use hyper::{
 };
 use serde::Serialize;
 
-use crate::error::{Error, RETRY_AFTER_SECS};
+use crate::{
+    db::StoredAnswer,
+    error::{Error, RETRY_AFTER_SECS},
+};
 
 pub type Reply = Response<Full<Bytes>>;
 
@@ -44,24 +48,27 @@ fn retry_after_secs(mut reply: Reply, seconds: u64) -> Reply {
     reply
 }
 
-/// The response for an error: its status, `{"error","code",...}`, and the headers the answer
-/// calls for (`Allow` on 405, `WWW-Authenticate` on 401, `Retry-After` when a retry may
-/// succeed).
+/// The response for an error: its status and headers from `Error::head`, its body from
+/// `Error::body`.
 pub fn error(error: &Error) -> Reply {
-    let answer = error.answer();
-    let mut reply = json(answer.status, &answer.body);
-    match error {
-        Error::MethodNotAllowed { allow } => {
-            reply.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
-        }
-        Error::Unauthorized { token_rejected, .. } => {
-            let challenge = if *token_rejected { r#"Bearer error="invalid_token""# } else { "Bearer" };
-            reply.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
-        }
-        _ => {}
+    let head = error.head();
+    let mut reply = json(head.status, &error.body());
+    if let Some(allow) = head.allow {
+        reply.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
     }
-    match answer.retry_after {
+    if let Some(challenge) = head.challenge {
+        reply.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+    }
+    match head.retry_after {
         Some(seconds) => retry_after_secs(reply, seconds),
         None => reply,
     }
+}
+
+/// A refused order's answer as an idempotency key keeps it: the status and the very bytes
+/// `error` renders, so that a replay is byte for byte the first answer.
+pub fn stored_refusal(refusal: &Error) -> StoredAnswer {
+    let body = serde_json::to_string(&refusal.body())
+        .unwrap_or_else(|_| String::from(r#"{"error":"internal error","code":"INTERNAL"}"#));
+    StoredAnswer { status: refusal.status().as_u16(), body }
 }

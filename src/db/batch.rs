@@ -8,7 +8,9 @@
 //!   only when they arrive faster than batches finish. At most `in_flight` batches run at a
 //!   time, so a request waits for at most that many batches ahead of it.
 //! - **Deadlines.** A request already past its deadline when its batch starts is not sent
-//!   (503). The batch runs under the earliest deadline of its requests.
+//!   (503). The batch runs under the earliest deadline of its requests; `run` is given each
+//!   request's own deadline, for work it does past the first round trip (`orders::place`
+//!   places some orders again, each round under the deadlines of the orders in it).
 
 use std::sync::Arc;
 
@@ -32,9 +34,15 @@ impl<R, O> Clone for Batches<R, O> {
 }
 
 struct Waiting<R, O> {
-    request: R,
-    deadline: Option<Instant>,
+    job: Job<R>,
     answer: oneshot::Sender<Result<O, Error>>,
+}
+
+/// A request of a batch, with the deadline of the HTTP request that made it.
+#[derive(Debug)]
+pub struct Job<R> {
+    pub request: R,
+    pub deadline: Option<Instant>,
 }
 
 impl<R: Send + 'static, O: Send + 'static> Batches<R, O> {
@@ -42,7 +50,7 @@ impl<R: Send + 'static, O: Send + 'static> Batches<R, O> {
     /// `run`, which answers every request of its batch, in order.
     pub fn start<F, Served>(max: usize, in_flight: usize, run: F) -> Batches<R, O>
     where
-        F: Fn(Vec<R>) -> Served + Send + Sync + 'static,
+        F: Fn(Vec<Job<R>>) -> Served + Send + Sync + 'static,
         Served: Future<Output = Vec<Result<O, Error>>> + Send + 'static,
     {
         let (queue, waiting) = mpsc::unbounded_channel();
@@ -53,7 +61,7 @@ impl<R: Send + 'static, O: Send + 'static> Batches<R, O> {
     /// Serves `request` in the next batch; its own outcome.
     pub async fn submit(&self, request: R) -> Result<O, Error> {
         let (answer, answered) = oneshot::channel();
-        let waiting = Waiting { request, deadline: deadline::current(), answer };
+        let waiting = Waiting { job: Job { request, deadline: deadline::current() }, answer };
         self.queue.send(waiting).map_err(|_| Error::Unavailable("the service is shutting down"))?;
         answered.await.unwrap_or_else(|_| Err(Error::Internal("the request's batch ended without an answer".into())))
     }
@@ -67,7 +75,7 @@ async fn batch_loop<R, O, F, Served>(
 ) where
     R: Send + 'static,
     O: Send + 'static,
-    F: Fn(Vec<R>) -> Served + Send + Sync + 'static,
+    F: Fn(Vec<Job<R>>) -> Served + Send + Sync + 'static,
     Served: Future<Output = Vec<Result<O, Error>>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(in_flight));
@@ -91,12 +99,12 @@ async fn batch_loop<R, O, F, Served>(
 
 async fn serve<R, O, F, Served>(batch: Vec<Waiting<R, O>>, run: &F)
 where
-    F: Fn(Vec<R>) -> Served,
+    F: Fn(Vec<Job<R>>) -> Served,
     Served: Future<Output = Vec<Result<O, Error>>>,
 {
     let now = Instant::now();
     let (live, late): (Vec<_>, Vec<_>) =
-        batch.into_iter().partition(|waiting| waiting.deadline.is_none_or(|deadline| deadline > now));
+        batch.into_iter().partition(|waiting| waiting.job.deadline.is_none_or(|deadline| deadline > now));
     for waiting in late {
         let _ =
             waiting.answer.send(Err(Error::Unavailable("the request ran out of time waiting for its batch; retry")));
@@ -104,8 +112,8 @@ where
     if live.is_empty() {
         return;
     }
-    let earliest = live.iter().filter_map(|waiting| waiting.deadline).min();
-    let (requests, answers): (Vec<R>, Vec<_>) = live.into_iter().map(|w| (w.request, w.answer)).unzip();
+    let earliest = live.iter().filter_map(|waiting| waiting.job.deadline).min();
+    let (requests, answers): (Vec<Job<R>>, Vec<_>) = live.into_iter().map(|w| (w.job, w.answer)).unzip();
     let count = requests.len();
     let served = run(requests);
     let mut outcomes = match earliest {

@@ -1,27 +1,206 @@
-//! Everything that talks to PostgreSQL: the pool (`pool.rs` checks connections out,
-//! `pipeline.rs` runs statements on them, `tx.rs` holds a transaction open across round
-//! trips), the migration runner, and one file per resource holding its SQL. A whole operation
-//! (an order with its idempotency key) is one call. Nothing here knows about HTTP.
+//! Everything that talks to PostgreSQL, behind one door: `Db`, which owns the pools (the
+//! primary, and the standby of `DATABASE_READ_URL`), the batch queues and their share of the
+//! pool, and has one function per operation of the service. A whole operation (an order with
+//! its idempotency key) is one call. Nothing here knows about HTTP.
+//!
+//! Inside: `pool.rs` checks connections out, `pipeline.rs` runs statements on them, `tx.rs`
+//! holds a transaction open across round trips, `failure.rs` says what a failed round trip
+//! means for the client, `batch.rs` gathers concurrent requests into one transaction or
+//! query; `migrate.rs` is the migration runner, `audit.rs` the invariants; and one file (or
+//! folder) per resource holds its SQL.
 
 pub mod audit;
-pub mod batch;
+mod batch;
+mod failure;
 pub mod idempotency;
 pub mod migrate;
-pub mod orders;
-pub mod pipeline;
+mod orders;
+mod pipeline;
 pub mod pool;
-pub mod products;
+mod products;
 pub mod target;
-pub mod tx;
+mod tx;
+
+use std::time::Duration;
 
 use tokio_postgres::{Client, error::SqlState};
 
-pub use pipeline::{Failure, Sql};
+pub use failure::{Failure, describe};
+pub use orders::{
+    CreatedOrder, MAX_BATCH, OrderDetails, OrderFilter, OrderItem, OrderRequest, OrderSummary, OrderUser,
+    PlaceSettings, Placed, Replay, StoredAnswer,
+};
+pub use pipeline::Sql;
 pub use pool::{Pool, PoolSettings, PoolStatus, PooledConn};
+pub use products::{Catalogue, Product};
 pub use target::Target;
 pub use tx::Tx;
 
-use crate::{error::Error, log};
+use crate::{
+    domain::{OrderStatus, Page},
+    error::Error,
+    log,
+};
+
+/// What `Db::start` needs.
+#[derive(Clone)]
+pub struct DbSettings {
+    pub primary: Target,
+    /// `DATABASE_READ_URL`: a standby for the catalogue reads.
+    pub standby: Option<Target>,
+    /// The same for both pools; `max_size` (`DB_POOL_SIZE`) also sizes the lanes.
+    pub pool: PoolSettings,
+    pub place: PlaceSettings,
+}
+
+/// How many batches of each kind run at once: each kind of work gets its share of the pool,
+/// so that a burst of one (a flash sale, a storm of order reads) leaves connections for the
+/// others. Order batches, order reads and catalogue reads take a quarter, a half and a quarter
+/// of `DB_POOL_SIZE` (2, 4 and 2 of the default 8: a batch holds its connection for one or two
+/// round trips, and more in flight only queue inside PostgreSQL on 2 cores). The contended
+/// lane (orders waiting for a product lock another transaction holds) takes another quarter,
+/// used only while products are contended; the pool stays the hard bound, so then the lanes
+/// wait for connections rather than for each other. At least one each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lanes {
+    pub orders: usize,
+    pub contended_orders: usize,
+    pub order_reads: usize,
+    pub catalogue_reads: usize,
+}
+
+impl Lanes {
+    pub fn for_pool(size: usize) -> Lanes {
+        let share = |fraction: usize| (size / fraction).max(1);
+        Lanes { orders: share(4), contended_orders: share(4), order_reads: share(2), catalogue_reads: share(4) }
+    }
+}
+
+/// The database, as the rest of the service sees it: one handle, cheap to clone, with one
+/// function per operation.
+#[derive(Clone)]
+pub struct Db {
+    primary: Pool,
+    standby: Option<Pool>,
+    placing: orders::Placing,
+    order_reads: orders::ReadBatches,
+    catalogue: products::CatalogueReads,
+}
+
+impl Db {
+    /// Builds the pools and starts the batch queues; no connection is opened until a request
+    /// needs one.
+    pub fn start(settings: DbSettings) -> Db {
+        let primary = Pool::new(settings.primary, settings.pool.clone());
+        let standby = settings.standby.map(|standby| Pool::new(standby, settings.pool.clone()));
+        let lanes = Lanes::for_pool(settings.pool.max_size);
+        let placing = orders::Placing::start(primary.clone(), settings.place, lanes.orders, lanes.contended_orders);
+        let order_reads = orders::read_in_batches(primary.clone(), lanes.order_reads);
+        let (for_catalogue, standby_for_catalogue) = (primary.clone(), standby.clone());
+        let catalogue = products::share_catalogue_reads(
+            move || {
+                let (primary, standby) = (for_catalogue.clone(), standby_for_catalogue.clone());
+                async move { on_catalogue_pool(standby.as_ref(), &primary, products::list_all).await }
+            },
+            lanes.catalogue_reads,
+        );
+        Db { primary, standby, placing, order_reads, catalogue }
+    }
+
+    /// Places an order (see `orders::place`).
+    pub async fn place(&self, request: OrderRequest) -> Result<Placed, Error> {
+        self.placing.place(request).await
+    }
+
+    /// The order `order_id` if it exists and (with `owner`) is that user's.
+    pub async fn order(&self, order_id: i64, owner: Option<i32>) -> Result<OrderDetails, Error> {
+        self.order_reads.submit(orders::OrderLookup { order_id, owner }).await
+    }
+
+    /// One keyset page of orders.
+    pub async fn orders(&self, filter: OrderFilter, page: Page) -> Result<Vec<OrderSummary>, Error> {
+        orders::list(&self.primary, filter, page).await
+    }
+
+    /// Cancels an order (with `owner`, only that user's: another's is `OrderNotFound`).
+    pub async fn cancel(&self, order_id: i64, owner: Option<i32>) -> Result<(), Error> {
+        orders::cancel(&self.primary, order_id, owner).await
+    }
+
+    /// Moves an order along its lifecycle.
+    pub async fn set_status(&self, order_id: i64, target: OrderStatus) -> Result<(), Error> {
+        orders::set_status(&self.primary, order_id, target).await
+    }
+
+    /// The whole catalogue, read with the requests that ask at the same time.
+    pub async fn catalogue(&self) -> Result<Catalogue, Error> {
+        self.catalogue.submit(()).await
+    }
+
+    /// One keyset page of the catalogue.
+    pub async fn products(&self, page: Page) -> Result<Vec<Product>, Error> {
+        on_catalogue_pool(self.standby.as_ref(), &self.primary, |pool| products::list_page(pool, page)).await
+    }
+
+    pub async fn product(&self, product_id: i64) -> Result<Product, Error> {
+        on_catalogue_pool(self.standby.as_ref(), &self.primary, |pool| products::get(pool, product_id)).await
+    }
+
+    /// Adds `quantity` to a product's stock (recorded in the inventory ledger).
+    pub async fn restock(&self, product_id: i64, quantity: i32) -> Result<Product, Error> {
+        products::restock(&self.primary, product_id, quantity).await
+    }
+
+    /// `SELECT 1` on a pooled connection of the primary: whether the database answers.
+    pub async fn ping(&self) -> Result<(), Error> {
+        self.primary.get().await?.client().simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Whether every migration of this build is applied.
+    pub async fn migrations_applied(&self) -> Result<bool, Error> {
+        migrate::all_applied(&self.primary).await
+    }
+
+    /// The primary pool's figures, for `/metrics`.
+    pub fn pool_status(&self) -> PoolStatus {
+        self.primary.status()
+    }
+
+    /// Deletes expired idempotency keys every `interval`, forever (abort the task to stop).
+    pub async fn purge_keys_periodically(self, retention: Duration, interval: Duration) {
+        idempotency::purge_periodically(self.primary, retention, interval).await
+    }
+
+    /// Closes idle connections and stops keeping returned ones.
+    pub fn close(&self) {
+        self.primary.close();
+        if let Some(standby) = &self.standby {
+            standby.close();
+        }
+    }
+}
+
+/// Runs a catalogue read on the standby of `DATABASE_READ_URL` when there is one, and on the
+/// primary when there is none or it cannot serve (a 503 of its own: down, unreachable).
+/// A standby may be a moment behind (replay lag): the stock it shows can be that old, which
+/// is safe, since an order checks stock on the primary under the product's row lock.
+async fn on_catalogue_pool<'a, T, F>(
+    standby: Option<&'a Pool>,
+    primary: &'a Pool,
+    read: impl Fn(&'a Pool) -> F,
+) -> Result<T, Error>
+where
+    F: Future<Output = Result<T, Error>>,
+{
+    if let Some(standby) = standby {
+        match read(standby).await {
+            Err(Error::Unavailable(_)) => {}
+            answered => return answered,
+        }
+    }
+    read(primary).await
+}
 
 /// Failures of the one-off start-up steps (create database, migrate, seed): shown to the
 /// operator and ending the process, so a message is all they need to carry.
@@ -65,12 +244,6 @@ pub async fn create_database_if_missing(target: &Target) -> Result<(), StartupEr
     Ok(())
 }
 
-/// `SELECT 1` on a pooled connection: whether the database answers.
-pub async fn ping(pool: &Pool) -> Result<(), Error> {
-    pool.get().await?.client().simple_query("SELECT 1").await?;
-    Ok(())
-}
-
 /// Loads the seed data; idempotent (see `sql/seed.sql`).
 pub async fn seed(client: &mut Client) -> Result<(), StartupError> {
     let tx = client.transaction().await?;
@@ -82,93 +255,4 @@ pub async fn seed(client: &mut Client) -> Result<(), StartupError> {
 /// `"name"` with inner quotes doubled: a safe SQL identifier for any database name.
 pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// The server's message for a failed statement (tokio-postgres' Display says only "db error"),
-/// or the whole chain of causes of any other failure ("error performing TLS handshake: invalid
-/// peer certificate: ..."), since the first link alone rarely says what to fix.
-pub fn describe(error: &tokio_postgres::Error) -> String {
-    if let Some(db) = error.as_db_error() {
-        return format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
-    }
-    let mut text = error.to_string();
-    let mut cause = std::error::Error::source(error);
-    while let Some(source) = cause {
-        text.push_str(": ");
-        text.push_str(&source.to_string());
-        cause = source.source();
-    }
-    text
-}
-
-/// A database error is the client's fault only in the cases a caller maps explicitly; here
-/// the rest splits into "try again" (the database is away, busy or timed out) and bugs.
-impl From<tokio_postgres::Error> for Error {
-    fn from(error: tokio_postgres::Error) -> Error {
-        if error.is_closed() {
-            return Error::Unavailable("the database connection was lost; retry");
-        }
-        let Some(code) = error.code() else {
-            // No SQLSTATE: an I/O or protocol failure on the connection.
-            return Error::Unavailable("the database cannot be reached; retry");
-        };
-        if *code == SqlState::READ_ONLY_SQL_TRANSACTION {
-            // A standby, or a demoted primary (the connection was retired, see pipeline.rs).
-            Error::Unavailable("the database is read-only (a failover is under way?); retry")
-        } else if *code == SqlState::QUERY_CANCELED || *code == SqlState::LOCK_NOT_AVAILABLE {
-            Error::Unavailable("the database did not answer in time; retry")
-        } else if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED {
-            Error::Unavailable("the database was busy; retry")
-        } else if code.code().starts_with("08")
-            || code.code().starts_with("57P")
-            || *code == SqlState::TOO_MANY_CONNECTIONS
-        {
-            // 08xxx connection exceptions, 57P0x shutdown / cannot connect now.
-            Error::Unavailable("the database cannot be reached; retry")
-        } else {
-            Error::Internal(format!("database error: {}", describe(&error)))
-        }
-    }
-}
-
-/// A failure of a round trip as the client is told it: after `Failure::Db` nothing was
-/// written (a 503 or a refusal); after the other two the write may stand, so the answer is
-/// `OutcomeUnknown`, never 503 (which promises nothing was written) and never 201. Both are
-/// logged at error level: they are the moments a client's view and the database's may part.
-impl From<Failure> for Error {
-    fn from(failure: Failure) -> Error {
-        match failure {
-            Failure::Db(error) => Error::from(error),
-            Failure::CommitLost(error) => {
-                log::error(
-                    "outcome unknown: the connection broke after a commit was sent",
-                    serde_json::json!({"error": describe(&error)}),
-                );
-                Error::OutcomeUnknown(
-                    "the database connection broke after the write was sent, so it may or may not have \
-                     been committed; retry with the same Idempotency-Key to find out",
-                )
-            }
-            Failure::NoAnswer { committing: false } => {
-                Error::Unavailable("the database did not answer in time (its connection was given up); retry")
-            }
-            Failure::NoAnswer { committing: true } => {
-                log::error("outcome unknown: no answer to a commit, nor to its cancel request", serde_json::json!({}));
-                Error::OutcomeUnknown(
-                    "the database did not answer in time after the write was sent, so it may or may not \
-                     have been committed; retry with the same Idempotency-Key to find out",
-                )
-            }
-            Failure::CommitUnreplicated => {
-                log::error(
-                    "outcome unknown: committed on this server, but the synchronous standby never confirmed it",
-                    serde_json::json!({"hint": "a standby in synchronous_standby_names is away; a failover now would lose this write"}),
-                );
-                Error::OutcomeUnknown(
-                    "the write was committed on the primary database but its replication was not \
-                     confirmed, so it may not survive a failover; retry with the same Idempotency-Key",
-                )
-            }
-        }
-    }
 }

@@ -10,14 +10,20 @@
 //! (`PoolSettings::unnamed_statements`) they are sent unnamed instead: parsed with every
 //! execution, but valid on whichever server connection runs them.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use futures_util::future::join_all;
 use postgres_types::{ToSql, Type};
-use tokio_postgres::{Client, Error as PgError, Row, Statement, error::SqlState};
+use tokio_postgres::{CancelToken, Error as PgError, Row, Statement, error::SqlState};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::PooledConn;
+use super::{
+    failure::{Failure, connection_lost},
+    pool::{Conn, PooledConn},
+};
 use crate::deadline;
 
 /// A statement of the service: its text and the PostgreSQL types of its parameters, in order
@@ -60,51 +66,6 @@ pub(super) enum Close {
     AutoCommit,
 }
 
-/// How a round trip failed. The difference matters to the client: after `Db` nothing of the
-/// round trip was written and a retry is free; after the other two the write may stand.
-#[derive(Debug)]
-pub enum Failure {
-    /// PostgreSQL refused a statement, or the connection failed where nothing could commit.
-    Db(PgError),
-    /// The round trip was to commit, and the connection broke (or the server went down)
-    /// before its answer came: it may or may not have committed.
-    CommitLost(PgError),
-    /// PostgreSQL committed locally but warned that it stopped waiting for the synchronous
-    /// standby: the write is not as durable as the deployment promises (a failover now would
-    /// lose it).
-    CommitUnreplicated,
-    /// No answer by the deadline, nor to the cancel request after it (the network to the
-    /// database hangs): the connection is given up. `committing`: the round trip carried a
-    /// commit, so it may have happened.
-    NoAnswer { committing: bool },
-}
-
-impl Failure {
-    /// The SQLSTATE of a refused statement.
-    pub fn code(&self) -> Option<&SqlState> {
-        match self {
-            Failure::Db(error) | Failure::CommitLost(error) => error.code(),
-            Failure::CommitUnreplicated | Failure::NoAnswer { .. } => None,
-        }
-    }
-}
-
-impl From<PgError> for Failure {
-    fn from(error: PgError) -> Failure {
-        Failure::Db(error)
-    }
-}
-
-/// Whether `error` means the connection is gone (closed, an I/O error, the server shutting
-/// down or crashed) rather than a statement refused: after a COMMIT was sent, that leaves the
-/// outcome unknown.
-fn connection_lost(error: &PgError) -> bool {
-    match error.code() {
-        None => true,
-        Some(code) => code.code().starts_with("08") || code.code().starts_with("57P"),
-    }
-}
-
 impl PooledConn {
     /// Runs one statement that only reads, on its own.
     pub async fn query(&mut self, sql: &'static Sql, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, Failure> {
@@ -132,28 +93,46 @@ impl PooledConn {
         self.pipeline(Open::Begin, steps, Close::Rollback).await
     }
 
-    /// Sends [BEGIN,] steps [, COMMIT | ROLLBACK] as one pipeline and collects the answers:
-    /// each step's rows, or the first failure in pipeline order (the later ones only echo it).
-    ///
-    /// While the answers are outstanding the connection is marked for discarding, so that if
-    /// this future is dropped half way (the HTTP layer's last-resort timeout) the connection is
-    /// closed rather than reused with answers, or a transaction, still pending on it. It stays
-    /// marked when the pipeline leaves a transaction open: `Tx` owns it until it ends.
+    /// `pipeline_steps` for a fixed number of steps, each step's rows in an array.
     pub(super) async fn pipeline<const N: usize>(
         &mut self,
         open: Open,
         steps: [Step<'_>; N],
         close: Close,
     ) -> Result<[Vec<Row>; N], Failure> {
+        let rows = self.pipeline_steps(open, &steps, close).await?;
+        rows.try_into().map_err(|_| Failure::Internal("a pipeline answered the wrong number of steps"))
+    }
+
+    /// Sends [BEGIN,] steps [, COMMIT | ROLLBACK] as one pipeline and collects the answers:
+    /// each step's rows, or the first failure in pipeline order (the later ones only echo it).
+    ///
+    /// Nothing is sent once the request's deadline has passed (`Failure::OutOfTime`), and the
+    /// whole round trip, preparing statements on a new connection included, ends by the
+    /// deadline (see `within_deadline`).
+    ///
+    /// While the answers are outstanding the connection is marked for discarding, so that if
+    /// this future is dropped half way (the HTTP layer's last-resort timeout) the connection is
+    /// closed rather than reused with answers, or a transaction, still pending on it. It stays
+    /// marked when the pipeline leaves a transaction open: `Tx` owns it until it ends.
+    pub(super) async fn pipeline_steps(
+        &mut self,
+        open: Open,
+        steps: &[Step<'_>],
+        close: Close,
+    ) -> Result<Vec<Vec<Row>>, Failure> {
+        if deadline::passed() {
+            return Err(Failure::OutOfTime);
+        }
         let commits = matches!(close, Close::Commit | Close::AutoCommit);
         if commits {
             self.conn().notices.unreplicated_commit();
         }
-        let mut sent: Vec<Step> = Vec::with_capacity(N + 2);
+        let mut sent: Vec<Step> = Vec::with_capacity(steps.len() + 2);
         if open == Open::Begin {
             sent.push((&BEGIN, &[]));
         }
-        sent.extend_from_slice(&steps);
+        sent.extend_from_slice(steps);
         match close {
             Close::Commit => sent.push((&COMMIT, &[])),
             Close::Rollback => sent.push((&ROLLBACK, &[])),
@@ -163,31 +142,45 @@ impl PooledConn {
             // A statement given the wrong number of values is a bug in this crate, not input.
             assert_eq!(params.len(), sql.params.len(), "parameters of {}", sql.text.trim());
         }
-        let prepared = if self.unnamed_statements() {
-            vec![None; sent.len()]
-        } else {
-            let mut prepared = Vec::with_capacity(sent.len());
-            for (sql, _) in &sent {
-                prepared.push(Some(self.prepared(sql).await?));
-            }
-            prepared
-        };
         let typed: Vec<Vec<(&(dyn ToSql + Sync), Type)>> =
             sent.iter().map(|(sql, params)| params.iter().copied().zip(sql.params.iter().cloned()).collect()).collect();
 
         self.discard();
         let tls = self.tls();
-        let client = &self.conn().client;
-        let requests = sent.iter().zip(&prepared).zip(&typed).map(|(((sql, params), statement), typed)| {
-            let request: Request = match statement {
-                Some(statement) => Box::pin(client.query(statement, params)),
-                None => Box::pin(client.query_typed(sql.text, typed)),
-            };
-            request
-        });
-        let Some(mut results) = within_deadline(client, tls, join_all(requests)).await else {
+        let unnamed = self.unnamed_statements();
+        let conn = self.conn();
+        let cancel = conn.client.cancel_token();
+        // Set once the statements are on their way: before that (while preparing), a round trip
+        // given up cannot have committed.
+        let sending = AtomicBool::new(false);
+        let work = async {
+            let mut prepared = Vec::with_capacity(sent.len());
+            for (sql, _) in &sent {
+                prepared.push(if unnamed { None } else { Some(conn.prepared(sql).await?) });
+            }
+            sending.store(true, Ordering::Relaxed);
+            let client = &conn.client;
+            let requests = sent.iter().zip(&prepared).zip(&typed).map(|(((sql, params), statement), typed)| {
+                let request: Request = match statement {
+                    Some(statement) => Box::pin(client.query(statement, params)),
+                    None => Box::pin(client.query_typed(sql.text, typed)),
+                };
+                request
+            });
+            Ok::<_, PgError>(join_all(requests).await)
+        };
+        let mut results = match within_deadline(cancel, tls, work).await {
+            Some(Ok(results)) => results,
+            // Preparing failed: nothing was executed. The connection is fine to reuse unless a
+            // transaction was left open by an earlier round trip (then `Tx` ends it).
+            Some(Err(error)) => {
+                if open != Open::Continue {
+                    self.keep();
+                }
+                return Err(Failure::Db(error));
+            }
             // Stuck: the connection stays marked for discarding and is closed when dropped.
-            return Err(Failure::NoAnswer { committing: commits });
+            None => return Err(Failure::NoAnswer { committing: commits && sending.load(Ordering::Relaxed) }),
         };
         let transaction_left_open = close == Close::KeepOpen && open != Open::Nothing;
         if !transaction_left_open {
@@ -217,17 +210,18 @@ impl PooledConn {
         if commits && self.conn().notices.unreplicated_commit() {
             return Err(Failure::CommitUnreplicated);
         }
-        Ok(rows.try_into().unwrap_or_else(|_| unreachable!("one result per step")))
+        Ok(rows)
     }
+}
 
+impl Conn {
     /// The prepared form of `sql` on this connection, preparing it on first use.
-    async fn prepared(&mut self, sql: &'static Sql) -> Result<Statement, Failure> {
-        let conn = self.conn();
-        if let Some(statement) = conn.statements.get(sql.text) {
+    async fn prepared(&mut self, sql: &'static Sql) -> Result<Statement, PgError> {
+        if let Some(statement) = self.statements.get(sql.text) {
             return Ok(statement.clone());
         }
-        let statement = conn.client.prepare_typed(sql.text, sql.params).await?;
-        conn.statements.insert(sql.text, statement.clone());
+        let statement = self.client.prepare_typed(sql.text, sql.params).await?;
+        self.statements.insert(sql.text, statement.clone());
         Ok(statement)
     }
 }
@@ -240,15 +234,15 @@ type Request<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Vec<Row>, PgErro
 /// real outcome (a fifth of the time left when less).
 const CANCEL_GRACE: Duration = Duration::from_secs(1);
 
-/// Awaits `work` (requests already sent or about to be sent on `client`) until shortly before
-/// the request's deadline, if there is one. Then asks PostgreSQL to cancel the running
-/// statement, so a transaction fails and its COMMIT turns into ROLLBACK, and waits for the
-/// real outcome until the deadline. Dropping `work` instead would not stop it: the
-/// statements are already in the server's buffer and would still run, COMMIT included, with
-/// the client told the opposite. Only when not even that comes by the deadline (the network
-/// hangs without closing) is it given up: `None`, and the caller must close the connection and
-/// not claim to know the outcome. Either way the answer is ready at the deadline.
-async fn within_deadline<F: Future>(client: &Client, tls: MakeRustlsConnect, work: F) -> Option<F::Output> {
+/// Awaits `work` (requests already sent or about to be sent on the connection of `cancel`)
+/// until shortly before the request's deadline, if there is one. Then asks PostgreSQL to
+/// cancel the running statement, so a transaction fails and its COMMIT turns into ROLLBACK,
+/// and waits for the real outcome until the deadline. Dropping `work` instead would not stop
+/// it: the statements are already in the server's buffer and would still run, COMMIT
+/// included, with the client told the opposite. Only when not even that comes by the deadline
+/// (the network hangs without closing) is it given up: `None`, and the caller must close the
+/// connection and not claim to know the outcome. Either way the answer is ready at the deadline.
+async fn within_deadline<F: Future>(cancel: CancelToken, tls: MakeRustlsConnect, work: F) -> Option<F::Output> {
     let Some(deadline) = deadline::current() else {
         return Some(work.await);
     };
@@ -257,7 +251,7 @@ async fn within_deadline<F: Future>(client: &Client, tls: MakeRustlsConnect, wor
     match tokio::time::timeout_at(deadline - grace, &mut work).await {
         Ok(output) => Some(output),
         Err(_elapsed) => {
-            let _ = tokio::time::timeout_at(deadline, client.cancel_token().cancel_query(tls)).await;
+            let _ = tokio::time::timeout_at(deadline, cancel.cancel_query(tls)).await;
             tokio::time::timeout_at(deadline, work).await.ok()
         }
     }

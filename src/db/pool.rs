@@ -32,7 +32,7 @@ use tokio_postgres::{AsyncMessage, Client, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::Target;
-use crate::{deadline, error::Error, log};
+use crate::{deadline, error::Error, log, sync::lock};
 
 /// How the pool is sized and how long it waits.
 #[derive(Debug, Clone)]
@@ -185,9 +185,13 @@ impl Pool {
         }
     }
 
-    /// A connection for one request: an idle one if there is one, else a new one.
+    /// A connection for one request: an idle one if there is one, else a new one. None once
+    /// the request's deadline has passed: whatever it would send could not be answered in time.
     pub async fn get(&self) -> Result<PooledConn, Error> {
         let permit = self.acquire_permit().await?;
+        if deadline::passed() {
+            return Err(OUT_OF_TIME);
+        }
         let checked_out = |conn| PooledConn {
             pool: self.inner.clone(),
             conn: Some(conn),
@@ -196,7 +200,7 @@ impl Pool {
             _permit: permit,
         };
         loop {
-            let reused = self.inner.idle.lock().unwrap().pop();
+            let reused = lock(&self.inner.idle).pop();
             match reused {
                 // Died while idle, or too old: dropped, which closes it.
                 Some(conn) if conn.client.is_closed() || self.too_old(&conn) => continue,
@@ -234,28 +238,30 @@ impl Pool {
             return Err(Error::Unavailable("the service is shutting down"));
         }
         let unreachable = Error::Unavailable("the database cannot be reached; retry");
-        if self.inner.backoff.lock().unwrap().retry_at.is_some_and(|at| Instant::now() < at) {
+        if lock(&self.inner.backoff).retry_at.is_some_and(|at| Instant::now() < at) {
             return Err(unreachable);
         }
         // Bounded as a whole, handshake included (tokio-postgres' connect_timeout covers only the
         // TCP connect): a server that accepts and never answers must not hold the request.
-        let mut give_up_at = tokio::time::Instant::now() + self.inner.settings.connect_timeout;
-        if let Some(deadline) = deadline::current() {
-            give_up_at = give_up_at.min(deadline);
-        }
+        let connect_timeout_at = tokio::time::Instant::now() + self.inner.settings.connect_timeout;
+        let request_deadline = deadline::current().filter(|deadline| *deadline < connect_timeout_at);
         let connecting = self.inner.config.connect(self.inner.tls.clone());
-        let connected = match tokio::time::timeout_at(give_up_at, connecting).await {
+        let connected = match tokio::time::timeout_at(request_deadline.unwrap_or(connect_timeout_at), connecting).await
+        {
             Ok(Ok(connected)) => Ok(connected),
             Ok(Err(e)) => Err(super::describe(&e)),
+            // The request ran out of time, not the connect: that says nothing of the database,
+            // so no backoff is armed (it would fail every request for a while).
+            Err(_elapsed) if request_deadline.is_some() => return Err(OUT_OF_TIME),
             Err(_elapsed) => Err("no answer from the server in time".to_owned()),
         };
         let (client, connection) = match connected {
             Ok(connected) => {
-                self.inner.backoff.lock().unwrap().succeeded();
+                lock(&self.inner.backoff).succeeded();
                 connected
             }
             Err(error) => {
-                let pause = self.inner.backoff.lock().unwrap().failed();
+                let pause = lock(&self.inner.backoff).failed();
                 log::warn(
                     "database connection failed",
                     serde_json::json!({"error": error, "next_attempt_in_ms": pause.as_millis()}),
@@ -306,9 +312,12 @@ impl Pool {
     /// close when their request finishes.
     pub fn close(&self) {
         self.inner.closed.store(true, Ordering::Relaxed);
-        self.inner.idle.lock().unwrap().clear();
+        lock(&self.inner.idle).clear();
     }
 }
+
+/// A request whose deadline passed while it waited for a connection (nothing was sent).
+const OUT_OF_TIME: Error = Error::Unavailable("the request ran out of time waiting for a database connection; retry");
 
 /// First pause after a failed connect; it doubles with each failure in a row, up to the max.
 const MIN_CONNECT_BACKOFF: Duration = Duration::from_millis(25);
@@ -392,7 +401,7 @@ impl Drop for PooledConn {
             && conn.opened_at.elapsed() < self.pool.settings.max_lifetime
             && !self.pool.closed.load(Ordering::Relaxed);
         if reusable {
-            self.pool.idle.lock().unwrap().push(conn);
+            lock(&self.pool.idle).push(conn);
         }
         // Otherwise the client is dropped here: its socket closes, which ends any open
         // transaction on the server.

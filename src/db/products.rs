@@ -4,7 +4,12 @@ use postgres_types::Type;
 use serde::Serialize;
 use tokio_postgres::{Row, error::SqlState};
 
-use super::{Pool, Sql, batch::Batches};
+use std::sync::Arc;
+
+use super::{
+    Pool, Sql,
+    batch::{Batches, Job},
+};
 use crate::{domain::Page, error::Error, money::Money};
 
 #[derive(Debug, Serialize)]
@@ -24,44 +29,48 @@ impl Product {
 /// The whole catalogue, by id. A plain read: no lock, one snapshot.
 const LIST_ALL: Sql = Sql { params: &[], text: "SELECT id, name, price, stock FROM products ORDER BY id" };
 
-/// Reads of the whole catalogue, shared between requests that ask for it at the same time.
+/// The whole catalogue as JSON (`[{"id","name","price","stock"}, ...]`, by id), read once for
+/// every request that asked for it at the same time.
 ///
 /// The catalogue is the hottest read of a shop, and each read costs a round trip to PostgreSQL
 /// and back through the kernel, most of its price on a small machine. So requests are served in
-/// batches (`db::batch`): those that arrive while `CATALOGUE_READS_IN_FLIGHT` reads are under
-/// way share the next one. Each read is sent after every request it serves arrived, so a client
+/// batches (`db::batch`): those that arrive while the catalogue lane's reads are under way
+/// share the next one. Each read is sent after every request it serves arrived, so a client
 /// that has just placed an order sees the stock it took. (A cache would answer faster but from
-/// the past; this never does.)
-///
-/// What is shared is `T`, the catalogue as the caller renders it (the API shares its JSON
-/// body), so that the rendering too is done once per batch, not once per request.
-pub type CatalogueReads<T> = Batches<(), T>;
+/// the past; this never does.) It is serialized once per read, not once per request.
+#[derive(Debug, Clone)]
+pub struct Catalogue {
+    pub json: Arc<[u8]>,
+}
 
-/// Catalogue reads under way at once; every other request waits for the next, shared, one.
-const CATALOGUE_READS_IN_FLIGHT: usize = 2;
+/// Reads of the whole catalogue, shared.
+pub(super) type CatalogueReads = Batches<(), Catalogue>;
 
 /// The most requests one catalogue read serves.
 const MAX_SHARED_READ: usize = 1024;
 
-/// Serves reads of the whole catalogue in shared batches: each batch reads it with `read`
-/// (which picks the database) and renders it once with `render`.
-pub fn share_catalogue_reads<T, R, Read>(read: R, render: fn(&[Product]) -> Result<T, Error>) -> CatalogueReads<T>
+/// Serves reads of the whole catalogue in shared batches, `slots` at a time, each read with
+/// `read` (which picks the database).
+pub(super) fn share_catalogue_reads<R, Read>(read: R, slots: usize) -> CatalogueReads
 where
-    T: Clone + Send + 'static,
     R: Fn() -> Read + Send + Sync + 'static,
     Read: Future<Output = Result<Vec<Product>, Error>> + Send + 'static,
 {
-    Batches::start(MAX_SHARED_READ, CATALOGUE_READS_IN_FLIGHT, move |requests: Vec<()>| {
+    Batches::start(MAX_SHARED_READ, slots, move |requests: Vec<Job<()>>| {
         let catalogue = read();
         async move {
-            let rendered = catalogue.await.and_then(|products| render(&products));
-            requests.iter().map(|()| rendered.clone()).collect()
+            let shared = catalogue.await.and_then(|products| {
+                let json = serde_json::to_vec(&products)
+                    .map_err(|e| Error::Internal(format!("catalogue serialization failed: {e}")))?;
+                Ok(Catalogue { json: json.into() })
+            });
+            requests.iter().map(|_| shared.clone()).collect()
         }
     })
 }
 
 /// The whole catalogue, by id.
-pub async fn list_all(pool: &Pool) -> Result<Vec<Product>, Error> {
+pub(super) async fn list_all(pool: &Pool) -> Result<Vec<Product>, Error> {
     let rows = pool.get().await?.query(&LIST_ALL, &[]).await?;
     Ok(rows.iter().map(Product::from_row).collect())
 }
@@ -72,7 +81,7 @@ const LIST_PAGE: Sql = Sql {
     text: "SELECT id, name, price, stock FROM products WHERE id > $1 ORDER BY id LIMIT $2",
 };
 
-pub async fn list_page(pool: &Pool, page: Page) -> Result<Vec<Product>, Error> {
+pub(super) async fn list_page(pool: &Pool, page: Page) -> Result<Vec<Product>, Error> {
     // Product ids are int4; an `after` beyond them simply finds nothing.
     let after = i32::try_from(page.after).unwrap_or(i32::MAX);
     let rows = pool.get().await?.query(&LIST_PAGE, &[&after, &page.limit]).await?;
@@ -82,7 +91,7 @@ pub async fn list_page(pool: &Pool, page: Page) -> Result<Vec<Product>, Error> {
 const GET_PRODUCT: Sql =
     Sql { params: &[Type::INT4], text: "SELECT id, name, price, stock FROM products WHERE id = $1" };
 
-pub async fn get(pool: &Pool, product_id: i64) -> Result<Product, Error> {
+pub(super) async fn get(pool: &Pool, product_id: i64) -> Result<Product, Error> {
     let missing = Error::ProductNotFound { product_id };
     let Ok(id) = i32::try_from(product_id) else { return Err(missing) };
     let rows = pool.get().await?.query(&GET_PRODUCT, &[&id]).await?;
@@ -107,7 +116,7 @@ const RESTOCK: Sql = Sql {
     SELECT id, name, price, stock FROM restocked",
 };
 
-pub async fn restock(pool: &Pool, product_id: i64, quantity: i32) -> Result<Product, Error> {
+pub(super) async fn restock(pool: &Pool, product_id: i64, quantity: i32) -> Result<Product, Error> {
     let missing = Error::ProductNotFound { product_id };
     let Ok(id) = i32::try_from(product_id) else { return Err(missing) };
     let rows = pool.get().await?.write(&RESTOCK, &[&id, &quantity]).await.map_err(|e| {

@@ -136,8 +136,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
 /// socket with unread bytes makes the kernel send a reset, and a reset can reach the client
 /// before the 503 does, which then sees only "connection reset" instead of the clear answer.
 async fn refuse_over_capacity(mut stream: TcpStream) {
-    let answer = Error::Unavailable("the server is at its connection limit; retry").answer();
-    let body = serde_json::to_string(&answer.body).unwrap_or_default();
+    let body = Error::Unavailable("the server is at its connection limit; retry").body();
+    let body = serde_json::to_string(&body).unwrap_or_default();
     let head = format!(
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {RETRY_AFTER_SECS}\r\n\
          connection: close\r\ncontent-length: {}\r\n\r\n",
@@ -202,20 +202,13 @@ async fn handle(state: Arc<AppState>, peer: IpAddr, request: Request<Incoming>) 
                     task.abort();
                     // Cut off half way: a read wrote nothing, but a write may have been sent
                     // (and committed) before the database went silent.
-                    if method == Method::GET || method == Method::HEAD {
-                        Err(Error::Unavailable("the request took too long; retry"))
-                    } else {
-                        Err(Error::OutcomeUnknown(
-                            "the database did not answer in time, so the write may or may not have been \
-                             committed; retry with the same Idempotency-Key to find out",
-                        ))
-                    }
+                    Err(Error::cut_off(method != Method::GET && method != Method::HEAD))
                 }
             }
         }
     };
 
-    let error_detail = outcome.as_ref().err().and_then(|e| e.log_detail().map(str::to_owned));
+    let error_detail = outcome.as_ref().err().and_then(Error::log_detail);
     let mut reply = outcome.unwrap_or_else(|error| reply::error(&error));
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         reply.headers_mut().insert("x-request-id", value);

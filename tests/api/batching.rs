@@ -132,10 +132,10 @@ async fn a_fault_in_one_order_of_a_batch_fails_that_order_alone() {
     }
     assert_eq!(app.stock(2).await, 50 - 9);
     assert_eq!(app.count("orders").await, 9);
-    // The placed orders' keys hold their 201s; the failed order's key went with its rollback.
+    // The placed orders' keys hold their orders; the failed order's key went with its rollback.
     let stored: Vec<String> = app
         .db
-        .query("SELECT key FROM idempotency_keys WHERE response_status = 201 ORDER BY key", &[])
+        .query("SELECT key FROM idempotency_keys WHERE order_id IS NOT NULL ORDER BY key", &[])
         .await
         .unwrap()
         .iter()
@@ -199,20 +199,22 @@ async fn keyed_orders_join_batches_and_each_key_keeps_its_own_outcome() {
     let (orders, transactions) = transactions_of_orders(&app).await;
     assert!(transactions < orders, "no two orders shared a transaction ({transactions} for {orders})");
 
-    // Each key holds its first outcome, and answers it again.
-    let stored: Vec<(String, i16)> = app
+    // Each key holds its first outcome (the order it created, or the refusal's status), and
+    // answers it again.
+    let stored: Vec<(String, Option<i64>, Option<i16>)> = app
         .db
-        .query("SELECT key, response_status FROM idempotency_keys ORDER BY key", &[])
+        .query("SELECT key, order_id, response_status FROM idempotency_keys ORDER BY key", &[])
         .await
         .unwrap()
         .iter()
-        .map(|row| (row.get(0), row.get(1)))
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
         .collect();
-    let statuses: Vec<(&str, i16)> = stored.iter().map(|(key, status)| (key.as_str(), *status)).collect();
-    assert_eq!(statuses[0], ("earlier", 201));
-    assert_eq!(statuses[1], ("k1", 201));
-    assert_eq!(statuses[2].0, "k2");
-    assert_eq!(statuses[3], ("too-many", 400));
+    let outcomes: Vec<(&str, Option<i64>, Option<i16>)> =
+        stored.iter().map(|(key, order, status)| (key.as_str(), *order, *status)).collect();
+    assert_eq!(outcomes[0], ("earlier", earlier.json["orderId"].as_i64(), None));
+    assert_eq!(outcomes[1], ("k1", replies[0].json["orderId"].as_i64(), None));
+    assert_eq!(outcomes[2].0, "k2");
+    assert_eq!(outcomes[3], ("too-many", None, Some(400)));
     app.restock(4, 100).await;
     let again = app.post_order_with_key("too-many", &one(4, 10)).await;
     again.assert_error(400, "INSUFFICIENT_STOCK");

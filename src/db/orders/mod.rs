@@ -1,4 +1,4 @@
-//! Orders: placing (`place.rs`, in batches gathered by `db::batch`), reading and listing
+//! Orders: placing (`place/`, in batches gathered by `db::batch`), reading and listing
 //! (`read.rs`), cancelling and moving along the lifecycle (`lifecycle.rs`), each one
 //! transaction.
 //!
@@ -11,8 +11,7 @@
 //! COMMIT, sent back to back. PostgreSQL runs a connection's statements one after the other,
 //! so the writing statement starts only when the locking ones have taken every lock, and (at
 //! READ COMMITTED) reads the rows as they are now that they are locked. Placing orders takes
-//! two or three round trips (`place.rs`): the orders are decided here, between locking and
-//! writing.
+//! two round trips (`place/`): the orders are decided here, between locking and writing.
 //!
 //! A write that must not happen (not enough stock, order already cancelled) is not an error
 //! inside the transaction: the writing statement checks the same conditions and writes
@@ -24,9 +23,9 @@ mod place;
 mod read;
 
 pub use lifecycle::{cancel, set_status};
-pub use place::{CreatedOrder, MAX_BATCH, OrderRequest, PlaceBatches, Placed, StoredOutcome, place, place_in_batches};
+pub use place::{CreatedOrder, MAX_BATCH, OrderRequest, PlaceSettings, Placed, Placing, Replay, StoredAnswer};
 pub use read::{
-    OrderDetails, OrderFilter, OrderItem, OrderLookup, OrderSummary, OrderUser, ReadBatches, get, list, read_in_batches,
+    OrderDetails, OrderFilter, OrderItem, OrderLookup, OrderSummary, OrderUser, ReadBatches, list, read_in_batches,
 };
 
 use crate::{domain::OrderStatus, error::Error};

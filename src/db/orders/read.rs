@@ -6,7 +6,10 @@ use tokio_postgres::Row;
 
 use super::status_of;
 use crate::{
-    db::{Pool, Sql, batch::Batches},
+    db::{
+        Pool, Sql,
+        batch::{Batches, Job},
+    },
     domain::{OrderStatus, Page},
     error::Error,
     money::Money,
@@ -75,27 +78,18 @@ pub struct OrderLookup {
 /// The most lookups in one statement.
 const MAX_READ_BATCH: usize = 64;
 
-/// Read batches at the same time, each on a connection of its own. A batch holds its
-/// connection for a single round trip; 4 leave the default pool of 8 room for writes.
-const READS_IN_FLIGHT: usize = 4;
-
-/// Starts serving order reads in batches on `pool`.
-pub fn read_in_batches(pool: Pool) -> ReadBatches {
-    Batches::start(MAX_READ_BATCH, READS_IN_FLIGHT, move |lookups: Vec<OrderLookup>| {
+/// Starts serving order reads in batches on `pool`, `slots` at a time.
+pub fn read_in_batches(pool: Pool, slots: usize) -> ReadBatches {
+    Batches::start(MAX_READ_BATCH, slots, move |lookups: Vec<Job<OrderLookup>>| {
         let pool = pool.clone();
         async move { get_all(&pool, &lookups).await }
     })
 }
 
-/// The order `order_id` if it exists and (with `owner`) is that user's.
-pub async fn get(reads: &ReadBatches, order_id: i64, owner: Option<i32>) -> Result<OrderDetails, Error> {
-    reads.submit(OrderLookup { order_id, owner }).await
-}
-
 /// Each lookup's order, or 404, in order.
-async fn get_all(pool: &Pool, lookups: &[OrderLookup]) -> Vec<Result<OrderDetails, Error>> {
-    let ids: Vec<i64> = lookups.iter().map(|lookup| lookup.order_id).collect();
-    let owners: Vec<Option<i32>> = lookups.iter().map(|lookup| lookup.owner).collect();
+async fn get_all(pool: &Pool, lookups: &[Job<OrderLookup>]) -> Vec<Result<OrderDetails, Error>> {
+    let ids: Vec<i64> = lookups.iter().map(|lookup| lookup.request.order_id).collect();
+    let owners: Vec<Option<i32>> = lookups.iter().map(|lookup| lookup.request.owner).collect();
     let rows = match pool.get().await {
         Ok(mut conn) => conn.query(&GET_ORDERS, &[&ids, &owners]).await.map_err(Error::from),
         Err(error) => Err(error),
@@ -111,7 +105,7 @@ async fn get_all(pool: &Pool, lookups: &[OrderLookup]) -> Vec<Result<OrderDetail
             lines.push(row);
         }
     }
-    lookups.iter().zip(by_lookup).map(|(lookup, lines)| details(lookup.order_id, &lines)).collect()
+    lookups.iter().zip(by_lookup).map(|(lookup, lines)| details(lookup.request.order_id, &lines)).collect()
 }
 
 /// An order from its rows (GET_ORDERS' columns), or 404 when there are none.

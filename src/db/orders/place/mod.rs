@@ -1,0 +1,285 @@
+//! Placing orders: each order is placed or refused on its own, in arrival order, with or
+//! without an idempotency key, in transactions that place many orders at once (commit
+//! batching, issue 14) or, with `ORDER_BATCH_MAX=1`, one each.
+//!
+//! One transaction (`round.rs`) is three steps, in two round trips:
+//! 1. `keys.rs`: claim every key and read what each holds. A key already used for the same
+//!    request gets its stored outcome back (a replay) instead of a second order; one used for
+//!    another request is refused.
+//! 2. `stock.rs`: lock the products the orders name and read their stock, and which products
+//!    and users exist; then decide each order here, in arrival order, against the stock the
+//!    earlier orders of the batch left: placed whole, or refused whole with its reason.
+//! 3. `write.rs`: one statement writes every placed order (lines, payment, inventory
+//!    movements, stock, and its key's outcome); sent with it, the refused orders' keys get
+//!    their answer, and COMMIT.
+//!
+//! **Lanes.** Batched, every order first joins a batch that never waits for a product lock
+//! (`Locking::Skip`): an order naming a product another transaction holds (a batch in flight
+//! on a hot product, an operator's long transaction) is deferred to the contended lane, whose
+//! batches wait for their locks. So an order's fate never depends on a neighbour's locked
+//! product: only the orders of that product wait, or fail at `lock_timeout`. Each lane has its
+//! own slots (`db::Lanes`), so waiting batches do not hold up the others.
+//!
+//! **Rounds.** A batch may take more than one transaction: two orders with the same key go in
+//! successive ones (the second sees the first's outcome, as it would have waited for it on its
+//! own); and when one order's fault fails the transaction (a row the write refused, a key held
+//! by a request still running), its orders are placed again one per transaction, each
+//! answered for itself. Every transaction runs under the deadlines of the orders in it, and an
+//! order whose deadline has passed is answered 503 before anything is sent for it.
+//!
+//! **A replay never promises more than the first answer.** The stored outcome may be one
+//! whose commit was answered 504 because the synchronous standby never confirmed it: committed
+//! here, maybe nowhere else. So a replay writes its key again (unchanged) and answers only once
+//! that commit is confirmed; its wait for the standby covers every earlier commit of this
+//! server (WAL is one sequence).
+//!
+//! **Honest outcomes.** If a transaction fails as a whole (connection lost after the COMMIT
+//! was sent, the deadline), its orders all get the same answer: 503 when nothing was written,
+//! 504 OUTCOME_UNKNOWN when the commit may have happened.
+//!
+//! Why batches: on a hot product every single-order transaction holds the product's row lock
+//! through its commit's WAL flush, so they go one flush after another; a batch takes the lock
+//! once, writes its orders with a few set-based statements and flushes once.
+
+mod keys;
+mod round;
+mod stock;
+mod write;
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use serde::Serialize;
+
+use self::{
+    round::{RoundEnd, place_round},
+    stock::Locking,
+};
+use crate::{
+    db::{
+        Pool,
+        batch::{Batches, Job},
+    },
+    deadline,
+    domain::{IdempotencyKey, NewOrder, OrderStatus},
+    error::Error,
+    money::Money,
+};
+
+/// An order to place, as the client sent it.
+#[derive(Debug, Clone)]
+pub struct OrderRequest {
+    pub order: NewOrder,
+    /// The `Idempotency-Key` header.
+    pub key: Option<IdempotencyKey>,
+}
+
+/// A created order: the body of the 201.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedOrder {
+    pub order_id: i64,
+    pub status: OrderStatus,
+    pub total_amount: Money,
+}
+
+impl CreatedOrder {
+    fn new(order_id: i64, total_amount: Money) -> CreatedOrder {
+        CreatedOrder { order_id, status: OrderStatus::Processing, total_amount }
+    }
+}
+
+/// What placing an order did.
+#[derive(Debug, Clone)]
+pub enum Placed {
+    /// The order was written now.
+    Created(CreatedOrder),
+    /// The key was used before for the same request: its outcome, to be answered again.
+    Replayed(Replay),
+}
+
+/// The outcome an idempotency key holds, as a replay answers it again.
+#[derive(Debug, Clone)]
+pub enum Replay {
+    /// The order the first request created: answered exactly as the first time (the 201 body
+    /// is made from the order's id and total, which never change).
+    Created(CreatedOrder),
+    /// The refusal the first request got, as it was answered.
+    Answered(StoredAnswer),
+}
+
+/// An answer as the API rendered it, status and JSON body, kept verbatim with a key: the
+/// database layer stores and returns it without looking inside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnswer {
+    pub status: u16,
+    pub body: String,
+}
+
+/// How orders are placed.
+#[derive(Debug, Clone)]
+pub struct PlaceSettings {
+    /// `ORDER_BATCH_MAX`: most orders in one transaction; 1: each order alone.
+    pub batch_max: usize,
+    /// How long a key is kept, after which it may be claimed anew.
+    pub key_retention: Duration,
+    /// How the API answers a refused order: what a key stores, so that its replay is the
+    /// first answer byte for byte.
+    pub store_refusal: fn(&Error) -> StoredAnswer,
+}
+
+type Settings = PlaceSettings;
+
+/// The most orders in one batch.
+pub const MAX_BATCH: usize = 256;
+
+/// What becomes of one order in a transaction.
+enum Fate {
+    /// To be decided against the stock (no key, or a key claimed now).
+    Open,
+    Placed,
+    Refused(Error),
+    /// Its key holds the outcome of the same request: answered again.
+    Replayed(Replay),
+    /// It names a product another transaction holds: placed in the contended lane.
+    Deferred,
+}
+
+/// An order as a transaction left it.
+#[derive(Debug, Clone)]
+enum Settled {
+    Placed(Placed),
+    /// To be placed again, waiting for its product locks.
+    Deferred(OrderRequest),
+}
+
+/// Places orders; cheap to share.
+#[derive(Clone)]
+pub struct Placing {
+    lanes: Lanes,
+}
+
+#[derive(Clone)]
+enum Lanes {
+    /// `ORDER_BATCH_MAX=1`: each order its own transaction, in its request's task.
+    Alone { pool: Pool, settings: Arc<Settings> },
+    /// Batches that never wait for a product lock, and batches of the orders they deferred.
+    Batched { free: Batches<OrderRequest, Settled>, contended: Batches<OrderRequest, Settled> },
+}
+
+impl Placing {
+    /// Starts placing orders on `pool`: `slots` batches at a time that never wait for a
+    /// product lock, and `contended_slots` of the orders they deferred.
+    pub fn start(pool: Pool, settings: PlaceSettings, slots: usize, contended_slots: usize) -> Placing {
+        let settings = Arc::new(settings);
+        if settings.batch_max <= 1 {
+            return Placing { lanes: Lanes::Alone { pool, settings } };
+        }
+        let max = settings.batch_max.min(MAX_BATCH);
+        let lane = |locking, slots| {
+            let (pool, settings) = (pool.clone(), settings.clone());
+            Batches::start(max, slots, move |jobs: Vec<Job<OrderRequest>>| {
+                let (pool, settings) = (pool.clone(), settings.clone());
+                async move { place_all(&pool, &settings, &jobs, locking).await }
+            })
+        };
+        let (free, contended) = (lane(Locking::Skip, slots), lane(Locking::Wait, contended_slots));
+        Placing { lanes: Lanes::Batched { free, contended } }
+    }
+
+    /// Places one order.
+    pub async fn place(&self, request: OrderRequest) -> Result<Placed, Error> {
+        let settled = match &self.lanes {
+            Lanes::Alone { pool, settings } => {
+                let job = Job { request, deadline: deadline::current() };
+                let outcome = place_all(pool, settings, std::slice::from_ref(&job), Locking::Wait).await.pop();
+                outcome.unwrap_or_else(|| Err(Error::Internal("an order placed without an outcome".into())))?
+            }
+            Lanes::Batched { free, contended } => match free.submit(request).await? {
+                Settled::Deferred(request) => contended.submit(request).await?,
+                settled => settled,
+            },
+        };
+        match settled {
+            Settled::Placed(placed) => Ok(placed),
+            Settled::Deferred(_) => Err(Error::Internal("an order deferred by a lane that waits".into())),
+        }
+    }
+}
+
+/// Places `jobs`, each on its own: their outcomes, in the same order.
+async fn place_all(
+    pool: &Pool,
+    settings: &Settings,
+    jobs: &[Job<OrderRequest>],
+    locking: Locking,
+) -> Vec<Result<Settled, Error>> {
+    let mut outcomes: Vec<Option<Result<Settled, Error>>> = jobs.iter().map(|_| None).collect();
+    let mut pending: Vec<usize> = (0..jobs.len()).collect();
+    while !pending.is_empty() {
+        // A key is claimed once per transaction: a second request with it waits for the next
+        // one, as it would wait for the first's transaction if it came on its own.
+        let mut keys = HashSet::new();
+        let (now, later): (Vec<usize>, Vec<usize>) = pending.into_iter().partition(|&i| {
+            let request = &jobs[i].request;
+            request.key.as_ref().is_none_or(|key| keys.insert((request.order.user_id, key.as_str())))
+        });
+        for (i, outcome) in place_together(pool, settings, jobs, now, locking).await {
+            outcomes[i] = Some(outcome);
+        }
+        pending = later;
+    }
+    outcomes
+        .into_iter()
+        .map(|outcome| outcome.unwrap_or_else(|| Err(Error::Internal("an order left unplaced".into()))))
+        .collect()
+}
+
+/// The orders `indices` of `jobs` in one transaction, or one transaction each if one order's
+/// fault failed it; each order's outcome with its index.
+async fn place_together(
+    pool: &Pool,
+    settings: &Settings,
+    jobs: &[Job<OrderRequest>],
+    indices: Vec<usize>,
+    locking: Locking,
+) -> Vec<(usize, Result<Settled, Error>)> {
+    let (live, late) = in_time(jobs, indices);
+    let mut outcomes: Vec<(usize, Result<Settled, Error>)> = late.into_iter().map(|i| (i, Err(OUT_OF_TIME))).collect();
+    if live.is_empty() {
+        return outcomes;
+    }
+    let batch: Vec<&OrderRequest> = live.iter().map(|&i| &jobs[i].request).collect();
+    let earliest = live.iter().filter_map(|&i| jobs[i].deadline).min();
+    match deadline::within(earliest, place_round(pool, settings, &batch, locking)).await {
+        RoundEnd::Answered(answered) => outcomes.extend(live.into_iter().zip(answered)),
+        RoundEnd::Failed(error) => outcomes.extend(live.into_iter().map(|i| (i, Err(error.clone())))),
+        RoundEnd::OneByOne => {
+            for i in live {
+                let job = &jobs[i];
+                let outcome = match job.deadline.is_some_and(|deadline| deadline <= tokio::time::Instant::now()) {
+                    true => Err(OUT_OF_TIME),
+                    false => {
+                        match deadline::within(job.deadline, place_round(pool, settings, &[&job.request], locking))
+                            .await
+                        {
+                            RoundEnd::Answered(mut answered) if answered.len() == 1 => answered.swap_remove(0),
+                            RoundEnd::Failed(error) => Err(error),
+                            _ => Err(Error::Internal("a transaction of one order answered as several".into())),
+                        }
+                    }
+                };
+                outcomes.push((i, outcome));
+            }
+        }
+    }
+    outcomes
+}
+
+/// An order whose deadline passed before its transaction began: nothing was sent for it.
+const OUT_OF_TIME: Error = Error::Unavailable("the request ran out of time waiting for its transaction; retry");
+
+/// `indices` split into the orders with time left and those past their deadline.
+fn in_time(jobs: &[Job<OrderRequest>], indices: Vec<usize>) -> (Vec<usize>, Vec<usize>) {
+    let now = tokio::time::Instant::now();
+    indices.into_iter().partition(|&i| jobs[i].deadline.is_none_or(|deadline| deadline > now))
+}

@@ -1,0 +1,109 @@
+//! Step 3 of a batch: one statement writes every placed order, with its lines, payment,
+//! inventory movements and the stock it takes, and gives each keyed order's key its order.
+
+use postgres_types::{ToSql, Type};
+
+use crate::{db::Sql, domain::NewOrder};
+
+/// Writes the placed orders of a batch. $1 each order's user and $2 its idempotency key (NULL
+/// without one), in arrival order; then its lines, order after order: $3 the (1-based) order
+/// each line belongs to, $4 product, $5 quantity. Order ids are drawn in arrival order; prices
+/// are the locked products' (this statement's snapshot is taken after the locks, so it reads
+/// them as locked); the stock taken is what the batch's lines add up to per product, which the
+/// service checked against the stock it read under those locks, so `CHECK (stock >= 0)` holds.
+/// A keyed order's key (claimed by this transaction) gets the order as its outcome. Returns
+/// each order's id and total, in arrival order.
+pub(super) const WRITE_ORDERS: Sql = Sql {
+    params: &[Type::INT4_ARRAY, Type::TEXT_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY],
+    text: "
+    WITH placed AS (
+        SELECT o.n, o.user_id, o.key, nextval('orders_id_seq') AS id
+        FROM (SELECT * FROM unnest($1::int4[], $2::text[]) WITH ORDINALITY AS o (user_id, key, n) ORDER BY n) AS o
+    ),
+    line AS (
+        SELECT l.position, l.n, l.product_id, l.quantity, products.price
+        FROM unnest($3::int4[], $4::int4[], $5::int4[]) WITH ORDINALITY AS l (n, product_id, quantity, position)
+        JOIN products ON products.id = l.product_id
+    ),
+    total AS (
+        SELECT placed.n, placed.id, placed.user_id, sum(line.price * line.quantity) AS amount
+        FROM placed JOIN line USING (n)
+        GROUP BY placed.n, placed.id, placed.user_id
+    ),
+    new_orders AS (
+        INSERT INTO orders (id, user_id, status, total_amount)
+        SELECT id, user_id, 'processing', amount FROM total ORDER BY n
+        RETURNING id, total_amount
+    ),
+    new_lines AS (
+        INSERT INTO order_items (order_id, product_id, quantity, price)
+        SELECT placed.id, line.product_id, line.quantity, line.price
+        FROM line JOIN placed USING (n)
+        ORDER BY line.position
+    ),
+    payment AS (
+        INSERT INTO payments (order_id, amount, status)
+        SELECT id, amount, 'completed' FROM total
+    ),
+    taken AS (
+        UPDATE products
+        SET stock = products.stock - t.quantity
+        FROM (SELECT product_id, sum(quantity)::int4 AS quantity FROM line GROUP BY product_id) AS t
+        WHERE products.id = t.product_id
+    ),
+    ledger AS (
+        INSERT INTO inventory_movements (product_id, delta, reason, order_id)
+        SELECT line.product_id, -line.quantity, 'order', placed.id
+        FROM line JOIN placed USING (n)
+    ),
+    keyed AS (
+        UPDATE idempotency_keys AS k
+        SET order_id = placed.id
+        FROM placed
+        WHERE placed.key IS NOT NULL AND k.user_id = placed.user_id AND k.key = placed.key
+    )
+    SELECT new_orders.id, new_orders.total_amount
+    FROM new_orders JOIN total USING (id)
+    ORDER BY total.n",
+};
+
+/// WRITE_ORDERS' parameters for the placed orders.
+pub(super) struct Written {
+    users: Vec<i32>,
+    keys: Vec<Option<String>>,
+    line_order: Vec<i32>,
+    products: Vec<i32>,
+    quantities: Vec<i32>,
+}
+
+impl Written {
+    /// The placed orders, each with its key if it has one.
+    pub(super) fn of<'a>(placed: impl Iterator<Item = (&'a NewOrder, Option<&'a str>)>) -> Written {
+        let mut written = Written {
+            users: Vec::new(),
+            keys: Vec::new(),
+            line_order: Vec::new(),
+            products: Vec::new(),
+            quantities: Vec::new(),
+        };
+        for (order, key) in placed {
+            written.users.push(order.user_id);
+            written.keys.push(key.map(str::to_owned));
+            let n = written.users.len() as i32;
+            for line in &order.lines {
+                written.line_order.push(n);
+                written.products.push(line.product_id);
+                written.quantities.push(line.quantity);
+            }
+        }
+        written
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 5] {
+        [&self.users, &self.keys, &self.line_order, &self.products, &self.quantities]
+    }
+}
