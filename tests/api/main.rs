@@ -5,6 +5,7 @@
 mod common;
 
 mod auth;
+mod batch_faults;
 mod batching;
 mod jwks;
 

@@ -7,6 +7,7 @@
 
 pub mod private_pg;
 pub mod process;
+pub mod proxy;
 
 use std::{
     net::SocketAddr,
@@ -467,4 +468,24 @@ pub struct Snapshot {
     pub payments: i64,
     pub stock: Vec<(i32, i32)>,
     pub statuses: Vec<(i64, String)>,
+}
+
+/// The address of the test PostgreSQL (`TEST_DATABASE_URL`'s host and port), for a proxy in
+/// front of it.
+pub fn database_address() -> SocketAddr {
+    let config: tokio_postgres::Config = server_url().parse().expect("TEST_DATABASE_URL");
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let ip = if host == "localhost" { "127.0.0.1".to_owned() } else { host };
+    format!("{ip}:{port}").parse().expect("TEST_DATABASE_URL names an IP address or localhost")
+}
+
+/// `url` (a database URL) pointing at `port` on 127.0.0.1 instead, for a proxy in front of it.
+pub fn url_through(url: &str, port: u16) -> String {
+    let address = database_address();
+    url.replace(&format!("{}:{}", address.ip(), address.port()), &format!("127.0.0.1:{port}"))
+        .replace(&format!("localhost:{}", address.port()), &format!("127.0.0.1:{port}"))
 }
