@@ -25,8 +25,8 @@ pub struct Config {
     /// `DATABASE_READ_URL`: a standby for the catalogue reads (`GET /api/products...`), if
     /// any; everything else, order reads included, stays on `DATABASE_URL`.
     pub database_read_url: Option<String>,
-    /// `ORDER_BATCH_MAX`: the most orders without an Idempotency-Key placed in one transaction
-    /// when they arrive faster than they commit (1 to 256; 1: one order per transaction).
+    /// `ORDER_BATCH_MAX`: the most orders, keyed or not, placed in one transaction when they
+    /// arrive faster than they commit (1 to 256; 1: one order per transaction).
     pub order_batch_max: usize,
     /// `DB_PASSWORD_FILE`: the database password read from a file (a Docker secret), used
     /// instead of one in `DATABASE_URL`.

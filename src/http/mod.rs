@@ -3,6 +3,7 @@
 //! its log line and its metrics. What a request means is `api`'s: the route table
 //! (`api::routes`) and the handlers.
 
+mod linger;
 pub mod request_id;
 
 use std::{
@@ -46,7 +47,7 @@ use crate::{
 const MAX_REFUSALS_AT_ONCE: usize = 64;
 
 /// Most bytes of a request's head (request line and headers): past it hyper answers 431 and
-/// closes. Real requests use a few hundred bytes, a large JWT some kilobytes; hyper's own
+/// the connection closes (lingering: see `linger`). Real requests use a few hundred bytes, a large JWT some kilobytes; hyper's own
 /// bound (its ~400 KB read buffer) would let each connection make the server hold far more.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 
@@ -115,7 +116,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
         };
         let state = state.clone();
         let service = service_fn(move |request| handle(state.clone(), peer.ip(), request));
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let connection =
+            graceful.watch(builder.serve_connection(TokioIo::new(linger::Lingering::new(stream)), service));
         tokio::spawn(async move {
             // Errors here are the client's doing (reset, timeout reading headers): nothing to log.
             let _ = connection.await;
@@ -132,9 +134,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
 
 /// Answers a connection past `MAX_CONNECTIONS` with a 503 and closes it.
 ///
-/// The request is read first (briefly) and the socket drained before it closes: closing a
-/// socket with unread bytes makes the kernel send a reset, and a reset can reach the client
-/// before the 503 does, which then sees only "connection reset" instead of the clear answer.
+/// The request is read first (briefly) and the socket lingers before it closes (`linger`), so
+/// that a reset cannot reach the client before the 503 does.
 async fn refuse_over_capacity(mut stream: TcpStream) {
     let body = Error::Unavailable("the server is at its connection limit; retry").body();
     let body = serde_json::to_string(&body).unwrap_or_default();
@@ -155,12 +156,8 @@ async fn refuse_over_capacity(mut stream: TcpStream) {
     })
     .await;
     let _ = stream.write_all(format!("{head}{body}").as_bytes()).await;
-    let _ = stream.shutdown().await;
     // Whatever else the client sends (a body) is read and dropped until it closes its side.
-    let _ = tokio::time::timeout(REFUSAL_PATIENCE, async {
-        while matches!(stream.read(&mut buffer).await, Ok(n) if n > 0) {}
-    })
-    .await;
+    linger::linger(stream, REFUSAL_PATIENCE).await;
 }
 
 /// One request: route it, run its handler in a task of its own under the request deadline,

@@ -9,28 +9,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde_json::{Value, json};
 
-use crate::common::{self, Reply, TestApp, order_body, proxy::HangingProxy, spawn_app_with};
-
-/// Polls until `count` of the service's sessions wait on a lock (bounded: 20 s).
-async fn wait_for_lock_waiters(app: &TestApp, count: i64) {
-    for _ in 0..2_000 {
-        let waiting: i64 = app
-            .db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = $1 AND application_name = 'order-api' AND wait_event_type = 'Lock'",
-                &[&app.database_name],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting >= count {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("fewer than {count} of the service's sessions ever waited on a lock");
-}
+use crate::common::{self, order_body, proxy::HangingProxy, spawn_app_with};
 
 /// Orders for product 1 wait behind a row lock an operator holds: one, then another (each a
 /// batch of its own, so every lane of the old design was busy), then a third sent with ten
@@ -48,14 +27,11 @@ async fn orders_for_a_free_product_are_placed_while_a_neighbours_product_is_lock
     let holder = common::connect(&app.database_url).await;
     holder.batch_execute("BEGIN; SELECT 1 FROM products WHERE id = 1 FOR UPDATE").await.unwrap();
 
-    let send = || {
-        let (http, url) = (app.http.clone(), app.url("/api/orders"));
-        tokio::spawn(async move { Reply::read(http.post(url).json(&order_body(1, 1, 1)).send().await.unwrap()).await })
-    };
+    let send = || app.spawn_order(None, order_body(1, 1, 1));
     let mut locked = vec![send()];
-    wait_for_lock_waiters(&app, 1).await;
+    app.wait_for_lock_waiters(1).await;
     locked.push(send());
-    wait_for_lock_waiters(&app, 2).await;
+    app.wait_for_lock_waiters(2).await;
     locked.push(send());
     let body = order_body(1, 2, 1);
     let free = join_all((0..10).map(|_| app.post_order(&body))).await;
@@ -102,21 +78,12 @@ async fn orders_placed_again_one_by_one_each_run_on_their_own_deadline() {
             .await
             .unwrap();
     }
-    let send = |key: Option<&'static str>| {
-        let (http, url) = (app.http.clone(), app.url("/api/orders"));
-        tokio::spawn(async move {
-            let mut request = http.post(url).json(&order_body(1, 2, 1));
-            if let Some(key) = key {
-                request = request.header("idempotency-key", key);
-            }
-            Reply::read(request.send().await.unwrap()).await
-        })
-    };
+    let send = |key: Option<&str>| app.spawn_order(key, order_body(1, 2, 1));
     // Both slots: a batch of one each, waiting on its key until the lock timeout (2 s).
     let first = send(Some("blocker-1"));
-    wait_for_lock_waiters(&app, 1).await;
+    app.wait_for_lock_waiters(1).await;
     let blockers = [first, send(Some("blocker-2"))];
-    wait_for_lock_waiters(&app, 2).await;
+    app.wait_for_lock_waiters(2).await;
     let held: Vec<_> = held_keys.into_iter().map(|key| send(Some(key))).collect();
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     let plain = [send(None), send(None)];

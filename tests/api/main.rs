@@ -19,6 +19,7 @@ mod idempotency;
 mod ledger;
 mod lifecycle;
 mod limits;
+mod lingering_close;
 mod listing;
 mod logs;
 mod migrations;

@@ -489,3 +489,37 @@ pub fn url_through(url: &str, port: u16) -> String {
     url.replace(&format!("{}:{}", address.ip(), address.port()), &format!("127.0.0.1:{port}"))
         .replace(&format!("localhost:{}", address.port()), &format!("127.0.0.1:{port}"))
 }
+
+impl TestApp {
+    /// Polls until `count` of the service's sessions wait on a lock (a row lock or a key's
+    /// index entry another transaction holds); panics after 20 s.
+    pub async fn wait_for_lock_waiters(&self, count: i64) {
+        for _ in 0..2_000 {
+            let waiting: i64 = self
+                .db
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = $1 AND application_name = 'order-api' AND wait_event_type = 'Lock'",
+                    &[&self.database_name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {count} of the service's sessions ever waited on a lock");
+    }
+
+    /// `POST /api/orders` of `body` (with `key` as its Idempotency-Key) in a task of its own,
+    /// for a test that does something else while it waits.
+    pub fn spawn_order(&self, key: Option<&str>, body: Value) -> JoinHandle<Reply> {
+        let mut request = self.http.post(self.url("/api/orders")).json(&body);
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        tokio::spawn(async move { Reply::read(request.send().await.expect("POST")).await })
+    }
+}
