@@ -30,6 +30,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod log;
+pub mod memory;
 pub mod metrics;
 pub mod money;
 pub mod rate_limit;

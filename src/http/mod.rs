@@ -10,7 +10,10 @@ use std::{
     convert::Infallible,
     future::Future,
     net::IpAddr,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -40,7 +43,7 @@ use crate::{
     },
     deadline,
     error::{Error, RETRY_AFTER_SECS},
-    log,
+    log, memory,
 };
 
 /// Connections past `MAX_CONNECTIONS` answered with a 503 at the same time; more are closed.
@@ -84,6 +87,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
     let connection_slots = Arc::new(Semaphore::new(config.max_connections));
     let refusal_slots = Arc::new(Semaphore::new(MAX_REFUSALS_AT_ONCE));
     let graceful = GracefulShutdown::new();
+    let closed_connections = Arc::new(AtomicUsize::new(0));
+    let trimmer =
+        tokio::spawn(trim_after_bursts(connection_slots.clone(), config.max_connections, closed_connections.clone()));
     tokio::pin!(shutdown);
 
     loop {
@@ -115,6 +121,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
             continue;
         };
         let state = state.clone();
+        let closed = closed_connections.clone();
         let service = service_fn(move |request| handle(state.clone(), peer.ip(), request));
         let connection =
             graceful.watch(builder.serve_connection(TokioIo::new(linger::Lingering::new(stream)), service));
@@ -122,13 +129,38 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
             // Errors here are the client's doing (reset, timeout reading headers): nothing to log.
             let _ = connection.await;
             drop(slot);
+            closed.fetch_add(1, Ordering::Relaxed);
         });
     }
 
     drop(listener);
+    trimmer.abort();
     log::info("shutting down: draining connections", serde_json::json!({"open_connections": graceful.count()}));
     if tokio::time::timeout(state.config.shutdown_grace, graceful.shutdown()).await.is_err() {
         log::warn("shutdown grace period over; closing remaining connections", serde_json::json!({}));
+    }
+}
+
+/// How often the trimmer looks whether a burst of connections is over.
+const TRIM_CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// A burst: at least this many connections closed since the last trim...
+const BURST_CONNECTIONS: usize = 64;
+
+/// ...and now no more than this many open: the server is (nearly) idle again.
+const QUIET_CONNECTIONS: usize = 8;
+
+/// Gives the memory of a burst of connections back to the system once it is over
+/// (`memory::release_free_memory`), never while the server is busy.
+async fn trim_after_bursts(slots: Arc<Semaphore>, max_connections: usize, closed: Arc<AtomicUsize>) {
+    let mut ticker = tokio::time::interval(TRIM_CHECK_EVERY);
+    loop {
+        ticker.tick().await;
+        let open = max_connections - slots.available_permits();
+        if open <= QUIET_CONNECTIONS && closed.load(Ordering::Relaxed) >= BURST_CONNECTIONS {
+            closed.store(0, Ordering::Relaxed);
+            tokio::task::spawn_blocking(memory::release_free_memory);
+        }
     }
 }
 
