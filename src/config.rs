@@ -62,6 +62,9 @@ pub struct Config {
     pub startup_timeout: Duration,
     /// `IDEMPOTENCY_RETENTION_HOURS`: how long an idempotency key and its response are kept.
     pub idempotency_retention: Duration,
+    /// `EVENT_RETENTION_DAYS`: how long order events are kept for the feed; a feed position
+    /// older than that is 410 CURSOR_EXPIRED.
+    pub event_retention: Duration,
     /// `SEED_ON_START`: load the seed data at start (idempotent), as docker-compose does.
     pub seed_on_start: bool,
     /// `MIGRATE_ON_START`: apply pending migrations at start. Off for a runtime role without
@@ -109,6 +112,7 @@ impl Default for Config {
             transaction_pooler: false,
             startup_timeout: Duration::from_millis(60_000),
             idempotency_retention: Duration::from_secs(24 * 3600),
+            event_retention: Duration::from_secs(30 * 24 * 3600),
             seed_on_start: false,
             migrate_on_start: true,
             log_level: Level::Info,
@@ -198,6 +202,9 @@ impl Config {
         set.set(&mut config.startup_timeout, "DB_STARTUP_TIMEOUT_MS", "milliseconds", millis)?;
         set.set(&mut config.idempotency_retention, "IDEMPOTENCY_RETENTION_HOURS", "a positive number of hours", |v| {
             v.parse::<u64>().ok().filter(|h| *h > 0).map(|h| Duration::from_secs(h * 3600))
+        })?;
+        set.set(&mut config.event_retention, "EVENT_RETENTION_DAYS", "a positive number of days", |v| {
+            v.parse::<u64>().ok().filter(|d| *d > 0).map(|d| Duration::from_secs(d * 24 * 3600))
         })?;
         set.set(&mut config.seed_on_start, "SEED_ON_START", "true or false", |v| v.parse().ok())?;
         set.set(&mut config.migrate_on_start, "MIGRATE_ON_START", "true or false", |v| v.parse().ok())?;

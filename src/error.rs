@@ -74,6 +74,9 @@ pub enum Error {
     IdempotencyInProgress,
     /// The key was used before with a different request.
     IdempotencyKeyReused,
+    /// A feed position older than the events kept (`EVENT_RETENTION_DAYS`): events after it
+    /// were purged, so reading on from it would skip them.
+    CursorExpired,
     /// The database cannot be reached, no pooled connection came free in time, or the request
     /// ran past its deadline. The text says which and is safe to show. Promises that nothing
     /// was written: a retry is free (CONTRACT part 4).
@@ -165,6 +168,7 @@ impl Error {
             Error::InvalidStatusTransition { .. } => (S::CONFLICT, "INVALID_STATUS_TRANSITION"),
             Error::IdempotencyInProgress => (S::CONFLICT, "IDEMPOTENCY_IN_PROGRESS"),
             Error::IdempotencyKeyReused => (S::UNPROCESSABLE_ENTITY, "IDEMPOTENCY_KEY_REUSED"),
+            Error::CursorExpired => (S::GONE, "CURSOR_EXPIRED"),
             Error::RateLimited { .. } => (S::TOO_MANY_REQUESTS, "RATE_LIMITED"),
             Error::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE"),
             Error::Internal(_) => (S::INTERNAL_SERVER_ERROR, "INTERNAL"),
@@ -221,6 +225,8 @@ impl Error {
                 ("a request with this Idempotency-Key is still being processed; retry shortly".to_owned(), json!({})),
             Error::IdempotencyKeyReused =>
                 ("this Idempotency-Key was already used with a different request".to_owned(), json!({})),
+            Error::CursorExpired => ("this position is older than the events kept (EVENT_RETENTION_DAYS); \
+                read from the start of the feed again".to_owned(), json!({})),
             Error::RateLimited { retry_after_secs } =>
                 (format!("too many orders; retry in {retry_after_secs} s"), json!({"retryAfter": retry_after_secs})),
             Error::Unavailable(reason) => ((*reason).to_owned(), json!({})),
@@ -272,6 +278,7 @@ impl Error {
             Error::RateLimited { retry_after_secs: 3 },
             Error::IdempotencyInProgress,
             Error::IdempotencyKeyReused,
+            Error::CursorExpired,
             Error::Unavailable("x"),
             Error::outcome_unknown("x", "cause"),
             Error::Internal("x".into()),

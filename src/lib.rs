@@ -45,12 +45,12 @@ use crate::{
     api::AppState,
     auth::{Auth, AuthMode},
     config::Config,
-    db::{Db, DbSettings, PlaceSettings, PoolSettings, StartupError},
+    db::{Db, DbSettings, PlaceSettings, PoolSettings, Retention, StartupError},
     metrics::Metrics,
 };
 
-/// How often expired idempotency keys are deleted.
-const IDEMPOTENCY_PURGE_INTERVAL: Duration = Duration::from_secs(600);
+/// How often expired idempotency keys and events are deleted.
+const PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
 /// First wait between attempts to reach the database at start-up; doubles up to the max.
 const STARTUP_RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -141,8 +141,8 @@ pub async fn run(
         None => None,
     };
     let order_limit = rate_limit::RateLimiter::new(config.rate_limit_orders_per_minute);
-    let purge =
-        tokio::spawn(db.clone().purge_keys_periodically(config.idempotency_retention, IDEMPOTENCY_PURGE_INTERVAL));
+    let retention = Retention { idempotency_keys: config.idempotency_retention, events: config.event_retention };
+    let purge = tokio::spawn(db.clone().purge_periodically(retention, PURGE_INTERVAL));
     let state = Arc::new(AppState { config, db: db.clone(), metrics: Metrics::default(), auth, order_limit });
     http::serve(listener, state, shutdown).await;
     purge.abort();

@@ -29,6 +29,17 @@ pub struct Metrics {
     orders: Mutex<BTreeMap<&'static str, u64>>,
     /// Connections refused past `MAX_CONNECTIONS`.
     refused_connections: Mutex<u64>,
+    /// Long-polls of the event feed waiting now.
+    long_polls: std::sync::atomic::AtomicI64,
+}
+
+/// Counts a long-poll as open until dropped.
+pub struct LongPoll<'a>(&'a Metrics);
+
+impl Drop for LongPoll<'_> {
+    fn drop(&mut self) {
+        self.0.long_polls.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[derive(Default)]
@@ -73,6 +84,12 @@ impl Metrics {
     /// `outcome` is "created", "replayed" or the error code of a rejection.
     pub fn record_order(&self, outcome: &'static str) {
         *lock(&self.orders).entry(outcome).or_default() += 1;
+    }
+
+    /// A reader of the event feed is served (and may wait) until the guard drops.
+    pub fn long_poll_opened(&self) -> LongPoll<'_> {
+        self.long_polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LongPoll(self)
     }
 
     pub fn record_refused_connection(&self) {
@@ -134,6 +151,12 @@ impl Metrics {
                 pool.max_size as f64,
             ),
             ("order_api_db_pool_open_connections", "gauge", "Database connections open now.", pool.open as f64),
+            (
+                "order_api_event_feed_reads_open",
+                "gauge",
+                "Reads of the event feed being served now (long-polls waiting included).",
+                self.long_polls.load(std::sync::atomic::Ordering::Relaxed) as f64,
+            ),
             (
                 "order_api_db_pool_in_use_connections",
                 "gauge",

@@ -4,6 +4,7 @@
 //! transaction, no socket handling.
 
 pub mod access;
+pub mod events;
 pub mod health;
 pub mod input;
 pub mod openapi;

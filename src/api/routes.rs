@@ -8,6 +8,7 @@ use hyper::{Method, Request, body::Incoming, header::AUTHORIZATION};
 use super::{
     AppState, Listing,
     access::Credentials,
+    events::{self, FeedParams},
     health,
     input::{json_body, query_param},
     openapi, orders, products,
@@ -33,10 +34,12 @@ pub enum Route {
     Order,
     OrderCancel,
     OrderStatus,
+    OrderEvents,
+    Events,
 }
 
 impl Route {
-    pub const ALL: [Route; 12] = [
+    pub const ALL: [Route; 14] = [
         Route::Health,
         Route::HealthLive,
         Route::HealthReady,
@@ -49,6 +52,8 @@ impl Route {
         Route::Order,
         Route::OrderCancel,
         Route::OrderStatus,
+        Route::OrderEvents,
+        Route::Events,
     ];
 
     pub fn template(self) -> &'static str {
@@ -65,6 +70,8 @@ impl Route {
             Route::Order => "/api/orders/{orderId}",
             Route::OrderCancel => "/api/orders/{orderId}/cancel",
             Route::OrderStatus => "/api/orders/{orderId}/status",
+            Route::OrderEvents => "/api/orders/{orderId}/events",
+            Route::Events => "/api/events",
         }
     }
 
@@ -79,7 +86,9 @@ impl Route {
             | Route::OpenApi
             | Route::Products
             | Route::Product
-            | Route::Order => "GET, HEAD",
+            | Route::Order
+            | Route::OrderEvents
+            | Route::Events => "GET, HEAD",
             Route::ProductRestock => "POST",
             Route::Orders => "GET, HEAD, POST",
             Route::OrderCancel | Route::OrderStatus => "PUT",
@@ -110,6 +119,15 @@ pub fn find(path: &str) -> Option<Matched> {
         .into_iter()
         .find_map(|name| matched.params.get(name).map(|value| (name, value.to_owned())));
     Some(Matched { route: *matched.value, id })
+}
+
+/// How much longer than `REQUEST_TIMEOUT_MS` a request may take: a long-poll of the event feed
+/// waits as long as it asked (`wait`), and then has the usual time.
+pub fn time_allowance(matched: &Matched, query: Option<&str>) -> std::time::Duration {
+    match matched.route {
+        Route::Events => events::wait_allowance(query_param(query, "wait").and_then(Result::ok).as_deref()),
+        _ => std::time::Duration::ZERO,
+    }
 }
 
 /// Calls the handler for the route and the request's method.
@@ -161,6 +179,16 @@ pub async fn dispatch(
         }
         (Route::Order, Method::GET) => orders::get(state, credentials, id()?).await,
         (Route::OrderCancel, Method::PUT) => orders::cancel(state, credentials, id()?).await,
+        (Route::OrderEvents, Method::GET) => events::of_order(state, credentials, id()?).await,
+        (Route::Events, Method::GET) => {
+            let params = FeedParams {
+                after: param("after")?,
+                limit: param("limit")?,
+                types: param("types")?,
+                wait: param("wait")?,
+            };
+            events::feed(state, credentials, params).await
+        }
         (Route::OrderStatus, Method::PUT) => {
             let order_id = id()?;
             orders::set_status(state, credentials, order_id, json_body(request).await?).await

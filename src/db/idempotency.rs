@@ -1,4 +1,5 @@
-//! Expired idempotency keys: deleted in the background, a batch at a time. Keys are claimed
+//! Expired idempotency keys: deleted in the background (`Db::purge_periodically`), a batch at
+//! a time. Keys are claimed
 //! and their outcomes stored by `orders::place`, in the order's own transaction.
 
 use std::time::Duration;
@@ -6,7 +7,7 @@ use std::time::Duration;
 use postgres_types::Type;
 
 use super::{Pool, Sql};
-use crate::{error::Error, log};
+use crate::error::Error;
 
 /// Deletes up to $2 keys older than $1 seconds and counts them. SKIP LOCKED: a key that a
 /// request holds right now is left for the next round, so purging never makes a request wait.
@@ -37,19 +38,6 @@ pub async fn purge_expired(pool: &Pool, retention: Duration) -> Result<u64, Erro
         deleted += batch as u64;
         if batch < PURGE_BATCH {
             return Ok(deleted);
-        }
-    }
-}
-
-/// Runs `purge_expired` every `interval`, forever (the server aborts it at shutdown).
-pub async fn purge_periodically(pool: Pool, retention: Duration, interval: Duration) {
-    let mut ticker = tokio::time::interval(interval);
-    loop {
-        ticker.tick().await;
-        match purge_expired(&pool, retention).await {
-            Ok(0) => {}
-            Ok(deleted) => log::info("expired idempotency keys purged", serde_json::json!({"deleted": deleted})),
-            Err(e) => log::warn("purging idempotency keys failed", serde_json::json!({"error": format!("{e:?}")})),
         }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod audit;
 mod batch;
+pub mod events;
 mod failure;
 pub mod idempotency;
 pub mod migrate;
@@ -21,10 +22,11 @@ mod products;
 pub mod target;
 mod tx;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tokio_postgres::{Client, error::SqlState};
 
+pub use events::{Event, EventSignal, FeedPage, FeedQuery, Position};
 pub use failure::{Failure, describe};
 pub use orders::{
     CreatedOrder, MAX_BATCH, OrderDetails, OrderFilter, OrderItem, OrderRequest, OrderSummary, OrderUser,
@@ -41,6 +43,15 @@ use crate::{
     error::Error,
     log,
 };
+
+/// How long what is kept for a while is kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// `IDEMPOTENCY_RETENTION_HOURS`.
+    pub idempotency_keys: Duration,
+    /// `EVENT_RETENTION_DAYS`.
+    pub events: Duration,
+}
 
 /// What `Db::start` needs.
 #[derive(Clone)]
@@ -85,6 +96,10 @@ pub struct Db {
     placing: orders::Placing,
     order_reads: orders::ReadBatches,
     catalogue: products::CatalogueReads,
+    /// Wakes the waiters for events; fed by the LISTEN connection.
+    events: EventSignal,
+    /// The LISTEN connection's task, aborted by `close`.
+    listener: Arc<tokio::task::JoinHandle<()>>,
 }
 
 impl Db {
@@ -104,7 +119,8 @@ impl Db {
             },
             lanes.catalogue_reads,
         );
-        Db { primary, standby, placing, order_reads, catalogue }
+        let (events, listener) = events::listen(primary.clone(), !settings.pool.unnamed_statements);
+        Db { primary, standby, placing, order_reads, catalogue, events, listener: Arc::new(listener) }
     }
 
     /// Places an order (see `orders::place`).
@@ -151,6 +167,21 @@ impl Db {
         products::restock(&self.primary, product_id, quantity).await
     }
 
+    /// One page of the event feed, in commit order.
+    pub async fn events(&self, query: &FeedQuery) -> Result<FeedPage, Error> {
+        events::read_feed(&self.primary, query).await
+    }
+
+    /// One order's events (with `owner`, only if it is that user's order).
+    pub async fn order_events(&self, order_id: i64, owner: Option<i32>) -> Result<Vec<Event>, Error> {
+        events::order_events(&self.primary, order_id, owner).await
+    }
+
+    /// A signal that wakes when events may have committed.
+    pub fn event_signal(&self) -> EventSignal {
+        self.events.clone()
+    }
+
     /// `SELECT 1` on a pooled connection of the primary: whether the database answers.
     pub async fn ping(&self) -> Result<(), Error> {
         self.primary.get().await?.client().simple_query("SELECT 1").await?;
@@ -167,13 +198,28 @@ impl Db {
         self.primary.status()
     }
 
-    /// Deletes expired idempotency keys every `interval`, forever (abort the task to stop).
-    pub async fn purge_keys_periodically(self, retention: Duration, interval: Duration) {
-        idempotency::purge_periodically(self.primary, retention, interval).await
+    /// Deletes expired idempotency keys and events every `interval`, forever (abort the task
+    /// to stop).
+    pub async fn purge_periodically(self, retention: Retention, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            ticker.tick().await;
+            match idempotency::purge_expired(&self.primary, retention.idempotency_keys).await {
+                Ok(0) => {}
+                Ok(deleted) => log::info("expired idempotency keys purged", serde_json::json!({"deleted": deleted})),
+                Err(e) => log::warn("purging idempotency keys failed", serde_json::json!({"error": format!("{e:?}")})),
+            }
+            match events::purge(&self.primary, retention.events).await {
+                Ok(0) => {}
+                Ok(deleted) => log::info("expired events purged", serde_json::json!({"deleted": deleted})),
+                Err(e) => log::warn("purging events failed", serde_json::json!({"error": format!("{e:?}")})),
+            }
+        }
     }
 
     /// Closes idle connections and stops keeping returned ones.
     pub fn close(&self) {
+        self.listener.abort();
         self.primary.close();
         if let Some(standby) = &self.standby {
             standby.close();

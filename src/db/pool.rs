@@ -34,6 +34,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::Target;
 use crate::{deadline, error::Error, log, sync::lock};
 
+/// The `application_name` of the service's connections, as `pg_stat_activity` shows them.
+pub const APPLICATION_NAME: &str = "order-api";
+
 /// How the pool is sized and how long it waits.
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
@@ -145,7 +148,7 @@ impl Pool {
     pub fn new(target: Target, settings: PoolSettings) -> Pool {
         let Target { mut config, tls, .. } = target;
         config.connect_timeout(settings.connect_timeout);
-        config.application_name("order-api");
+        config.application_name(APPLICATION_NAME);
         // A connection whose peer vanished without closing (a dead machine, a dropped route)
         // is noticed in about 30 s even while idle, instead of the kernel's 2 hours; settings
         // given in DATABASE_URL win.
@@ -296,6 +299,35 @@ impl Pool {
             opened_at: Instant::now(),
             _open: OpenGuard(self.inner.clone()),
         })
+    }
+
+    /// A connection of its own, outside the pool and its count, with the pool's settings: for
+    /// LISTEN, which needs a session that stays open. Its application name says its `purpose`. `on_notification` is called for every
+    /// notification; the returned task ends when the connection closes.
+    pub(super) async fn dedicated(
+        &self,
+        purpose: &str,
+        on_notification: impl Fn(&tokio_postgres::Notification) + Send + 'static,
+    ) -> Result<(Client, tokio::task::JoinHandle<()>), Error> {
+        let mut config = self.inner.config.clone();
+        // Told apart from the pool's connections in pg_stat_activity.
+        config.application_name(format!("{APPLICATION_NAME} {purpose}"));
+        let connecting = config.connect(self.inner.tls.clone());
+        let (client, mut connection) = match tokio::time::timeout(self.inner.settings.connect_timeout, connecting).await
+        {
+            Ok(Ok(connected)) => connected,
+            _ => return Err(Error::Unavailable("the database cannot be reached; retry")),
+        };
+        let task = tokio::spawn(async move {
+            while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                match message {
+                    Ok(AsyncMessage::Notification(notification)) => on_notification(&notification),
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        Ok((client, task))
     }
 
     pub fn status(&self) -> PoolStatus {

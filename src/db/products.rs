@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::{
     Pool, Sql,
     batch::{Batches, Job},
+    events::NOTIFY_EVENTS,
 };
 use crate::{domain::Page, error::Error, money::Money};
 
@@ -98,10 +99,13 @@ pub(super) async fn get(pool: &Pool, product_id: i64) -> Result<Product, Error> 
     rows.first().map(Product::from_row).ok_or(missing)
 }
 
-/// Adds stock to a product and records the movement in the ledger, in one statement (so one
-/// transaction): the UPDATE locks the product row, and the ledger row is written only if the
-/// product exists. An overflowing stock (beyond int4) fails the whole statement.
-/// $1 product id, $2 quantity to add.
+/// Locks the product row first, so that RESTOCK and PRODUCT_EVENT, statements of their own
+/// after it, read the product as this transaction holds it. $1 product id.
+const LOCK_PRODUCT: Sql = Sql { params: &[Type::INT4], text: "SELECT 1 FROM products WHERE id = $1 FOR UPDATE" };
+
+/// Adds stock to a product and records the movement in the ledger, in one statement: the
+/// ledger row is written only if the product exists. An overflowing stock (beyond int4) fails
+/// the whole statement. $1 product id, $2 quantity to add.
 const RESTOCK: Sql = Sql {
     params: &[Type::INT4, Type::INT4],
     text: "
@@ -116,10 +120,34 @@ const RESTOCK: Sql = Sql {
     SELECT id, name, price, stock FROM restocked",
 };
 
+/// The product's `product.restocked` event, numbered after its last one, with the product as
+/// it stands now. $1 product id (none written if it does not exist).
+const PRODUCT_RESTOCKED: Sql = Sql {
+    params: &[Type::INT4],
+    text: "
+    INSERT INTO events (type, product_id, sequence, data)
+    SELECT 'product.restocked', p.id,
+           (SELECT coalesce(max(e.sequence), 0) + 1 FROM events AS e WHERE e.product_id = p.id),
+           product_json(p.id, p.name, p.price, p.stock)
+    FROM products AS p
+    WHERE p.id = $1",
+};
+
+/// Restocks a product: one transaction of one round trip, with its event.
 pub(super) async fn restock(pool: &Pool, product_id: i64, quantity: i32) -> Result<Product, Error> {
     let missing = Error::ProductNotFound { product_id };
     let Ok(id) = i32::try_from(product_id) else { return Err(missing) };
-    let rows = pool.get().await?.write(&RESTOCK, &[&id, &quantity]).await.map_err(|e| {
+    let restocked = pool
+        .get()
+        .await?
+        .transaction([
+            (&LOCK_PRODUCT, &[&id]),
+            (&RESTOCK, &[&id, &quantity]),
+            (&PRODUCT_RESTOCKED, &[&id]),
+            (&NOTIFY_EVENTS, &[]),
+        ])
+        .await;
+    let [_, rows, _, _] = restocked.map_err(|e| {
         if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
             Error::invalid(format!("restocking {quantity} would take the stock past {}", i32::MAX))
         } else {

@@ -212,7 +212,8 @@ async fn handle(state: Arc<AppState>, peer: IpAddr, request: Request<Incoming>) 
             // A task of its own: a panic in a handler becomes a 500 for this request only, and
             // a client that disconnects does not cut a transaction off half way (it runs to
             // its end and its connection goes back to the pool clean).
-            let deadline = tokio::time::Instant::now() + state.config.request_timeout;
+            let allowance = routes::time_allowance(&matched, request.uri().query());
+            let deadline = tokio::time::Instant::now() + state.config.request_timeout + allowance;
             let handler_state = state.clone();
             let handler =
                 deadline::scope(

@@ -30,11 +30,11 @@ fn hs256(claims: &Value) -> String {
     encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(SECRET.as_bytes()).unwrap()).unwrap()
 }
 
-fn customer(user: i32) -> String {
+pub(crate) fn customer(user: i32) -> String {
     hs256(&claims(user))
 }
 
-async fn jwt_app() -> TestApp {
+pub(crate) async fn jwt_app() -> TestApp {
     spawn_app_with(|config| {
         config.auth_mode = AuthMode::Jwt;
         config.jwt.hs256_secret = Some(Secret::new(SECRET));

@@ -12,6 +12,7 @@ mod jwks;
 mod concurrency;
 mod endpoints;
 mod errors;
+mod events;
 mod faults;
 mod hostile_input;
 mod http_edge;

@@ -1,10 +1,12 @@
-//! Cancelling an order (its stock restored exactly once) and moving it along its lifecycle.
+//! Cancelling an order (its stock restored exactly once) and moving it along its lifecycle,
+//! each with its event (`order.cancelled`, `order.shipped`, `order.delivered`) in the same
+//! transaction.
 
 use postgres_types::{ToSql, Type};
 
 use super::status_of;
 use crate::{
-    db::{Pool, Sql},
+    db::{Pool, Sql, events::NOTIFY_EVENTS},
     domain::OrderStatus,
     error::Error,
 };
@@ -65,13 +67,38 @@ const CANCEL_ORDER: Sql = Sql {
     SELECT id FROM cancelled",
 };
 
+/// Writes an order's event: $2 its type, if (and only if) the order ($1, locked by this
+/// transaction) now has $3 as its status and no event of that type yet, i.e. this transaction
+/// made the change (an order reaches each status at most once). Numbered after the order's last
+/// event; the data is the order as it stands now. A statement of its own, after the change, so
+/// that it sees it.
+const ORDER_EVENT: Sql = Sql {
+    params: &[Type::INT8, Type::TEXT, Type::TEXT],
+    text: "
+    INSERT INTO events (type, order_id, user_id, sequence, data)
+    SELECT $2, o.id, o.user_id,
+           (SELECT coalesce(max(e.sequence), 0) + 1 FROM events AS e WHERE e.order_id = o.id),
+           order_json(o.id)
+    FROM orders AS o
+    WHERE o.id = $1 AND o.status = $3
+      AND NOT EXISTS (SELECT 1 FROM events AS e WHERE e.order_id = o.id AND e.type = $2)",
+};
+
 /// Cancels an order (with `owner`, only that user's: another's is `OrderNotFound`).
 /// Cancelling a cancelled order is a success that changes nothing.
 pub async fn cancel(pool: &Pool, order_id: i64, owner: Option<i32>) -> Result<(), Error> {
     let mut conn = pool.get().await?;
     let order: [&(dyn ToSql + Sync); 2] = [&order_id, &owner];
-    let [locked, _products, cancelled] =
-        conn.transaction([(&LOCK_ORDER, &order), (&LOCK_ORDER_PRODUCTS, &order), (&CANCEL_ORDER, &order)]).await?;
+    let event: [&(dyn ToSql + Sync); 3] = [&order_id, &"order.cancelled", &"cancelled"];
+    let [locked, _products, cancelled, _event, _notify] = conn
+        .transaction([
+            (&LOCK_ORDER, &order),
+            (&LOCK_ORDER_PRODUCTS, &order),
+            (&CANCEL_ORDER, &order),
+            (&ORDER_EVENT, &event),
+            (&NOTIFY_EVENTS, &[]),
+        ])
+        .await?;
 
     let status = status_of(locked.first().ok_or(Error::OrderNotFound { order_id })?.get(0))?;
     match status {
@@ -101,10 +128,13 @@ pub async fn set_status(pool: &Pool, order_id: i64, target: OrderStatus) -> Resu
     let mut conn = pool.get().await?;
     let (locked, advanced) = match target.reached_from() {
         Some(from) => {
-            let [locked, advanced] = conn
+            let event_type = format!("order.{target}");
+            let [locked, advanced, _event, _notify] = conn
                 .transaction([
                     (&LOCK_ORDER, &[&order_id, &None::<i32>]),
                     (&ADVANCE_ORDER, &[&order_id, &target.as_str(), &from.as_str()]),
+                    (&ORDER_EVENT, &[&order_id, &event_type, &target.as_str()]),
+                    (&NOTIFY_EVENTS, &[]),
                 ])
                 .await?;
             (locked, !advanced.is_empty())

@@ -13,7 +13,7 @@ use super::{
     write::{WRITE_ORDERS, Written},
 };
 use crate::{
-    db::{Failure, Pool, PooledConn, Tx, pipeline::Step},
+    db::{Failure, Pool, PooledConn, Tx, events::NOTIFY_EVENTS, pipeline::Step},
     error::Error,
 };
 
@@ -147,9 +147,10 @@ async fn write(tx: Tx, batch: &[&OrderRequest], keys: &Keys, fates: Vec<Fate>, s
     let write = written.params();
     let save: [&(dyn ToSql + Sync); 4] = [&outcomes.users, &outcomes.keys, &outcomes.statuses, &outcomes.bodies];
     let release: [&(dyn ToSql + Sync); 2] = [&outcomes.release_users, &outcomes.release_keys];
-    let mut steps: Vec<Step> = Vec::with_capacity(3);
+    let mut steps: Vec<Step> = Vec::with_capacity(4);
     if written.len() > 0 {
         steps.push((&WRITE_ORDERS, &write));
+        steps.push((&NOTIFY_EVENTS, &[]));
     }
     if !outcomes.users.is_empty() {
         steps.push((&SAVE_OUTCOMES, &save));

@@ -11,8 +11,14 @@ use crate::{db::Sql, domain::NewOrder};
 /// are the locked products' (this statement's snapshot is taken after the locks, so it reads
 /// them as locked); the stock taken is what the batch's lines add up to per product, which the
 /// service checked against the stock it read under those locks, so `CHECK (stock >= 0)` holds.
-/// A keyed order's key (claimed by this transaction) gets the order as its outcome. Returns
-/// each order's id and total, in arrival order.
+/// A keyed order's key (claimed by this transaction) gets the order as its outcome.
+///
+/// The events go with it (`sql/0006_order_events.sql`): each order's `order.created`, its data
+/// the order as `GET /api/orders/:id` shows it (built here from what is written: the rows are
+/// not visible to this statement), then `product.sold_out` for each product whose stock this
+/// batch took to zero, numbered after the product's last event (read after the lock, so no
+/// other transaction can number one meanwhile). Returns each order's id and total, in arrival
+/// order.
 pub(super) const WRITE_ORDERS: Sql = Sql {
     params: &[Type::INT4_ARRAY, Type::TEXT_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY],
     text: "
@@ -21,7 +27,7 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
         FROM (SELECT * FROM unnest($1::int4[], $2::text[]) WITH ORDINALITY AS o (user_id, key, n) ORDER BY n) AS o
     ),
     line AS (
-        SELECT l.position, l.n, l.product_id, l.quantity, products.price
+        SELECT l.position, l.n, l.product_id, l.quantity, products.price, products.name
         FROM unnest($3::int4[], $4::int4[], $5::int4[]) WITH ORDINALITY AS l (n, product_id, quantity, position)
         JOIN products ON products.id = l.product_id
     ),
@@ -33,7 +39,7 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
     new_orders AS (
         INSERT INTO orders (id, user_id, status, total_amount)
         SELECT id, user_id, 'processing', amount FROM total ORDER BY n
-        RETURNING id, total_amount
+        RETURNING id, total_amount, created_at
     ),
     new_lines AS (
         INSERT INTO order_items (order_id, product_id, quantity, price)
@@ -50,6 +56,7 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
         SET stock = products.stock - t.quantity
         FROM (SELECT product_id, sum(quantity)::int4 AS quantity FROM line GROUP BY product_id) AS t
         WHERE products.id = t.product_id
+        RETURNING products.id, products.name, products.price, products.stock
     ),
     ledger AS (
         INSERT INTO inventory_movements (product_id, delta, reason, order_id)
@@ -61,6 +68,29 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
         SET order_id = placed.id
         FROM placed
         WHERE placed.key IS NOT NULL AND k.user_id = placed.user_id AND k.key = placed.key
+    ),
+    order_events AS (
+        INSERT INTO events (type, order_id, user_id, sequence, data)
+        SELECT 'order.created', o.id, users.id, 1,
+               order_json(o.id, 'processing', o.total_amount, o.created_at, users.id, users.email,
+                          (SELECT string_agg(order_item_json(line.product_id, line.name, line.quantity, line.price),
+                                             ',' ORDER BY line.position)
+                           FROM line WHERE line.n = placed.n))
+        FROM new_orders AS o JOIN placed USING (id) JOIN users ON users.id = placed.user_id
+        ORDER BY placed.n
+        RETURNING id
+    ),
+    sold_out_events AS (
+        INSERT INTO events (type, product_id, sequence, data)
+        SELECT 'product.sold_out', taken.id,
+               (SELECT coalesce(max(e.sequence), 0) + 1 FROM events AS e WHERE e.product_id = taken.id),
+               product_json(taken.id, taken.name, taken.price, taken.stock)
+        FROM taken
+        -- Reading the orders' events first makes them be written first (unread data-modifying
+        -- CTEs run last to first), so a product sells out after the orders that emptied it.
+        CROSS JOIN (SELECT count(*) FROM order_events) AS orders_first
+        WHERE taken.stock = 0
+        ORDER BY taken.id
     )
     SELECT new_orders.id, new_orders.total_amount
     FROM new_orders JOIN total USING (id)

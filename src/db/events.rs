@@ -1,0 +1,359 @@
+//! The outbox's read side: the commit-ordered feed, one order's events, the wake-up when
+//! events commit, and the retention purge. The events themselves are written by each change,
+//! in its own transaction (`orders::place`, `orders::lifecycle`, `products`).
+//!
+//! **Commit order.** A feed that reads events in id order skips events: a transaction that
+//! drew a smaller id can commit after a reader has gone past it (the bug Marten, Eventuous and
+//! Emmett shipped). Here a position is (writing transaction id, event id), and the feed hands
+//! out only events whose transaction id is below the oldest transaction still running in the
+//! service's database (`events_watermark()`, sql/0006): every transaction below it has ended,
+//! so no event can appear there later, and any transaction still to commit has a larger id, so
+//! its events come after every position handed out. A full re-read from the start gives
+//! exactly the sequence an incremental reader saw. The price: a long writing transaction in
+//! the service's database holds the feed back until it ends. Alternatives not taken: numbering
+//! events after commit by one writer (a second write of every event, and one process that must
+//! always run), PgQ-style snapshot ticks (the same watermark, with a table of ticks to keep).
+//!
+//! **Waking up.** Every transaction that writes events sends `NOTIFY order_api_events`,
+//! delivered at its commit; one LISTEN connection per process turns it into a signal that
+//! long-polls and the webhook dispatcher wait on. While that connection is down, or while
+//! committed events wait for an older transaction to end (no notification comes then), the
+//! waiters look again every `RECHECK_EVERY`.
+
+use std::{
+    fmt,
+    str::FromStr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use postgres_types::{ToSql, Type};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+use tokio_postgres::Row;
+
+use super::{Pool, Sql};
+use crate::{error::Error, log};
+
+/// Sent by every transaction that writes events; delivered when it commits.
+pub(super) const NOTIFY_EVENTS: Sql = Sql { params: &[], text: "NOTIFY order_api_events" };
+
+const LISTEN_EVENTS: &str = "LISTEN order_api_events";
+
+/// How often a waiter looks again when no notification can be relied on.
+pub const RECHECK_EVERY: Duration = Duration::from_millis(50);
+
+/// A place in the feed: (writing transaction, event id). Opaque to clients: `"{tx}-{id}"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Position {
+    pub tx: i64,
+    pub id: i64,
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.tx, self.id)
+    }
+}
+
+impl FromStr for Position {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Position, Error> {
+        let invalid = || Error::invalid(format!("after must be a position the feed handed out, got {text:?}"));
+        let (tx, id) = text.split_once('-').ok_or_else(invalid)?;
+        let number =
+            |part: &str| part.parse::<i64>().ok().filter(|n| *n >= 0 && part.bytes().all(|b| b.is_ascii_digit()));
+        Ok(Position { tx: number(tx).ok_or_else(invalid)?, id: number(id).ok_or_else(invalid)? })
+    }
+}
+
+impl Serialize for Position {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// An event, as the feed and the webhooks send it (CONTRACT part 5).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub position: Position,
+    pub sequence: i32,
+    pub occurred_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub product_id: Option<i32>,
+    /// The order (or product) as the API shows it at that moment, as written.
+    pub data: Box<RawValue>,
+}
+
+/// Every event type, as written.
+pub const EVENT_TYPES: [&str; 6] =
+    ["order.created", "order.cancelled", "order.shipped", "order.delivered", "product.restocked", "product.sold_out"];
+
+/// The columns of an event, the position first; every query below selects them as `e`.
+macro_rules! event_columns {
+    () => {
+        "e.tx::text::int8, e.id, 'evt_' || replace(e.event_id::text, '-', ''), e.type, e.sequence,
+         to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
+         e.order_id, e.user_id, e.product_id, e.data::text"
+    };
+}
+
+fn event_from(row: &Row, first: usize) -> Result<Event, Error> {
+    let data: String = row.get(first + 9);
+    Ok(Event {
+        position: Position { tx: row.get(first), id: row.get(first + 1) },
+        id: row.get(first + 2),
+        kind: row.get(first + 3),
+        sequence: row.get(first + 4),
+        occurred_at: row.get(first + 5),
+        order_id: row.get(first + 6),
+        user_id: row.get(first + 7),
+        product_id: row.get(first + 8),
+        data: RawValue::from_string(data).map_err(|e| Error::Internal(format!("event data is not JSON: {e}")))?,
+    })
+}
+
+/// One page of the feed. $1, $2 the position after which to read (tx as text, id); $3 the types
+/// wanted (NULL: all); $4 the most events. One row always: the watermark (the oldest
+/// transaction still running in this database, or the next to start: events at or past it are
+/// not handed out yet), the purge point,
+/// whether committed events wait behind the watermark; then an event's columns, or NULLs
+/// when there is none (`LEFT JOIN`), one row per event.
+const FEED: Sql = Sql {
+    params: &[Type::TEXT, Type::INT8, Type::TEXT_ARRAY, Type::INT8],
+    text: concat!(
+        "
+    WITH w AS (
+        SELECT events_watermark() AS xmin, p.tx AS purged_tx, p.id AS purged_id
+        FROM events_purged AS p
+    )
+    SELECT w.xmin::text::int8, w.purged_tx::text::int8, w.purged_id,
+           EXISTS (SELECT 1 FROM events AS late WHERE late.tx >= w.xmin),
+           page.*
+    FROM w
+    LEFT JOIN LATERAL (
+        SELECT ",
+        event_columns!(),
+        "
+        FROM events AS e
+        WHERE (e.tx, e.id) > ($1::text::xid8, $2)
+          AND e.tx < w.xmin
+          AND ($3::text[] IS NULL OR e.type = ANY ($3))
+        ORDER BY e.tx, e.id
+        LIMIT $4
+    ) AS page ON true"
+    ),
+};
+
+/// What to read from the feed.
+#[derive(Debug, Clone)]
+pub struct FeedQuery {
+    /// None: from the oldest event kept.
+    pub after: Option<Position>,
+    pub limit: i64,
+    /// None: every type.
+    pub types: Option<Vec<String>>,
+}
+
+/// One page of the feed.
+#[derive(Debug)]
+pub struct FeedPage {
+    pub events: Vec<Event>,
+    /// Where the next read starts: the last event's position, or, when the page took every
+    /// event handed out so far, the watermark itself (every later event comes after it).
+    pub next: Position,
+    /// Committed events wait behind a transaction still running: look again soon.
+    pub held_back: bool,
+}
+
+/// Reads one page of the feed; `CursorExpired` when `after` is older than the retention purge.
+pub(super) async fn read_feed(pool: &Pool, query: &FeedQuery) -> Result<FeedPage, Error> {
+    let after = query.after.unwrap_or_default();
+    let after_tx = after.tx.to_string();
+    let params: [&(dyn ToSql + Sync); 4] = [&after_tx, &after.id, &query.types, &query.limit];
+    let rows = pool.get().await?.query(&FEED, &params).await?;
+    let first = rows.first().ok_or_else(|| Error::Internal("the feed answered no row".into()))?;
+    let watermark: i64 = first.get(0);
+    let purged = Position { tx: first.get(1), id: first.get(2) };
+    if query.after.is_some_and(|after| after < purged) {
+        return Err(Error::CursorExpired);
+    }
+    let held_back: bool = first.get(3);
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.get::<_, Option<i64>>(4).is_some() {
+            events.push(event_from(row, 4)?);
+        }
+    }
+    let next = match events.last() {
+        Some(last) if events.len() as i64 >= query.limit => last.position,
+        last => {
+            let caught_up = Position { tx: watermark, id: 0 };
+            last.map_or(caught_up, |last| last.position.max(caught_up)).max(after)
+        }
+    };
+    Ok(FeedPage { events, next, held_back })
+}
+
+/// One order's events, in sequence order; $2 its owner or NULL for any.
+const ORDER_EVENTS: Sql = Sql {
+    params: &[Type::INT8, Type::INT4],
+    text: concat!(
+        "SELECT ",
+        event_columns!(),
+        "
+    FROM events AS e
+    WHERE e.order_id = $1 AND ($2::int4 IS NULL OR e.user_id = $2)
+    ORDER BY e.sequence"
+    ),
+};
+
+/// The committed events of one order (with `owner`, only if it is that user's).
+pub(super) async fn order_events(pool: &Pool, order_id: i64, owner: Option<i32>) -> Result<Vec<Event>, Error> {
+    let rows = pool.get().await?.query(&ORDER_EVENTS, &[&order_id, &owner]).await?;
+    rows.iter().map(|row| event_from(row, 0)).collect()
+}
+
+/// Wakes whoever waits for events: bumped on every notification, and when the LISTEN
+/// connection comes or goes (notifications may have been missed meanwhile).
+#[derive(Clone)]
+pub struct EventSignal {
+    changes: watch::Receiver<u64>,
+    /// Whether the LISTEN connection is up: while it is not, waiters look again on their own.
+    listening: Arc<AtomicBool>,
+}
+
+impl EventSignal {
+    /// Waits until events may have committed since `self` was cloned or last waited, or
+    /// `RECHECK_EVERY` when nothing can be relied on (`recheck`, or no LISTEN connection), or
+    /// `until`, whichever comes first.
+    pub async fn wait(&mut self, recheck: bool, until: tokio::time::Instant) {
+        let mut until = until;
+        if recheck || !self.listening.load(Ordering::Relaxed) {
+            until = until.min(tokio::time::Instant::now() + RECHECK_EVERY);
+        }
+        let _ = tokio::time::timeout_at(until, self.changes.changed()).await;
+    }
+}
+
+/// How long the LISTEN connection waits before connecting again after losing the database.
+const LISTEN_RETRY: Duration = Duration::from_millis(500);
+
+/// How often the LISTEN connection is checked: a connection whose peer vanished says nothing.
+const LISTEN_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// Starts listening for events on a dedicated connection of `pool`'s database; the signal,
+/// and the task to abort at shutdown. Behind a transaction-mode pooler a session is not ours,
+/// so LISTEN cannot work: `listen = false` leaves the waiters looking every `RECHECK_EVERY`.
+pub(super) fn listen(pool: Pool, enabled: bool) -> (EventSignal, tokio::task::JoinHandle<()>) {
+    let (notify, changes) = watch::channel(0u64);
+    let listening = Arc::new(AtomicBool::new(false));
+    let signal = EventSignal { changes, listening: listening.clone() };
+    let task = tokio::spawn(async move {
+        if !enabled {
+            return;
+        }
+        let notify = Arc::new(notify);
+        loop {
+            let bump = notify.clone();
+            match pool.dedicated("events", move |_| bump.send_modify(|n| *n += 1)).await {
+                Ok((client, connection)) => {
+                    if client.batch_execute(LISTEN_EVENTS).await.is_ok() {
+                        listening.store(true, Ordering::Relaxed);
+                        notify.send_modify(|n| *n += 1);
+                        let mut checks = tokio::time::interval(LISTEN_CHECK_EVERY);
+                        checks.tick().await;
+                        loop {
+                            checks.tick().await;
+                            let alive = tokio::time::timeout(LISTEN_CHECK_EVERY, client.simple_query("SELECT 1")).await;
+                            if !matches!(alive, Ok(Ok(_))) || connection.is_finished() {
+                                break;
+                            }
+                        }
+                        listening.store(false, Ordering::Relaxed);
+                        notify.send_modify(|n| *n += 1);
+                        log::warn("the connection listening for events was lost; reconnecting", serde_json::json!({}));
+                    }
+                    connection.abort();
+                }
+                Err(_) => listening.store(false, Ordering::Relaxed),
+            }
+            tokio::time::sleep(LISTEN_RETRY).await;
+        }
+    });
+    (signal, task)
+}
+
+/// The first events in position order (among those handed out), each with whether it is
+/// older than the retention, for the purge. $1 how many, $2 the retention in seconds.
+const OLDEST_EVENTS: Sql = Sql {
+    params: &[Type::INT8, Type::FLOAT8],
+    text: "
+    SELECT tx::text::int8, id, occurred_at < now() - make_interval(secs => $2)
+    FROM events
+    WHERE tx < events_watermark()
+    ORDER BY tx, id
+    LIMIT $1",
+};
+
+/// Deletes the events up to a position and records it as purged. $1, $2 the position.
+const PURGE_THROUGH: Sql = Sql {
+    params: &[Type::TEXT, Type::INT8],
+    text: "
+    WITH purged AS (
+        DELETE FROM events WHERE (tx, id) <= ($1::text::xid8, $2)
+    )
+    UPDATE events_purged
+    SET tx = $1::text::xid8, id = $2
+    WHERE (tx, id) < ($1::text::xid8, $2)",
+};
+
+/// Events deleted per statement.
+const PURGE_BATCH: i64 = 1_000;
+
+/// Deletes the events older than `retention`, oldest first, and moves the purge point past
+/// them (readers before it get 410 CURSOR_EXPIRED); returns how many.
+pub async fn purge(pool: &Pool, retention: Duration) -> Result<u64, Error> {
+    let retention_secs = retention.as_secs_f64();
+    let mut deleted = 0;
+    loop {
+        let rows = pool.get().await?.query(&OLDEST_EVENTS, &[&PURGE_BATCH, &retention_secs]).await?;
+        let expired = rows.iter().take_while(|row| row.get::<_, bool>(2)).count();
+        let Some(last) = expired.checked_sub(1).map(|i| &rows[i]) else { return Ok(deleted) };
+        let through = Position { tx: last.get(0), id: last.get(1) };
+        let tx = through.tx.to_string();
+        pool.get().await?.write(&PURGE_THROUGH, &[&tx, &through.id]).await?;
+        deleted += expired as u64;
+        if expired < rows.len() || (rows.len() as i64) < PURGE_BATCH {
+            return Ok(deleted);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip_and_refuse_anything_else() {
+        let position = Position { tx: 7_351, id: 42 };
+        assert_eq!(position.to_string().parse::<Position>().unwrap(), position);
+        for bad in ["", "1", "1-", "-1", "a-1", "1-b", "1--1", "+1-2", "1-2-3", "99999999999999999999-1"] {
+            assert!(bad.parse::<Position>().is_err(), "{bad:?}");
+        }
+        assert!(Position { tx: 1, id: 9 } < Position { tx: 2, id: 1 });
+    }
+}
