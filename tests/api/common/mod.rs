@@ -8,6 +8,8 @@
 pub mod private_pg;
 pub mod process;
 pub mod proxy;
+pub mod raw;
+pub mod wait;
 
 use std::{
     net::SocketAddr,

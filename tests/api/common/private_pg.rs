@@ -95,6 +95,34 @@ impl PrivatePostgres {
         true
     }
 
+    /// A server that counts the statements it runs (`pg_stat_statements`; utility statements
+    /// such as BEGIN, COMMIT and LOCK are left out): see `statements_run`.
+    pub async fn start_counting_statements() -> PrivatePostgres {
+        let pg = PrivatePostgres::start(&[
+            "shared_preload_libraries=pg_stat_statements",
+            "pg_stat_statements.track_utility=off",
+        ])
+        .await;
+        pg.execute("CREATE EXTENSION pg_stat_statements").await;
+        pg
+    }
+
+    /// How many statements have run so far in `database` (of a server started by
+    /// `start_counting_statements`). Asked from the `postgres` database, so that asking is
+    /// not counted.
+    pub async fn statements_run(&self, database: &str) -> i64 {
+        super::connect(&self.url("postgres"))
+            .await
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements s
+                 JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1",
+                &[&database],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     pub fn url(&self, database: &str) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/{database}", self.port)
     }
