@@ -102,14 +102,21 @@ pub async fn spawn_app_without_database() -> TestApp {
 }
 
 /// A server with `config`, on a database the test made and migrated itself at `config`'s
-/// `DATABASE_URL` (on a `PrivatePostgres`).
-pub async fn spawn_app_at(mut config: Config) -> TestApp {
+/// `DATABASE_URL` (on a `PrivatePostgres`). The test's own connection (`TestApp::db`) takes
+/// that URL without its parameters (`sslmode`, ...): it inspects, it is not under test.
+pub async fn spawn_app_at(config: Config) -> TestApp {
+    let inspect = config.database_url.split('?').next().unwrap().to_owned();
+    spawn_app_inspected_at(config, &inspect).await
+}
+
+/// The same, with the test's own connection to `inspect_url` (for a `DATABASE_URL` the test
+/// cannot connect with, such as a host name that only `hostaddr` makes reachable).
+pub async fn spawn_app_inspected_at(mut config: Config, inspect_url: &str) -> TestApp {
     config.log_level = order_api::log::Level::Error;
     config.operator_token = operator_token();
     config.host = [127, 0, 0, 1].into();
-    let url = config.database_url.clone();
-    let name = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
-    start(config, url, name, None).await
+    let name = inspect_url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    start(config, inspect_url.to_owned(), name, None).await
 }
 
 async fn start_server(config: Config, database: TestDatabase) -> TestApp {
