@@ -359,6 +359,7 @@ async fn bad_tokens_are_401_and_write_nothing() {
         ("not yet valid", with(&|c| c["nbf"] = json!(now() + 3_600))),
         ("other issuer", with(&|c| c["iss"] = json!("https://evil.test"))),
         ("other audience", with(&|c| c["aud"] = json!("another-api"))),
+        ("without sub", with(&|c| drop(c.as_object_mut().unwrap().remove("sub")))),
         ("sub not a user id", with(&|c| c["sub"] = json!("alice"))),
         ("sub zero", with(&|c| c["sub"] = json!(0))),
         ("alg none", unsigned),
@@ -379,6 +380,83 @@ async fn bad_tokens_are_401_and_write_nothing() {
     let just_expired = with(&|c| c["exp"] = json!(now() - 5));
     let reply = send(&app, reqwest::Method::GET, "/api/orders", Some(&just_expired), None).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(app.snapshot().await, before);
+}
+
+/// In jwt mode `/health`, the catalogue (`/api/products`, `/api/products/:id`) and
+/// `/openapi.json` stay public: 200 without any credentials, while `/api/orders` is 401.
+#[tokio::test]
+async fn jwt_mode_keeps_health_the_catalogue_and_the_openapi_document_public() {
+    let app = jwt_app().await;
+    for path in ["/health", "/api/products", "/api/products/1", "/openapi.json"] {
+        let reply = send(&app, reqwest::Method::GET, path, None, None).await;
+        assert_eq!(reply.status, 200, "GET {path} without credentials: {}", reply.text);
+    }
+    assert_unauthorized(&send(&app, reqwest::Method::GET, "/api/orders", None, None).await, false);
+}
+
+/// The clock leeway is at most 60 s: `AUTH_JWT_LEEWAY_SECS=61` stops the start, naming the
+/// variable. At 60 s a token expired 30 s ago is accepted and one expired 90 s ago refused
+/// (each 30 s from the edge, far more than a slow test takes).
+#[tokio::test]
+async fn the_clock_leeway_is_capped_at_60_seconds() {
+    let leeway = |value: &str| {
+        let value = value.to_owned();
+        Config::from_lookup(move |name| (name == "AUTH_JWT_LEEWAY_SECS").then(|| value.clone()))
+    };
+    assert_eq!(leeway("60").unwrap().jwt.leeway_secs, 60);
+    let error = leeway("61").unwrap_err().to_string();
+    assert!(error.contains("AUTH_JWT_LEEWAY_SECS") && error.contains("0 to 60"), "{error}");
+    // A configuration built in code is held to the same cap when the service starts.
+    let mut too_lenient = Config::default();
+    jwt_settings(&mut too_lenient);
+    too_lenient.jwt.leeway_secs = 61;
+    assert!(order_api::auth::jwt::Verifier::new(&too_lenient.jwt).is_err(), "a 61 s leeway was accepted");
+
+    let app = spawn_app_with(|config| {
+        jwt_settings(config);
+        config.jwt.leeway_secs = 60;
+    })
+    .await;
+    let expired_ago = |seconds: i64| {
+        let mut claims = claims(1);
+        claims["exp"] = json!(now() - seconds);
+        hs256(&claims)
+    };
+    let within = send(&app, reqwest::Method::GET, "/api/orders", Some(&expired_ago(30)), None).await;
+    assert_eq!(within.status, 200, "{}", within.text);
+    assert_unauthorized(&send(&app, reqwest::Method::GET, "/api/orders", Some(&expired_ago(90)), None).await, true);
+}
+
+/// `sub` may be a JSON number as well as a string of digits: a positive int4 either way. A
+/// number outside int4, negative or fractional is refused and writes nothing.
+#[tokio::test]
+async fn a_numeric_sub_is_the_user() {
+    let app = jwt_app().await;
+    let with_sub = |sub: Value| {
+        let mut claims = claims(1);
+        claims["sub"] = sub;
+        hs256(&claims)
+    };
+    let order = json!({"items": [{"productId": 2, "quantity": 1}]});
+    let created =
+        send(&app, reqwest::Method::POST, "/api/orders", Some(&with_sub(json!(2))), Some(order.clone())).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let owner: i32 = app
+        .db
+        .query_one("SELECT user_id FROM orders WHERE id = $1", &[&created.json["orderId"].as_i64().unwrap()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, 2, "the order is the numeric sub's");
+
+    let before = app.snapshot().await;
+    for sub in [json!(2_147_483_648_i64), json!(-2), json!(1.5)] {
+        let token = with_sub(sub.clone());
+        let refused = send(&app, reqwest::Method::POST, "/api/orders", Some(&token), Some(order.clone())).await;
+        assert_eq!(refused.status, 401, "sub {sub}: {}", refused.text);
+        assert_unauthorized(&refused, true);
+    }
     assert_eq!(app.snapshot().await, before);
 }
 
