@@ -62,6 +62,9 @@ pub struct Config {
     pub startup_timeout: Duration,
     /// `IDEMPOTENCY_RETENTION_HOURS`: how long an idempotency key and its response are kept.
     pub idempotency_retention: Duration,
+    /// `IDEMPOTENCY_PURGE_INTERVAL_SECS`: how often keys past their retention are deleted in
+    /// the background (a setting so that a test can watch a purge run).
+    pub idempotency_purge_interval: Duration,
     /// `SEED_ON_START`: load the seed data at start (idempotent), as docker-compose does.
     pub seed_on_start: bool,
     /// `MIGRATE_ON_START`: apply pending migrations at start. Off for a runtime role without
@@ -109,6 +112,7 @@ impl Default for Config {
             transaction_pooler: false,
             startup_timeout: Duration::from_millis(60_000),
             idempotency_retention: Duration::from_secs(24 * 3600),
+            idempotency_purge_interval: Duration::from_secs(600),
             seed_on_start: false,
             migrate_on_start: true,
             log_level: Level::Info,
@@ -199,6 +203,12 @@ impl Config {
         set.set(&mut config.idempotency_retention, "IDEMPOTENCY_RETENTION_HOURS", "a positive number of hours", |v| {
             v.parse::<u64>().ok().filter(|h| *h > 0).map(|h| Duration::from_secs(h * 3600))
         })?;
+        set.set(
+            &mut config.idempotency_purge_interval,
+            "IDEMPOTENCY_PURGE_INTERVAL_SECS",
+            "a positive number of seconds",
+            |v| v.parse::<u64>().ok().filter(|s| *s > 0).map(Duration::from_secs),
+        )?;
         set.set(&mut config.seed_on_start, "SEED_ON_START", "true or false", |v| v.parse().ok())?;
         set.set(&mut config.migrate_on_start, "MIGRATE_ON_START", "true or false", |v| v.parse().ok())?;
         set.set(&mut config.log_level, "LOG_LEVEL", "error, warn, info or debug", Level::parse)?;

@@ -49,9 +49,6 @@ use crate::{
     metrics::Metrics,
 };
 
-/// How often expired idempotency keys are deleted.
-const IDEMPOTENCY_PURGE_INTERVAL: Duration = Duration::from_secs(600);
-
 /// First wait between attempts to reach the database at start-up; doubles up to the max.
 const STARTUP_RETRY_FIRST: Duration = Duration::from_millis(100);
 const STARTUP_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -141,8 +138,9 @@ pub async fn run(
         None => None,
     };
     let order_limit = rate_limit::RateLimiter::new(config.rate_limit_orders_per_minute);
-    let purge =
-        tokio::spawn(db.clone().purge_keys_periodically(config.idempotency_retention, IDEMPOTENCY_PURGE_INTERVAL));
+    let purge = tokio::spawn(
+        db.clone().purge_keys_periodically(config.idempotency_retention, config.idempotency_purge_interval),
+    );
     let state = Arc::new(AppState { config, db: db.clone(), metrics: Metrics::default(), auth, order_limit });
     http::serve(listener, state, shutdown).await;
     purge.abort();

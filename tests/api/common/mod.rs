@@ -158,7 +158,8 @@ pub fn client(bearer: Option<&str>) -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(30)).default_headers(headers).build().unwrap()
 }
 
-fn server_url() -> String {
+/// `TEST_DATABASE_URL`, or the default local server.
+pub fn server_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_owned())
 }
 
