@@ -971,7 +971,7 @@ def print_targets(report):
     correct.append(("server exits 0 on SIGTERM", f"exit codes {codes}", all(code == 0 for code in codes)))
     print("\nchecks (correctness; any FAIL makes the exit status 1):")
     for label, value, ok in correct:
-        print(f"  {'ok  ' if ok else 'FAIL'}  {label:<46} {value}")
+        print(f"  {'ok  ' if ok else 'FAIL'}  {label:<58} {value}")
     report["checks"] = [{"check": label, "value": value, "ok": ok} for label, value, ok in correct]
 
 
