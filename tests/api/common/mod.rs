@@ -4,6 +4,11 @@
 //!
 //! PostgreSQL is found through `TEST_DATABASE_URL` (a server URL whose database part is
 //! ignored), by default the local trust-auth server.
+//!
+//! Beside this file: `wait` (poll what a test waits for, with a bound: never a guessed sleep),
+//! `raw` (requests written on sockets of their own, and knowing when the server has read
+//! them), `process` (the real binary as a child process), `private_pg` (a PostgreSQL server
+//! of the test's own).
 
 pub mod private_pg;
 pub mod process;
