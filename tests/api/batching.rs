@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use serde_json::json;
 
-use crate::common::{self, Reply, TestApp, private_pg::PrivatePostgres, raw, spawn_app_at, spawn_app_with, wait};
+use crate::common::{self, Reply, TestApp, private_pg::PrivatePostgres, raw, spawn_app_at, spawn_app_with};
 
 async fn batching_app() -> TestApp {
     spawn_app_with(|config| config.order_batch_max = 64).await
@@ -22,11 +22,6 @@ async fn hold_product(app: &TestApp, product_id: i32) -> tokio_postgres::Client 
     client.batch_execute("BEGIN").await.unwrap();
     client.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", &[&product_id]).await.unwrap();
     client
-}
-
-/// Waits until `count` of the service's sessions wait on a lock.
-async fn wait_for_lock_waiters(app: &TestApp, count: i64) {
-    wait::for_lock_waiters(&app.db, &app.database_name, count).await
 }
 
 /// `bodies` sent at once while `product_id` is locked; released once the batches in flight
@@ -45,7 +40,7 @@ async fn keyed_orders_behind_a_lock(
     let holder = hold_product(app, product_id).await;
     let requests: Vec<_> = orders.iter().map(|(key, body)| raw::Request::order(*key, body)).collect();
     let in_flight = app.send_all(&requests).await;
-    wait_for_lock_waiters(app, 1).await;
+    app.wait_for_lock_waiters(1).await;
     in_flight.read_by_the_server().await;
     holder.batch_execute("COMMIT").await.unwrap();
     in_flight.replies().await
@@ -285,7 +280,7 @@ async fn a_batch_cut_by_a_postgresql_crash_answers_every_order_honestly() {
     let body = json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]});
     let requests: Vec<_> = (0..10).map(|_| raw::Request::order(None, &body)).collect();
     let in_flight = app.send_all(&requests).await;
-    wait_for_lock_waiters(&app, 1).await;
+    app.wait_for_lock_waiters(1).await;
     in_flight.read_by_the_server().await;
     // The batch in flight waits on the lock: the crash cuts it before its commit.
     pg.kill();

@@ -244,7 +244,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
 /// An idle server exits 0 on SIGTERM without waiting, even with an idle keep-alive connection
 /// open: the drain waits for requests, not for connections, so `docker stop` never waits out
 /// the grace period for nothing. The grace period and the keep-alive idle limit are 60 s here:
-/// a server that waited for either would still be running after the 10 s allowed.
+/// a server that waited for either would still be running after the 20 s allowed.
 #[tokio::test]
 async fn sigterm_with_only_idle_keep_alive_connections_exits_zero_at_once() {
     let database = TestDatabase::create().await;

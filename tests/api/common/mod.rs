@@ -507,25 +507,9 @@ pub fn url_through(url: &str, port: u16) -> String {
 
 impl TestApp {
     /// Polls until `count` of the service's sessions wait on a lock (a row lock or a key's
-    /// index entry another transaction holds); panics after 20 s.
+    /// index entry another transaction holds); panics after `wait::PATIENCE`.
     pub async fn wait_for_lock_waiters(&self, count: i64) {
-        for _ in 0..2_000 {
-            let waiting: i64 = self
-                .db
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = $1 AND application_name = 'order-api' AND wait_event_type = 'Lock'",
-                    &[&self.database_name],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if waiting >= count {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("fewer than {count} of the service's sessions ever waited on a lock");
+        wait::for_lock_waiters(&self.db, &self.database_name, count).await
     }
 
     /// `POST /api/orders` of `body` (with `key` as its Idempotency-Key) in a task of its own,

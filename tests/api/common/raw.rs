@@ -103,13 +103,20 @@ impl TestApp {
 }
 
 impl InFlight {
-    /// Waits until the server has read every byte of every request.
+    /// Waits until the server has read every byte of every request: none is left in a client's
+    /// send queue nor unread on the server's side of its connection. (A connection the server
+    /// has already answered and closed, such as a replay that needed no lock, is no longer
+    /// established on its side at all: it read the request first.)
     pub async fn read_by_the_server(&self) {
         let clients: Vec<u16> = self.streams.iter().map(|s| s.local_addr().unwrap().port()).collect();
         let what = format!("the server reading all {} requests", clients.len());
+        let server = self.server_port;
         wait::until(&what, wait::PATIENCE, || async {
-            let unread = unread_bytes(self.server_port);
-            clients.iter().all(|client| unread.iter().any(|(peer, bytes)| peer == client && *bytes == 0))
+            tcp_sockets().iter().all(|socket| {
+                let client_side = socket.remote_port == server && clients.contains(&socket.local_port);
+                let server_side = socket.local_port == server && clients.contains(&socket.remote_port);
+                !(client_side && socket.unsent > 0 || server_side && socket.state == ESTABLISHED && socket.unread > 0)
+            })
         })
         .await
     }
@@ -127,16 +134,6 @@ impl InFlight {
     }
 }
 
-/// For each connection accepted on `server_port` (its server side in `/proc/net/tcp`): the
-/// client's port and how many bytes the server has not read yet.
-fn unread_bytes(server_port: u16) -> Vec<(u16, u64)> {
-    tcp_sockets()
-        .into_iter()
-        .filter(|socket| socket.local_port == server_port && socket.state == ESTABLISHED)
-        .map(|socket| (socket.remote_port, socket.unread))
-        .collect()
-}
-
 /// `/proc/net/tcp`'s state of an established connection (also while it is still in the
 /// listener's accept queue).
 pub const ESTABLISHED: u8 = 0x01;
@@ -148,6 +145,8 @@ pub struct TcpSocket {
     pub local_port: u16,
     pub remote_port: u16,
     pub state: u8,
+    /// Bytes written by the socket's owner and not yet taken by the peer.
+    pub unsent: u64,
     /// Bytes received and not yet read by the socket's owner.
     pub unread: u64,
 }
@@ -164,6 +163,7 @@ pub fn tcp_sockets() -> Vec<TcpSocket> {
                 local_port: port(fields[1]),
                 remote_port: port(fields[2]),
                 state: u8::from_str_radix(fields[3], 16).unwrap(),
+                unsent: u64::from_str_radix(fields[4].split(':').next().unwrap(), 16).unwrap(),
                 unread: u64::from_str_radix(fields[4].split(':').nth(1).unwrap(), 16).unwrap(),
             }
         }));

@@ -13,7 +13,7 @@ use std::{future::Future, time::Duration};
 use tokio::time::Instant;
 
 /// The bound of a wait for something that takes milliseconds on a quiet machine.
-pub const PATIENCE: Duration = Duration::from_secs(10);
+pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// How often a condition is polled.
 const POLL: Duration = Duration::from_millis(20);
