@@ -65,6 +65,9 @@ pub struct Config {
     /// `EVENT_RETENTION_DAYS`: how long order events are kept for the feed; a feed position
     /// older than that is 410 CURSOR_EXPIRED.
     pub event_retention: Duration,
+    /// `PURGE_INTERVAL_SECS`: how often idempotency keys and events past their retention are
+    /// deleted in the background (a setting so that a test can watch a purge run).
+    pub purge_interval: Duration,
     /// `SEED_ON_START`: load the seed data at start (idempotent), as docker-compose does.
     pub seed_on_start: bool,
     /// `MIGRATE_ON_START`: apply pending migrations at start. Off for a runtime role without
@@ -113,6 +116,7 @@ impl Default for Config {
             startup_timeout: Duration::from_millis(60_000),
             idempotency_retention: Duration::from_secs(24 * 3600),
             event_retention: Duration::from_secs(30 * 24 * 3600),
+            purge_interval: Duration::from_secs(600),
             seed_on_start: false,
             migrate_on_start: true,
             log_level: Level::Info,
@@ -205,6 +209,9 @@ impl Config {
         })?;
         set.set(&mut config.event_retention, "EVENT_RETENTION_DAYS", "a positive number of days", |v| {
             v.parse::<u64>().ok().filter(|d| *d > 0).map(|d| Duration::from_secs(d * 24 * 3600))
+        })?;
+        set.set(&mut config.purge_interval, "PURGE_INTERVAL_SECS", "a positive number of seconds", |v| {
+            v.parse::<u64>().ok().filter(|s| *s > 0).map(Duration::from_secs)
         })?;
         set.set(&mut config.seed_on_start, "SEED_ON_START", "true or false", |v| v.parse().ok())?;
         set.set(&mut config.migrate_on_start, "MIGRATE_ON_START", "true or false", |v| v.parse().ok())?;

@@ -49,9 +49,6 @@ use crate::{
     metrics::Metrics,
 };
 
-/// How often expired idempotency keys and events are deleted.
-const PURGE_INTERVAL: Duration = Duration::from_secs(600);
-
 /// First wait between attempts to reach the database at start-up; doubles up to the max.
 const STARTUP_RETRY_FIRST: Duration = Duration::from_millis(100);
 const STARTUP_RETRY_MAX: Duration = Duration::from_secs(2);
@@ -142,7 +139,7 @@ pub async fn run(
     };
     let order_limit = rate_limit::RateLimiter::new(config.rate_limit_orders_per_minute);
     let retention = Retention { idempotency_keys: config.idempotency_retention, events: config.event_retention };
-    let purge = tokio::spawn(db.clone().purge_periodically(retention, PURGE_INTERVAL));
+    let purge = tokio::spawn(db.clone().purge_periodically(retention, config.purge_interval));
     let state = Arc::new(AppState { config, db: db.clone(), metrics: Metrics::default(), auth, order_limit });
     http::serve(listener, state, shutdown).await;
     purge.abort();

@@ -280,20 +280,39 @@ mod tests {
         assert!(text.contains(&format!(r#"order_api_http_request_duration_seconds_bucket{{{labels},le="10"}} 1"#)));
     }
 
+    /// The value of the series `name` in a scrape.
+    fn value(text: &str, name: &str) -> f64 {
+        let line = text.lines().find(|line| line.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
     /// The process series are there on Linux, with plausible values.
     #[test]
     fn process_series_come_from_proc() {
         let text = Metrics::default().render(status());
-        let value = |name: &str| -> f64 {
-            let line =
-                text.lines().find(|line| line.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name}"));
-            line.rsplit(' ').next().unwrap().parse().unwrap()
-        };
+        let value = |name: &str| value(&text, name);
         assert!(value("process_resident_memory_bytes") > 1_000_000.0);
         assert!(value("process_open_fds") >= 3.0);
-        assert!(value("process_cpu_seconds_total") >= 0.0);
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
         let started = value("process_start_time_seconds");
         assert!(started <= now + 1.0 && started > now - 24.0 * 3600.0, "{started} vs {now}");
+    }
+
+    /// `process_cpu_seconds_total` counts this process's CPU time: it grows while the process
+    /// computes (the kernel counts in ticks of 10 ms, so the test computes until it has moved,
+    /// for 20 s at most).
+    #[test]
+    fn process_cpu_seconds_grow_with_the_cpu_time_used() {
+        let cpu = || value(&Metrics::default().render(status()), "process_cpu_seconds_total");
+        let before = cpu();
+        let started = std::time::Instant::now();
+        let mut work = 0u64;
+        while cpu() <= before {
+            assert!(started.elapsed() < Duration::from_secs(20), "no CPU time counted: {before} after 20 s of work");
+            for i in 0..1_000_000u64 {
+                work = std::hint::black_box(work.wrapping_mul(31).wrapping_add(i));
+            }
+        }
+        assert!(cpu() > before);
     }
 }

@@ -2,7 +2,7 @@
 -- written the plain way, one statement per network round trip: lock the product row, take the
 -- stock, insert the order, its line, its payment and its inventory movement. Eight round
 -- trips with BEGIN and COMMIT. The same rows as the API writes, without its checks on the user
--- and on the whole order (the API's CREATE_ORDER does all of it in one statement).
+-- and on the whole order (reference (b), order_b.sql, makes every check in one statement).
 -- Variables: -D products=N spreads orders over products 1..N (N=1: one hot product),
 -- -D user_id=1 -D quantity=1.
 \set product_id random(1, :products)

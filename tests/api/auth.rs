@@ -8,10 +8,15 @@ use std::{
 };
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode, jwk::Jwk, jwk::JwkSet};
-use order_api::auth::{AuthMode, Secret};
+use order_api::{
+    auth::{AuthMode, Secret},
+    config::Config,
+};
 use serde_json::{Value, json};
 
-use crate::common::{Reply, TestApp, client, spawn_app, spawn_app_with};
+use crate::common::{
+    Reply, TestApp, client, private_pg::PrivatePostgres, raw, spawn_app, spawn_app_at, spawn_app_with, wait,
+};
 
 const SECRET: &str = "a-test-hs256-secret-of-at-least-32-bytes";
 pub(crate) const ISSUER: &str = "https://identity.shop.test";
@@ -34,14 +39,16 @@ pub(crate) fn customer(user: i32) -> String {
     hs256(&claims(user))
 }
 
+/// jwt mode with the test's HS256 secret, issuer and audience.
+fn jwt_settings(config: &mut Config) {
+    config.auth_mode = AuthMode::Jwt;
+    config.jwt.hs256_secret = Some(Secret::new(SECRET));
+    config.jwt.issuer = Some(ISSUER.into());
+    config.jwt.audience = Some(AUDIENCE.into());
+}
+
 pub(crate) async fn jwt_app() -> TestApp {
-    spawn_app_with(|config| {
-        config.auth_mode = AuthMode::Jwt;
-        config.jwt.hs256_secret = Some(Secret::new(SECRET));
-        config.jwt.issuer = Some(ISSUER.into());
-        config.jwt.audience = Some(AUDIENCE.into());
-    })
-    .await
+    spawn_app_with(jwt_settings).await
 }
 
 /// A request with `Authorization: Bearer <token>` (or none).
@@ -199,12 +206,23 @@ async fn another_users_order_is_404_on_read_cancel_and_status() {
     assert_eq!(app.snapshot().await, before);
 }
 
-/// Reads of single orders are served in batches, one statement for many lookups. Within one
-/// batch each customer still reads only their own orders (another's, or none, is 404). The
-/// reads are held back by a lock on the orders table, so that they queue and go together.
+/// Reads of single orders are served in batches, one statement for many lookups, and within
+/// one batch each customer still reads only their own orders (another's, or none, is 404).
+/// The reads are held back by a lock on the orders table until the server has read all of
+/// them, so that they queue and go together; PostgreSQL's own count of the statements it ran
+/// (`pg_stat_statements`, on a private server) shows that they did: fewer statements than reads.
 #[tokio::test]
 async fn reads_batched_together_keep_each_customers_orders_their_own() {
-    let app = jwt_app().await;
+    let pg = PrivatePostgres::start_counting_statements().await;
+    pg.execute("CREATE DATABASE shop").await;
+    let mut config = Config { database_url: pg.url("shop"), port: 0, ..Config::default() };
+    jwt_settings(&mut config);
+    order_api::log::set_level(order_api::log::Level::Error);
+    order_api::prepare_database(&config, true).await.expect("migrate and seed");
+    let app = spawn_app_at(config).await;
+    // Watches from the `postgres` database, so that its own statements are not counted.
+    let monitor = crate::common::connect(&pg.url("postgres")).await;
+
     let (alice_order, bob_order) = (order_as(&app, 1, 3).await, order_as(&app, 2, 2).await);
     let (alice, bob) = (customer(1), customer(2));
     let mut reads = Vec::new();
@@ -217,17 +235,19 @@ async fn reads_batched_together_keep_each_customers_orders_their_own() {
             (&bob, 999_999, 404),
         ]);
     }
-    let holder = crate::common::connect(&app.database_url).await;
+    let holder = crate::common::connect(&pg.url("shop")).await;
     holder.batch_execute("BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE").await.unwrap();
-    let paths: Vec<String> = reads.iter().map(|(_, order_id, _)| format!("/api/orders/{order_id}")).collect();
-    let requests = futures::future::join_all(
-        reads.iter().zip(&paths).map(|((token, ..), path)| send(&app, reqwest::Method::GET, path, Some(token), None)),
-    );
-    let release = async {
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        holder.batch_execute("COMMIT").await.unwrap();
-    };
-    let (replies, ()) = tokio::join!(requests, release);
+    let before = pg.statements_run("shop").await;
+    let requests: Vec<_> = reads
+        .iter()
+        .map(|(token, order_id, _)| raw::Request::get_as(&format!("/api/orders/{order_id}"), token))
+        .collect();
+    let in_flight = app.send_all(&requests).await;
+    wait::for_lock_waiters(&monitor, "shop", 1).await;
+    in_flight.read_by_the_server().await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    let replies = in_flight.replies().await;
+
     for ((_, order_id, status), reply) in reads.iter().zip(&replies) {
         match status {
             200 => {
@@ -239,6 +259,9 @@ async fn reads_batched_together_keep_each_customers_orders_their_own() {
             _ => reply.assert_error(404, "ORDER_NOT_FOUND"),
         }
     }
+    let statements = pg.statements_run("shop").await - before;
+    assert!(statements < reads.len() as i64, "{} reads took {statements} statements: no batch", reads.len());
+    println!("{} reads of single orders in {statements} statements", reads.len());
 }
 
 /// A customer lists their own orders; another `userId` is 403; an operator's token (a JWT with
@@ -336,6 +359,7 @@ async fn bad_tokens_are_401_and_write_nothing() {
         ("not yet valid", with(&|c| c["nbf"] = json!(now() + 3_600))),
         ("other issuer", with(&|c| c["iss"] = json!("https://evil.test"))),
         ("other audience", with(&|c| c["aud"] = json!("another-api"))),
+        ("without sub", with(&|c| drop(c.as_object_mut().unwrap().remove("sub")))),
         ("sub not a user id", with(&|c| c["sub"] = json!("alice"))),
         ("sub zero", with(&|c| c["sub"] = json!(0))),
         ("alg none", unsigned),
@@ -356,6 +380,83 @@ async fn bad_tokens_are_401_and_write_nothing() {
     let just_expired = with(&|c| c["exp"] = json!(now() - 5));
     let reply = send(&app, reqwest::Method::GET, "/api/orders", Some(&just_expired), None).await;
     assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(app.snapshot().await, before);
+}
+
+/// In jwt mode `/health`, the catalogue (`/api/products`, `/api/products/:id`) and
+/// `/openapi.json` stay public: 200 without any credentials, while `/api/orders` is 401.
+#[tokio::test]
+async fn jwt_mode_keeps_health_the_catalogue_and_the_openapi_document_public() {
+    let app = jwt_app().await;
+    for path in ["/health", "/api/products", "/api/products/1", "/openapi.json"] {
+        let reply = send(&app, reqwest::Method::GET, path, None, None).await;
+        assert_eq!(reply.status, 200, "GET {path} without credentials: {}", reply.text);
+    }
+    assert_unauthorized(&send(&app, reqwest::Method::GET, "/api/orders", None, None).await, false);
+}
+
+/// The clock leeway is at most 60 s: `AUTH_JWT_LEEWAY_SECS=61` stops the start, naming the
+/// variable. At 60 s a token expired 30 s ago is accepted and one expired 90 s ago refused
+/// (each 30 s from the edge, far more than a slow test takes).
+#[tokio::test]
+async fn the_clock_leeway_is_capped_at_60_seconds() {
+    let leeway = |value: &str| {
+        let value = value.to_owned();
+        Config::from_lookup(move |name| (name == "AUTH_JWT_LEEWAY_SECS").then(|| value.clone()))
+    };
+    assert_eq!(leeway("60").unwrap().jwt.leeway_secs, 60);
+    let error = leeway("61").unwrap_err().to_string();
+    assert!(error.contains("AUTH_JWT_LEEWAY_SECS") && error.contains("0 to 60"), "{error}");
+    // A configuration built in code is held to the same cap when the service starts.
+    let mut too_lenient = Config::default();
+    jwt_settings(&mut too_lenient);
+    too_lenient.jwt.leeway_secs = 61;
+    assert!(order_api::auth::jwt::Verifier::new(&too_lenient.jwt).is_err(), "a 61 s leeway was accepted");
+
+    let app = spawn_app_with(|config| {
+        jwt_settings(config);
+        config.jwt.leeway_secs = 60;
+    })
+    .await;
+    let expired_ago = |seconds: i64| {
+        let mut claims = claims(1);
+        claims["exp"] = json!(now() - seconds);
+        hs256(&claims)
+    };
+    let within = send(&app, reqwest::Method::GET, "/api/orders", Some(&expired_ago(30)), None).await;
+    assert_eq!(within.status, 200, "{}", within.text);
+    assert_unauthorized(&send(&app, reqwest::Method::GET, "/api/orders", Some(&expired_ago(90)), None).await, true);
+}
+
+/// `sub` may be a JSON number as well as a string of digits: a positive int4 either way. A
+/// number outside int4, negative or fractional is refused and writes nothing.
+#[tokio::test]
+async fn a_numeric_sub_is_the_user() {
+    let app = jwt_app().await;
+    let with_sub = |sub: Value| {
+        let mut claims = claims(1);
+        claims["sub"] = sub;
+        hs256(&claims)
+    };
+    let order = json!({"items": [{"productId": 2, "quantity": 1}]});
+    let created =
+        send(&app, reqwest::Method::POST, "/api/orders", Some(&with_sub(json!(2))), Some(order.clone())).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    let owner: i32 = app
+        .db
+        .query_one("SELECT user_id FROM orders WHERE id = $1", &[&created.json["orderId"].as_i64().unwrap()])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, 2, "the order is the numeric sub's");
+
+    let before = app.snapshot().await;
+    for sub in [json!(2_147_483_648_i64), json!(-2), json!(1.5)] {
+        let token = with_sub(sub.clone());
+        let refused = send(&app, reqwest::Method::POST, "/api/orders", Some(&token), Some(order.clone())).await;
+        assert_eq!(refused.status, 401, "sub {sub}: {}", refused.text);
+        assert_unauthorized(&refused, true);
+    }
     assert_eq!(app.snapshot().await, before);
 }
 

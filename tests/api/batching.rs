@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use serde_json::json;
 
-use crate::common::{self, Reply, TestApp, private_pg::PrivatePostgres, spawn_app_at, spawn_app_with};
+use crate::common::{self, Reply, TestApp, private_pg::PrivatePostgres, raw, spawn_app_at, spawn_app_with};
 
 async fn batching_app() -> TestApp {
     spawn_app_with(|config| config.order_batch_max = 64).await
@@ -24,30 +24,9 @@ async fn hold_product(app: &TestApp, product_id: i32) -> tokio_postgres::Client 
     client
 }
 
-/// Waits until `count` of the service's sessions wait on a lock.
-async fn wait_for_lock_waiters(app: &TestApp, count: i64) {
-    let started = Instant::now();
-    loop {
-        let waiting: i64 = app
-            .db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = $1 AND application_name = 'order-api' AND wait_event_type = 'Lock'",
-                &[&app.database_name],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting >= count {
-            return;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "{waiting} of {count} batches waiting on the lock");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// `bodies` sent at once while `product_id` is locked; released once the batches in flight
-/// wait on it and the rest has had time to queue. The answers, in the order of `bodies`.
+/// wait on it and the server has read every order, so that the rest are queued. The
+/// answers, in the order of `bodies`.
 async fn orders_behind_a_lock(app: &TestApp, product_id: i32, bodies: Vec<serde_json::Value>) -> Vec<Reply> {
     keyed_orders_behind_a_lock(app, product_id, bodies.into_iter().map(|body| (None, body)).collect()).await
 }
@@ -59,19 +38,12 @@ async fn keyed_orders_behind_a_lock(
     orders: Vec<(Option<&str>, serde_json::Value)>,
 ) -> Vec<Reply> {
     let holder = hold_product(app, product_id).await;
-    let requests = join_all(orders.iter().map(|(key, body)| async move {
-        match key {
-            Some(key) => app.post_order_with_key(key, body).await,
-            None => app.post_order(body).await,
-        }
-    }));
-    let release = async {
-        wait_for_lock_waiters(app, 1).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        holder.batch_execute("COMMIT").await.unwrap();
-    };
-    let (replies, ()) = tokio::join!(requests, release);
-    replies
+    let requests: Vec<_> = orders.iter().map(|(key, body)| raw::Request::order(*key, body)).collect();
+    let in_flight = app.send_all(&requests).await;
+    app.wait_for_lock_waiters(1).await;
+    in_flight.read_by_the_server().await;
+    holder.batch_execute("COMMIT").await.unwrap();
+    in_flight.replies().await
 }
 
 async fn transactions_of_orders(app: &TestApp) -> (i64, i64) {
@@ -284,9 +256,11 @@ async fn cancels_and_restocks_racing_batches_keep_every_invariant() {
     app.assert_invariants().await;
 }
 
-/// A batch cut by a PostgreSQL crash: every order gets an answer; each 201 is in the database,
-/// and no more orders are there than were acknowledged plus those answered 504
-/// OUTCOME_UNKNOWN (a 503 promises nothing was written).
+/// A batch cut by a PostgreSQL crash: the batch's orders wait on a product lock inside
+/// PostgreSQL (so none of them can have committed) when the server is SIGKILLed. Every order
+/// gets an answer; the cut ones are 503 or 504 OUTCOME_UNKNOWN, never 201; each 201 is in the
+/// database, and no more orders are there than were acknowledged plus those answered 504 (a
+/// 503 promises nothing was written).
 #[tokio::test]
 async fn a_batch_cut_by_a_postgresql_crash_answers_every_order_honestly() {
     let mut pg = PrivatePostgres::start(&[]).await;
@@ -303,17 +277,18 @@ async fn a_batch_cut_by_a_postgresql_crash_answers_every_order_honestly() {
     let mut app = spawn_app_at(config).await;
 
     let holder = hold_product(&app, 2).await;
-    let bodies: Vec<_> = (0..10).map(|_| json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]})).collect();
-    let requests = join_all(bodies.iter().map(|body| app.post_order(body)));
-    let crash = async {
-        wait_for_lock_waiters(&app, 1).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        drop(holder);
-        pg.kill();
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        pg.restart(&[]).await;
-    };
-    let (replies, ()) = tokio::join!(requests, crash);
+    let body = json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]});
+    let requests: Vec<_> = (0..10).map(|_| raw::Request::order(None, &body)).collect();
+    let in_flight = app.send_all(&requests).await;
+    app.wait_for_lock_waiters(1).await;
+    in_flight.read_by_the_server().await;
+    // The batch in flight waits on the lock: the crash cuts it before its commit.
+    pg.kill();
+    drop(holder);
+    pg.restart(&[]).await;
+    let replies = in_flight.replies().await;
+    let cut = replies.iter().filter(|r| r.status != 201).count();
+    assert!(cut >= 1, "the crash cut no order: {:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
     let acknowledged: Vec<i64> =
         replies.iter().filter(|r| r.status == 201).map(|r| r.json["orderId"].as_i64().unwrap()).collect();
     let unknown = replies.iter().filter(|r| r.status == 504).count();

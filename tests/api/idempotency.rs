@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 
-use crate::common::{self, Reply, order_body, spawn_app, spawn_app_with};
+use crate::common::{self, Reply, order_body, spawn_app, spawn_app_with, wait};
 
 /// A retry with the same key and body gets the original 201 and body byte for byte, marked
 /// as a replay, and no second order is made.
@@ -153,6 +153,44 @@ async fn keys_expire_after_the_retention_and_are_purged() {
     let keys: Vec<String> =
         app.db.query("SELECT key FROM idempotency_keys", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert_eq!(keys, vec!["old".to_owned()]);
+}
+
+/// Keys are kept 24 hours by default, and the background purge deletes the older ones on its
+/// own: with the default retention and a purge every 100 ms, a key 23 h 59 min old is still
+/// there and replayed after a purge round has deleted a key 24 h 1 min old; the expired key's
+/// request, sent again, is a new order.
+#[tokio::test]
+async fn keys_are_kept_24_hours_by_default_and_the_background_purge_deletes_older_ones() {
+    let app = spawn_app_with(|config| config.purge_interval = Duration::from_millis(100)).await;
+    assert_eq!(order_api::config::Config::default().idempotency_retention, Duration::from_secs(24 * 3600));
+    let kept = app.post_order_with_key("kept", &order_body(1, 2, 1)).await;
+    assert_eq!(kept.status, 201, "{}", kept.text);
+    assert_eq!(app.post_order_with_key("expired", &order_body(1, 2, 1)).await.status, 201);
+    app.db
+        .batch_execute(
+            "UPDATE idempotency_keys SET created_at = created_at - interval '23 hours 59 minutes' WHERE key = 'kept';
+             UPDATE idempotency_keys SET created_at = created_at - interval '24 hours 1 minute' WHERE key = 'expired';",
+        )
+        .await
+        .unwrap();
+
+    let keys = || async {
+        let rows = app.db.query("SELECT key FROM idempotency_keys ORDER BY key", &[]).await.unwrap();
+        rows.iter().map(|row| row.get(0)).collect::<Vec<String>>()
+    };
+    wait::until("the background purge deleting the key past 24 h", wait::PATIENCE, || async {
+        !keys().await.contains(&"expired".to_owned())
+    })
+    .await;
+    assert_eq!(keys().await, ["kept"], "a key younger than 24 h is kept");
+
+    let replayed = app.post_order_with_key("kept", &order_body(1, 2, 1)).await;
+    assert_eq!((replayed.status, replayed.text.as_str()), (201, kept.text.as_str()));
+    assert_eq!(replayed.header("idempotent-replayed"), Some("true"));
+    let again = app.post_order_with_key("expired", &order_body(1, 2, 1)).await;
+    assert_eq!(again.status, 201, "{}", again.text);
+    assert!(again.header("idempotent-replayed").is_none(), "the purged key is a new key");
+    assert_eq!(app.count("orders").await, 3);
 }
 
 fn pool_settings() -> order_api::db::PoolSettings {

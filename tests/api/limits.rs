@@ -2,18 +2,20 @@
 //! are cut off by the header-read timeout without disturbing others, and connections past
 //! `MAX_CONNECTIONS` get a clear 503 instead of an endless wait.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use crate::common::{TestApp, read_until_closed, spawn_app_with};
+use crate::common::{TestApp, read_until_closed, spawn_app_with, wait};
 
 async fn connect(app: &TestApp) -> TcpStream {
     TcpStream::connect(("127.0.0.1", app.port)).await.unwrap()
 }
 
 /// A client that sends half its headers and stalls, or connects and sends nothing, is
-/// disconnected after the header-read timeout; a normal client is served meanwhile.
+/// disconnected after the header-read timeout (300 ms here; the test allows 5 s, well short of
+/// the 10 s default, so that a loaded machine cannot fail it); a normal client is served
+/// meanwhile.
 #[tokio::test]
 async fn slow_and_silent_clients_are_cut_off_by_the_header_timeout() {
     let app = spawn_app_with(|config| config.header_read_timeout = Duration::from_millis(300)).await;
@@ -23,19 +25,17 @@ async fn slow_and_silent_clients_are_cut_off_by_the_header_timeout() {
 
     assert_eq!(app.get("/health").await.status, 200, "others are served meanwhile");
     for stream in [&mut slow, &mut silent] {
-        let (_, closed_after) = read_until_closed(stream, Duration::from_secs(3)).await;
-        let closed_after = closed_after.expect("the server closes the connection");
-        assert!(closed_after < Duration::from_secs(2), "closed after {closed_after:?}");
+        let (_, closed_after) = read_until_closed(stream, Duration::from_secs(5)).await;
+        closed_after.expect("the server closes the connection");
     }
 }
 
 /// Trickling one header byte at a time does not reset the timeout: the whole head must arrive
-/// in time.
+/// in time. (The head takes 5 s to trickle, the timeout is 400 ms.)
 #[tokio::test]
 async fn trickling_headers_byte_by_byte_does_not_extend_the_timeout() {
     let app = spawn_app_with(|config| config.header_read_timeout = Duration::from_millis(400)).await;
     let mut stream = connect(&app).await;
-    let started = Instant::now();
     let head = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
     for byte in head {
         if stream.write_all(&[*byte]).await.is_err() {
@@ -45,7 +45,6 @@ async fn trickling_headers_byte_by_byte_does_not_extend_the_timeout() {
     }
     let (response, _) = read_until_closed(&mut stream, Duration::from_secs(3)).await;
     assert!(!response.contains("200 OK"), "a trickled head must not be served: {response}");
-    assert!(started.elapsed() < Duration::from_secs(6));
 }
 
 /// Past `MAX_CONNECTIONS`, a new connection gets a 503 SERVICE_UNAVAILABLE with Retry-After
@@ -53,8 +52,7 @@ async fn trickling_headers_byte_by_byte_does_not_extend_the_timeout() {
 #[tokio::test]
 async fn connections_past_the_limit_get_503_and_are_closed() {
     let app = spawn_app_with(|config| config.max_connections = 2).await;
-    let held = [connect(&app).await, connect(&app).await];
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let held = [app.held_connection().await, app.held_connection().await];
 
     let mut third = connect(&app).await;
     let (response, closed) = read_until_closed(&mut third, Duration::from_secs(3)).await;
@@ -64,8 +62,11 @@ async fn connections_past_the_limit_get_503_and_are_closed() {
     assert!(closed.is_some(), "the refused connection is closed");
 
     drop(held);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(app.get("/health").await.status, 200);
+    // Served again once the server has seen a held connection close.
+    wait::until("a connection served after the held ones closed", wait::PATIENCE, || async {
+        matches!(app.http.get(app.url("/health")).send().await, Ok(reply) if reply.status() == 200)
+    })
+    .await;
 }
 
 /// A client that sends a whole request past the limit reads the 503 every time, not a
@@ -73,8 +74,7 @@ async fn connections_past_the_limit_get_503_and_are_closed() {
 #[tokio::test]
 async fn a_refused_request_always_gets_its_503_not_a_reset() {
     let app = spawn_app_with(|config| config.max_connections = 1).await;
-    let _held = connect(&app).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _held = app.held_connection().await;
 
     let body = serde_json::json!({"userId": 1, "items": [{"productId": 1, "quantity": 1}], "note": "x".repeat(20_000)});
     for attempt in 0..50 {

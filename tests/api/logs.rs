@@ -171,3 +171,27 @@ fn tail(logs: &str) -> String {
     let lines: Vec<&str> = logs.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
+
+/// In open mode (the default) the service says at start, as a warning, that any caller can act
+/// as any user; in jwt mode it does not.
+#[tokio::test]
+async fn open_mode_warns_at_start_that_any_caller_can_act_as_any_user() {
+    const WARNING: &str = "AUTH_MODE=open: any caller can order, read and cancel as any user";
+    let database = TestDatabase::create().await;
+    let mut open = ServerProcess::start(&database.url).await;
+    let (logs, warned) = open.wait_for_logs(Duration::from_secs(10), |logs| logs.contains(WARNING)).await;
+    assert!(warned, "no start-up warning in open mode:\n{logs}");
+    let line: Value = serde_json::from_str(logs.lines().find(|line| line.contains(WARNING)).unwrap()).unwrap();
+    assert_eq!(line["level"], "warn", "{line}");
+    open.terminate();
+    assert!(open.wait_for_exit(Duration::from_secs(10)).await.is_some_and(|status| status.success()));
+
+    let secret = "a-test-hs256-secret-of-at-least-32-bytes";
+    let env = [("AUTH_MODE", "jwt"), ("AUTH_JWT_HS256_SECRET", secret)];
+    let mut jwt = ServerProcess::start_with_env(&database.url, &env).await;
+    jwt.terminate();
+    assert!(jwt.wait_for_exit(Duration::from_secs(10)).await.is_some_and(|status| status.success()));
+    let logs = jwt.logs();
+    assert!(logs.contains("\"msg\":\"listening\""), "the start-up was logged:\n{logs}");
+    assert!(!logs.contains("AUTH_MODE=open"), "jwt mode warned about open mode:\n{logs}");
+}

@@ -10,6 +10,7 @@ mod batching;
 mod jwks;
 
 mod concurrency;
+mod contract;
 mod endpoints;
 mod errors;
 mod events;

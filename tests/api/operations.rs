@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{self, TestDatabase, spawn_app, spawn_app_with, spawn_app_without_database};
+use crate::common::{self, TestDatabase, spawn_app, spawn_app_with, spawn_app_without_database, wait};
 use order_api::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -38,23 +38,26 @@ async fn readiness_reports_pending_migrations() {
     assert_eq!(ready.json["db"], "healthy");
 }
 
-/// Every path that answers GET answers HEAD with the same status and headers and no body.
+/// Every path that answers GET answers HEAD with the same status and headers and no body
+/// (each GET first checked to answer what it should, so that a HEAD cannot match a broken GET).
 #[tokio::test]
 async fn head_is_answered_wherever_get_is() {
     let app = spawn_app().await;
     let order_id = app.order(2, 1).await;
-    for path in [
-        "/health".to_owned(),
-        "/health/live".to_owned(),
-        "/health/ready".to_owned(),
-        "/openapi.json".to_owned(),
-        "/api/products".to_owned(),
-        "/api/products/2".to_owned(),
-        "/api/products/999".to_owned(),
-        format!("/api/orders/{order_id}"),
-        "/api/orders?userId=1".to_owned(),
+    for (path, status) in [
+        ("/health".to_owned(), 200),
+        ("/health/live".to_owned(), 200),
+        ("/health/ready".to_owned(), 200),
+        ("/openapi.json".to_owned(), 200),
+        ("/api/products".to_owned(), 200),
+        ("/api/products/2".to_owned(), 200),
+        ("/api/products/999".to_owned(), 404),
+        (format!("/api/orders/{order_id}"), 200),
+        ("/api/orders?userId=1".to_owned(), 200),
     ] {
         let get = app.get(&path).await;
+        assert_eq!(get.status, status, "GET {path}: {}", get.text);
+        assert!(!get.text.is_empty(), "GET {path} has a body");
         let head = app.request(reqwest::Method::HEAD, &path).await;
         assert_eq!(head.status, get.status, "HEAD {path}");
         assert_eq!(head.text, "", "HEAD {path} has no body");
@@ -91,9 +94,9 @@ async fn made_up_methods_do_not_add_metric_series() {
 #[tokio::test]
 async fn refused_connections_and_process_figures_are_in_the_metrics() {
     let app = spawn_app_with(|config| config.max_connections = 1).await;
-    let holder = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
-    // The holder's connection is accepted (and takes the one slot) before the second one.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The holder's connection is accepted and served (so it takes the one slot) before the
+    // second one.
+    let holder = app.held_connection().await;
     let mut refused = tokio::net::TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
     refused.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let mut answer = String::new();
@@ -102,15 +105,13 @@ async fn refused_connections_and_process_figures_are_in_the_metrics() {
     drop(holder);
 
     // The slot comes free once the server sees the holder's close.
-    let started = Instant::now();
-    let metrics = loop {
-        let reply = app.http.get(app.url("/metrics")).send().await;
-        match reply {
-            Ok(reply) if reply.status() == 200 => break reply.text().await.unwrap(),
-            _ if started.elapsed() < Duration::from_secs(5) => tokio::time::sleep(Duration::from_millis(50)).await,
-            other => panic!("no /metrics after the holder left: {other:?}"),
+    let metrics = wait::until_some("/metrics served after the holder left", wait::PATIENCE, || async {
+        match app.http.get(app.url("/metrics")).send().await {
+            Ok(reply) if reply.status() == 200 => Some(reply.text().await.unwrap()),
+            _ => None,
         }
-    };
+    })
+    .await;
     assert!(metrics.lines().any(|l| l == "order_api_connections_refused_total 1"), "{metrics}");
     for name in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"] {
         assert!(metrics.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing:\n{metrics}");

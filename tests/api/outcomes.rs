@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use order_api::config::Config;
 use serde_json::json;
 
-use crate::common::{self, TestApp, private_pg::PrivatePostgres, spawn_app_at, spawn_app_with};
+use crate::common::{self, TestApp, private_pg::PrivatePostgres, spawn_app_at, spawn_app_with, wait};
 
 /// A private server with a migrated, seeded `shop` database, and the service on it.
 async fn app_on_private(pg: &PrivatePostgres, request_timeout: Duration) -> TestApp {
@@ -39,16 +39,18 @@ async fn a_commit_whose_synchronous_replication_wait_is_cancelled_is_outcome_unk
     let app = app_on_private(&pg, Duration::from_millis(1500)).await;
     pg.execute("ALTER SYSTEM SET synchronous_standby_names = 'standby_that_never_connects'").await;
     pg.execute("SELECT pg_reload_conf()").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait::for_setting(&pg.url("shop"), "synchronous_standby_names", "standby_that_never_connects").await;
 
     let started = Instant::now();
     let reply = app.post_order(&order()).await;
     reply.assert_error(504, "OUTCOME_UNKNOWN");
     assert_eq!(reply.header("retry-after"), Some("1"));
-    // The wait is cancelled shortly before the deadline (a fifth of the 1.5 s is kept for
-    // the cancel), and the answer comes by the deadline.
+    // The commit waited for the standby until shortly before the deadline (a fifth of the
+    // 1.5 s is kept for the cancel): not refused at once. (A lower bound only: a loaded
+    // machine makes every step slower, never faster. That the answer comes by the deadline
+    // is for `make chaos` to time.)
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(1000) && took <= Duration::from_millis(2000), "answered in {took:?}");
+    assert!(took >= Duration::from_millis(1000), "answered in {took:?}, before the commit could have waited");
     // It did commit here (and nowhere else): the answer did not claim otherwise.
     assert_eq!(app.count("orders").await, 1);
 
@@ -68,7 +70,7 @@ async fn a_commit_whose_synchronous_replication_wait_is_cancelled_is_outcome_unk
     // stored order, no new one, and commits are acknowledged again.
     pg.execute("ALTER SYSTEM RESET synchronous_standby_names").await;
     pg.execute("SELECT pg_reload_conf()").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait::for_setting(&pg.url("shop"), "synchronous_standby_names", "").await;
     let replayed = app.post_order_with_key("sync-rep-1", &order()).await;
     assert_eq!(replayed.status, 201, "{}", replayed.text);
     assert_eq!(replayed.header("idempotent-replayed"), Some("true"), "the stored order, not a new one");
@@ -80,8 +82,8 @@ async fn a_commit_whose_synchronous_replication_wait_is_cancelled_is_outcome_unk
 /// The service's session waiting inside PostgreSQL: on a row lock the test holds
 /// (`wait_event_type` 'Lock') or in a `pg_sleep` of a test trigger ('Timeout').
 async fn waiting_backend(app: &TestApp, wait_event_type: &str) -> i32 {
-    let started = Instant::now();
-    loop {
+    let what = format!("the order waiting inside PostgreSQL ({wait_event_type})");
+    wait::until_some(&what, wait::PATIENCE, || async {
         let row = app
             .db
             .query_opt(
@@ -91,12 +93,9 @@ async fn waiting_backend(app: &TestApp, wait_event_type: &str) -> i32 {
             )
             .await
             .unwrap();
-        if let Some(row) = row {
-            return row.get(0);
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "the order never waited ({wait_event_type})");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        row.map(|row| row.get(0))
+    })
+    .await
 }
 
 /// An order sent in a task of its own, with or without a key.
@@ -194,24 +193,20 @@ async fn a_connection_to_a_read_only_server_is_dropped_and_replaced() {
 
     pg.execute("ALTER SYSTEM SET default_transaction_read_only = on").await;
     pg.execute("SELECT pg_reload_conf()").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait::for_setting(&pg.url("shop"), "default_transaction_read_only", "on").await;
     let refused = app.post_order(&order()).await;
     refused.assert_error(503, "SERVICE_UNAVAILABLE");
     assert!(refused.json["error"].as_str().unwrap().contains("read-only"), "{}", refused.text);
     // The connection that met the read-only server is closed: one of the sessions is gone.
-    let started = Instant::now();
-    loop {
+    wait::until("the read-only connection closed", wait::PATIENCE, || async {
         let now = sessions().await;
-        if before.iter().any(|pid| !now.contains(pid)) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(5), "the read-only connection was kept");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        before.iter().any(|pid| !now.contains(pid))
+    })
+    .await;
 
     pg.execute("ALTER SYSTEM RESET default_transaction_read_only").await;
     pg.execute("SELECT pg_reload_conf()").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait::for_setting(&pg.url("shop"), "default_transaction_read_only", "off").await;
     assert_eq!(app.post_order(&order()).await.status, 201);
     assert_eq!(app.count("orders").await, 2);
     app.assert_invariants().await;
@@ -228,9 +223,11 @@ async fn orders_across_a_postgresql_crash_lose_nothing_and_duplicate_nothing() {
     app.restock(2, 200).await;
     app.restock(3, 200).await;
     let placed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let unanswered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let workers: Vec<_> = (0..8)
         .map(|worker| {
-            let (http, url, placed) = (app.http.clone(), app.url("/api/orders"), placed.clone());
+            let (http, url) = (app.http.clone(), app.url("/api/orders"));
+            let (placed, unanswered) = (placed.clone(), unanswered.clone());
             tokio::spawn(async move {
                 let (mut acknowledged, mut retried) = (Vec::new(), 0);
                 for n in 0..60 {
@@ -249,7 +246,10 @@ async fn orders_across_a_postgresql_crash_lose_nothing_and_duplicate_nothing() {
                                 break acknowledged.push((key, reply.json["orderId"].as_i64().unwrap()));
                             }
                             400 => break reply.assert_error(400, "INSUFFICIENT_STOCK"),
-                            503 | 504 | 409 => retried += 1,
+                            503 | 504 | 409 => {
+                                retried += 1;
+                                unanswered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                             other => panic!("{key}: unexpected {other}: {}", reply.text),
                         }
                         assert!(started.elapsed() < Duration::from_secs(60), "{key}: no definite answer in 60 s");
@@ -260,14 +260,17 @@ async fn orders_across_a_postgresql_crash_lose_nothing_and_duplicate_nothing() {
             })
         })
         .collect();
-    // The crash comes mid-load: after the first 50 orders.
-    let started = Instant::now();
-    while placed.load(std::sync::atomic::Ordering::Relaxed) < 50 {
-        assert!(started.elapsed() < Duration::from_secs(30), "the load never got going");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // The crash comes mid-load: after the first 50 orders. PostgreSQL stays down until the
+    // clients have felt it (an answer that was not definite).
+    wait::until("the first 50 orders placed", Duration::from_secs(30), || async {
+        placed.load(std::sync::atomic::Ordering::Relaxed) >= 50
+    })
+    .await;
     pg.kill();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait::until("a client answered 503, 504 or 409 by the crash", wait::PATIENCE, || async {
+        unanswered.load(std::sync::atomic::Ordering::Relaxed) > 0
+    })
+    .await;
     pg.restart(&[]).await;
 
     let (mut acknowledged, mut retried) = (Vec::new(), 0);

@@ -8,14 +8,14 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use serde_json::{Value, json};
 
-use crate::common::{self, TestDatabase, process::ServerProcess};
+use crate::common::{self, TestDatabase, process::ServerProcess, wait};
 
 /// Requests that are certainly in flight at SIGTERM: each waits inside PostgreSQL for a row
 /// lock that the test holds.
@@ -93,8 +93,14 @@ struct Sent {
 }
 
 /// Sends requests one after another until the server refuses connections (or 20 s pass):
-/// orders and product lists in turn if `orders`, else product lists.
-async fn load_loop(server_url: String, orders: bool, signalled: Arc<AtomicBool>) -> Vec<Sent> {
+/// orders and product lists in turn if `orders`, else product lists. Counts the complete
+/// answers in `completed` as they come.
+async fn load_loop(
+    server_url: String,
+    orders: bool,
+    signalled: Arc<AtomicBool>,
+    completed: Arc<AtomicUsize>,
+) -> Vec<Sent> {
     let http = client();
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut outcomes = Vec::new();
@@ -104,6 +110,9 @@ async fn load_loop(server_url: String, orders: bool, signalled: Arc<AtomicBool>)
         let outcome = load_request(&http, &server_url, order).await;
         let ended_after_signal = signalled.load(Ordering::SeqCst);
         let refused = matches!(outcome, Outcome::Refused);
+        if matches!(outcome, Outcome::Complete { .. }) {
+            completed.fetch_add(1, Ordering::SeqCst);
+        }
         outcomes.push(Sent { started_after_signal, ended_after_signal, outcome });
         if refused && ended_after_signal {
             break;
@@ -136,9 +145,12 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
 
     // A steady stream of requests, started before the signal and running through it.
     let signalled = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> =
-        (0..LOAD_TASKS).map(|task| tokio::spawn(load_loop(server.url(""), task == 0, signalled.clone()))).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let completed = Arc::new(AtomicUsize::new(0));
+    let load: Vec<_> = (0..LOAD_TASKS)
+        .map(|task| tokio::spawn(load_loop(server.url(""), task == 0, signalled.clone(), completed.clone())))
+        .collect();
+    wait::until("the load under way", wait::PATIENCE, || async { completed.load(Ordering::SeqCst) >= 2 * LOAD_TASKS })
+        .await;
 
     // Requests that are certainly in flight: orders for product 1, whose row the test locks.
     // Each has its own Idempotency-Key.
@@ -161,17 +173,15 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
             })
         })
         .collect();
-    wait_for_lock_waiters(&db, database, BLOCKED_ORDERS).await;
+    wait::for_lock_waiters(&db, database, BLOCKED_ORDERS as i64).await;
 
     signalled.store(true, Ordering::SeqCst);
     server.terminate();
     let signal_sent = Instant::now();
 
-    // The listener closes at once, while the blocked orders are still waiting.
-    while !server.refuses_connections() {
-        assert!(signal_sent.elapsed() < Duration::from_secs(3), "still accepting connections 3 s after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The listener closes, while the blocked orders are still waiting.
+    wait::until("the listener closed after SIGTERM", wait::PATIENCE, || async { server.refuses_connections() }).await;
+    // Time itself must pass here: the blocked requests are kept waiting after the signal.
     tokio::time::sleep(HOLD_AFTER_SIGNAL).await;
     assert!(server.child.try_wait().unwrap().is_none(), "exited with requests still in flight");
     assert!(blocked.iter().all(|request| !request.is_finished()), "a blocked order finished before its lock was free");
@@ -231,43 +241,61 @@ async fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     assert_eq!(load_orders, acknowledged_orders, "orders written by the load vs 201s it received");
 }
 
-/// Waits until `count` backends of `database` are waiting for a lock, i.e. the blocked
-/// requests have reached PostgreSQL and are held there.
-async fn wait_for_lock_waiters(db: &tokio_postgres::Client, database: &str, count: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
-                &[&database],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if waiting as usize >= count {
-            return;
-        }
-        assert!(Instant::now() < deadline, "only {waiting} of {count} orders waiting for the row lock");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// An idle server exits 0 at once on SIGTERM, even with an idle keep-alive connection open:
-/// the drain waits for requests, not for connections, so `docker stop` never waits out the
-/// grace period for nothing.
+/// An idle server exits 0 on SIGTERM without waiting, even with an idle keep-alive connection
+/// open: the drain waits for requests, not for connections, so `docker stop` never waits out
+/// the grace period for nothing. The grace period and the keep-alive idle limit are 60 s here:
+/// a server that waited for either would still be running after the 20 s allowed.
 #[tokio::test]
 async fn sigterm_with_only_idle_keep_alive_connections_exits_zero_at_once() {
     let database = TestDatabase::create().await;
-    let mut server = ServerProcess::start(&database.url).await;
+    let env = [("SHUTDOWN_GRACE_MS", "60000"), ("HEADER_READ_TIMEOUT_MS", "60000")];
+    let mut server = ServerProcess::start_with_env(&database.url, &env).await;
     let keep_alive = reqwest::Client::new();
     let reply = keep_alive.get(server.url("/api/products")).send().await.unwrap();
     assert_eq!(reply.status(), 200);
     reply.text().await.unwrap();
 
     server.terminate();
-    let status = server.wait_for_exit(Duration::from_secs(1)).await;
+    let status = server.wait_for_exit(wait::PATIENCE).await;
     let logs = server.logs();
-    let status = status.unwrap_or_else(|| panic!("still running 1 s after SIGTERM:\n{logs}"));
+    let status = status.unwrap_or_else(|| panic!("still running {:?} after SIGTERM:\n{logs}", wait::PATIENCE));
     assert_eq!(status.code(), Some(0), "exit status {status}:\n{logs}");
     drop(keep_alive);
+}
+
+/// SIGINT (Ctrl-C) shuts down as SIGTERM does: it stops accepting, lets the request in flight
+/// finish with its answer, and exits 0.
+#[tokio::test]
+async fn sigint_finishes_the_request_in_flight_and_exits_zero() {
+    let test_database = TestDatabase::create().await;
+    let mut server = ServerProcess::start_with_env(&test_database.url, &[("ORDER_BATCH_MAX", "1")]).await;
+    let db = common::connect(&test_database.url).await;
+    let mut lock = common::connect(&test_database.url).await;
+    let lock_tx = lock.transaction().await.unwrap();
+    lock_tx.execute("SELECT stock FROM products WHERE id = 1 FOR UPDATE", &[]).await.unwrap();
+    let in_flight = tokio::spawn({
+        let (http, url) = (client(), server.url("/api/orders"));
+        async move {
+            let reply = http.post(url).json(&json!({"userId": 1, "items": [{"productId": 1, "quantity": 1}]})).send();
+            let reply = reply.await.expect("the order in flight gets its answer");
+            (reply.status().as_u16(), reply.text().await.expect("its whole body"))
+        }
+    });
+    wait::for_lock_waiters(&db, &test_database.name, 1).await;
+
+    server.interrupt();
+    wait::until("the listener closed after SIGINT", wait::PATIENCE, || async { server.refuses_connections() }).await;
+    assert!(server.child.try_wait().unwrap().is_none(), "exited with a request in flight");
+    lock_tx.commit().await.unwrap();
+
+    let status = server.wait_for_exit(wait::PATIENCE).await;
+    let logs = server.logs();
+    let status =
+        status.unwrap_or_else(|| panic!("still running {:?} after the order was released:\n{logs}", wait::PATIENCE));
+    assert_eq!(status.code(), Some(0), "exit status {status}:\n{logs}");
+    assert!(logs.contains("shutdown signal received") && logs.contains(r#""msg":"stopped""#), "{logs}");
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    let stock: i32 = db.query_one("SELECT stock FROM products WHERE id = 1", &[]).await.unwrap().get(0);
+    assert_eq!(stock, 9, "the acknowledged order is there");
 }

@@ -1,18 +1,23 @@
 //! TLS to PostgreSQL (issue 12): `DATABASE_URL`'s `sslmode` and `sslrootcert`, read as libpq
-//! reads them, against the real local server (`ssl = on`). What each connection of the
-//! service really is, encrypted or not, is read from PostgreSQL's own `pg_stat_ssl`.
+//! reads them. What each connection of the service really is, encrypted or not, is read from
+//! PostgreSQL's own `pg_stat_ssl`.
 //!
-//! verify-full and verify-ca need the server's certificate to come from a CA the test knows:
-//! `.ci/pg-test-ca install` (run by .ci/run as root, undone at its end) gives the server one
-//! and the tests read that CA from `TEST_PG_CA_FILE`. Without it those tests fail when
-//! `CI=true` and are skipped elsewhere, saying so.
+//! disable, prefer and require run against the test server itself, which must have
+//! `ssl = on` (Debian's default, with its snakeoil certificate). verify-full and verify-ca need
+//! the server's certificate to come from a CA the test knows: they run against a private
+//! server (`PrivatePostgres::start_with_tls`) whose certificate a CA made by the test issued,
+//! so they always run, and the shared server's settings are never touched.
 
 use std::process::Command;
 
 use order_api::db::{self, Target};
 use serde_json::json;
 
-use crate::common::{self, TempDir, TestApp, spawn_app_with};
+use order_api::config::Config;
+
+use crate::common::{
+    TempDir, TestApp, private_pg::PrivatePostgres, spawn_app_at, spawn_app_inspected_at, spawn_app_with,
+};
 
 fn with_params(url: &str, params: &str) -> String {
     if url.contains('?') { format!("{url}&{params}") } else { format!("{url}?{params}") }
@@ -80,28 +85,25 @@ async fn sslmode_disable_never_encrypts() {
     assert!(encrypted == 0 && plain >= 1, "encrypted {encrypted}, plain {plain}");
 }
 
-/// The CA that issued the test server's certificate, or `None` (skipped) outside CI.
-fn test_ca() -> Option<String> {
-    match std::env::var("TEST_PG_CA_FILE") {
-        Ok(path) if !path.is_empty() => Some(path),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "CI=true and TEST_PG_CA_FILE is unset: .ci/run must run .ci/pg-test-ca install"
-            );
-            eprintln!(
-                "SKIPPED: TEST_PG_CA_FILE is unset, so sslmode=verify-full was not tested \
-                 (as root: export TEST_PG_CA_FILE=$(.ci/pg-test-ca install); .ci/pg-test-ca restore afterwards)"
-            );
-            None
-        }
-    }
+/// A private PostgreSQL serving TLS with a certificate from a CA of the test's own (for
+/// `localhost` and 127.0.0.1), a `shop` database on it migrated and seeded, and the CA.
+async fn tls_server() -> (PrivatePostgres, String) {
+    let (pg, ca) = PrivatePostgres::start_with_tls().await;
+    pg.execute("CREATE DATABASE shop").await;
+    order_api::log::set_level(order_api::log::Level::Error);
+    let config = Config { database_url: pg.url("shop"), ..Config::default() };
+    order_api::prepare_database(&config, true).await.expect("migrate and seed");
+    (pg, ca.to_str().unwrap().to_owned())
+}
+
+async fn serve_at(url: String) -> TestApp {
+    spawn_app_at(Config { database_url: url, port: 0, ..Config::default() }).await
 }
 
 #[tokio::test]
 async fn verify_full_serves_over_a_certificate_checked_against_sslrootcert() {
-    let Some(ca) = test_ca() else { return };
-    let app = serve_with(&format!("sslmode=verify-full&sslrootcert={ca}")).await;
+    let (pg, ca) = tls_server().await;
+    let app = serve_at(with_params(&pg.url("shop"), &format!("sslmode=verify-full&sslrootcert={ca}"))).await;
     exercise(&app).await;
     let (encrypted, plain) = sessions(&app).await;
     assert!(encrypted >= 1 && plain == 0, "encrypted {encrypted}, plain {plain}");
@@ -112,28 +114,28 @@ async fn verify_full_serves_over_a_certificate_checked_against_sslrootcert() {
 /// A server started on that URL answers 503 and writes nothing.
 #[tokio::test]
 async fn verify_full_refuses_a_host_name_the_certificate_does_not_hold() {
-    let Some(ca) = test_ca() else { return };
-    let app = spawn_app_with(|_| {}).await;
-    let renamed = app.database_url.replacen("@127.0.0.1:", "@wrong-name.invalid:", 1);
-    assert_ne!(renamed, app.database_url, "the test database URL names 127.0.0.1");
+    let (pg, ca) = tls_server().await;
+    let renamed = pg.url("shop").replacen("@127.0.0.1:", "@wrong-name.invalid:", 1);
+    assert_ne!(renamed, pg.url("shop"), "the private server's URL names 127.0.0.1");
     let url = |mode: &str| with_params(&renamed, &format!("hostaddr=127.0.0.1&sslmode={mode}&sslrootcert={ca}"));
 
     let refused = db::connect(&url("verify-full").parse::<Target>().unwrap()).await.expect_err("refused");
     assert!(refused.to_string().contains("certificate"), "{refused}");
     db::connect(&url("verify-ca").parse::<Target>().unwrap()).await.expect("verify-ca checks no name");
 
-    let url = url("verify-full");
-    let misnamed = spawn_app_with(move |config| config.database_url = url).await;
+    let config = Config { database_url: url("verify-full"), port: 0, ..Config::default() };
+    let misnamed = spawn_app_inspected_at(config, &pg.url("shop")).await;
     let reply = misnamed.post_order(&json!({"userId": 1, "items": [{"productId": 2, "quantity": 1}]})).await;
     reply.assert_error(503, "SERVICE_UNAVAILABLE");
     assert_eq!(misnamed.count("orders").await, 0);
     assert_eq!(misnamed.stock(2).await, 50);
 }
 
-/// A CA made here, which never issued the server's certificate: verify-full and verify-ca
-/// both refuse (no TEST_PG_CA_FILE needed: whatever the server has, this CA did not sign it).
+/// A CA made here, which never issued the server's certificate (the private server has one
+/// from another CA): verify-full and verify-ca both refuse.
 #[tokio::test]
 async fn verify_full_and_verify_ca_refuse_a_certificate_from_another_ca() {
+    let (pg, _) = tls_server().await;
     let dir = TempDir::new("other-ca");
     let ca = dir.path.join("ca.pem");
     let made = Command::new("openssl")
@@ -145,9 +147,8 @@ async fn verify_full_and_verify_ca_refuse_a_certificate_from_another_ca() {
         .output()
         .expect("run openssl");
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let database = common::TestDatabase::create().await;
     for mode in ["verify-full", "verify-ca"] {
-        let url = with_params(&database.url, &format!("sslmode={mode}&sslrootcert={}", ca.display()));
+        let url = with_params(&pg.url("shop"), &format!("sslmode={mode}&sslrootcert={}", ca.display()));
         let refused = db::connect(&url.parse::<Target>().unwrap()).await.expect_err(mode);
         assert!(refused.to_string().contains("certificate"), "{mode}: {refused}");
     }

@@ -4,10 +4,17 @@
 //!
 //! PostgreSQL is found through `TEST_DATABASE_URL` (a server URL whose database part is
 //! ignored), by default the local trust-auth server.
+//!
+//! Beside this file: `wait` (poll what a test waits for, with a bound: never a guessed sleep),
+//! `raw` (requests written on sockets of their own, and knowing when the server has read
+//! them), `process` (the real binary as a child process), `private_pg` (a PostgreSQL server
+//! of the test's own).
 
 pub mod private_pg;
 pub mod process;
 pub mod proxy;
+pub mod raw;
+pub mod wait;
 
 use std::{
     net::SocketAddr,
@@ -100,14 +107,21 @@ pub async fn spawn_app_without_database() -> TestApp {
 }
 
 /// A server with `config`, on a database the test made and migrated itself at `config`'s
-/// `DATABASE_URL` (on a `PrivatePostgres`).
-pub async fn spawn_app_at(mut config: Config) -> TestApp {
+/// `DATABASE_URL` (on a `PrivatePostgres`). The test's own connection (`TestApp::db`) takes
+/// that URL without its parameters (`sslmode`, ...): it inspects, it is not under test.
+pub async fn spawn_app_at(config: Config) -> TestApp {
+    let inspect = config.database_url.split('?').next().unwrap().to_owned();
+    spawn_app_inspected_at(config, &inspect).await
+}
+
+/// The same, with the test's own connection to `inspect_url` (for a `DATABASE_URL` the test
+/// cannot connect with, such as a host name that only `hostaddr` makes reachable).
+pub async fn spawn_app_inspected_at(mut config: Config, inspect_url: &str) -> TestApp {
     config.log_level = order_api::log::Level::Error;
     config.operator_token = operator_token();
     config.host = [127, 0, 0, 1].into();
-    let url = config.database_url.clone();
-    let name = url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
-    start(config, url, name, None).await
+    let name = inspect_url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
+    start(config, inspect_url.to_owned(), name, None).await
 }
 
 async fn start_server(config: Config, database: TestDatabase) -> TestApp {
@@ -149,7 +163,8 @@ pub fn client(bearer: Option<&str>) -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(30)).default_headers(headers).build().unwrap()
 }
 
-fn server_url() -> String {
+/// `TEST_DATABASE_URL`, or the default local server.
+pub fn server_url() -> String {
     std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_TEST_DATABASE_URL.to_owned())
 }
 
@@ -492,25 +507,9 @@ pub fn url_through(url: &str, port: u16) -> String {
 
 impl TestApp {
     /// Polls until `count` of the service's sessions wait on a lock (a row lock or a key's
-    /// index entry another transaction holds); panics after 20 s.
+    /// index entry another transaction holds); panics after `wait::PATIENCE`.
     pub async fn wait_for_lock_waiters(&self, count: i64) {
-        for _ in 0..2_000 {
-            let waiting: i64 = self
-                .db
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE datname = $1 AND application_name = 'order-api' AND wait_event_type = 'Lock'",
-                    &[&self.database_name],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if waiting >= count {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("fewer than {count} of the service's sessions ever waited on a lock");
+        wait::for_lock_waiters(&self.db, &self.database_name, count).await
     }
 
     /// `POST /api/orders` of `body` (with `key` as its Idempotency-Key) in a task of its own,

@@ -3,7 +3,7 @@
 //! settings (`synchronous_standby_names`, `default_transaction_read_only`), SIGKILL.
 //!
 //! Run as root (as CI does), the server runs as the `postgres` user, since PostgreSQL refuses
-//! to run as root. The binaries are the newest under /usr/lib/postgresql (or `PG_BIN_DIR`).
+//! to run as root; its directory (certificates included) is handed to that user first. The binaries are the newest under /usr/lib/postgresql (or `PG_BIN_DIR`).
 
 use std::{
     os::unix::process::CommandExt,
@@ -28,6 +28,11 @@ fn command_output(program: &str, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
+fn openssl(args: &[&str]) {
+    let output = Command::new("openssl").args(args).output().expect("run openssl");
+    assert!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
 fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("PG_BIN_DIR") {
         return dir.into();
@@ -43,7 +48,55 @@ fn bin_dir() -> PathBuf {
 impl PrivatePostgres {
     /// initdb and start, with `settings` (`name=value`) on the server's command line.
     pub async fn start(settings: &[&str]) -> PrivatePostgres {
+        PrivatePostgres::start_in(TempDir::new("private-pg"), settings).await
+    }
+
+    /// A server with `ssl = on` and a certificate (for `localhost` and 127.0.0.1) issued by a
+    /// CA made here; returns it and the CA's certificate, for `sslrootcert`.
+    pub async fn start_with_tls() -> (PrivatePostgres, PathBuf) {
         let dir = TempDir::new("private-pg");
+        let file = |name: &str| dir.path.join(name).to_str().unwrap().to_owned();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ca = ["-subj", "/CN=order-api test CA", "-days", "1", "-keyout", &file("ca.key"), "-out", &file("ca.pem")];
+        openssl(&[&["req", "-x509", "-new"][..], &ec, &ca].concat());
+        let request = ["-subj", "/CN=localhost", "-keyout", &file("server.key"), "-out", &file("server.csr")];
+        openssl(&[&["req", "-new"][..], &ec, &request].concat());
+        std::fs::write(
+            dir.path.join("ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &file("server.csr"),
+            "-CA",
+            &file("ca.pem"),
+            "-CAkey",
+            &file("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &file("ext"),
+            "-out",
+            &file("server.pem"),
+        ]);
+        // PostgreSQL refuses a key that others may read.
+        std::fs::set_permissions(dir.path.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let settings = [
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", file("server.pem")),
+            format!("ssl_key_file={}", file("server.key")),
+        ];
+        let ca = dir.path.join("ca.pem");
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        (PrivatePostgres::start_in(dir, &settings).await, ca)
+    }
+
+    async fn start_in(dir: TempDir, settings: &[&str]) -> PrivatePostgres {
         let owner = (command_output("id", &["-u"]) == "0").then(|| {
             let uid = command_output("id", &["-u", "postgres"]).parse().unwrap();
             let gid = command_output("id", &["-g", "postgres"]).parse().unwrap();
@@ -93,6 +146,34 @@ impl PrivatePostgres {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         true
+    }
+
+    /// A server that counts the statements it runs (`pg_stat_statements`; utility statements
+    /// such as BEGIN, COMMIT and LOCK are left out): see `statements_run`.
+    pub async fn start_counting_statements() -> PrivatePostgres {
+        let pg = PrivatePostgres::start(&[
+            "shared_preload_libraries=pg_stat_statements",
+            "pg_stat_statements.track_utility=off",
+        ])
+        .await;
+        pg.execute("CREATE EXTENSION pg_stat_statements").await;
+        pg
+    }
+
+    /// How many statements have run so far in `database` (of a server started by
+    /// `start_counting_statements`). Asked from the `postgres` database, so that asking is
+    /// not counted.
+    pub async fn statements_run(&self, database: &str) -> i64 {
+        super::connect(&self.url("postgres"))
+            .await
+            .query_one(
+                "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_statements s
+                 JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1",
+                &[&database],
+            )
+            .await
+            .unwrap()
+            .get(0)
     }
 
     pub fn url(&self, database: &str) -> String {

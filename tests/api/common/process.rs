@@ -104,8 +104,17 @@ impl ServerProcess {
 
     /// `kill -TERM <pid>`, as `docker stop` does to PID 1.
     pub fn terminate(&self) {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        self.signal("TERM");
+    }
+
+    /// `kill -INT <pid>`, as Ctrl-C in a terminal does.
+    pub fn interrupt(&self) {
+        self.signal("INT");
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill").arg(format!("-{name}")).arg(self.child.id().to_string()).status();
+        assert!(status.expect("run kill").success(), "kill -{name} failed");
     }
 
     /// Waits for the process to exit, up to `limit`.
