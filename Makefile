@@ -8,7 +8,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 IMAGE   ?= order-api
 
 .PHONY: run build migrate seed test lint fuzz bench chaos soak ha-up ha-down ha-status fmt clean docker-build up down logs help \
-	up-observed rules-check prometheus-check k8s-check release-check release-check-test client-check openapi-client-check
+	up-observed rules-check prometheus-check k8s-check release-check client-check openapi-client-check
 
 ## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
 run: build
@@ -127,17 +127,19 @@ rules-check:
 prometheus-check:
 	deploy/prometheus/live-check
 
-## k8s-check: render every Kustomize overlay and validate it against the Kubernetes schemas
+## k8s-check: render every Kustomize overlay, validate it against the Kubernetes and CRD schemas
+## and the deployment rules (deploy/k8s/policy.py); then the same on broken copies, which must fail
 k8s-check:
 	deploy/k8s/check
+	deploy/k8s/check-test
 
 ## release-check: Cargo.toml, CHANGELOG.md, openapi.json, the Dockerfile and the git tags agree
+## (the rule: .ci/release-check); RELEASE_CHECK_TEST=1 also runs it on made-up repositories,
+## agreeing and not (.ci/release-check-test)
 release-check:
 	.ci/release-check
+	@if [ -n "$(RELEASE_CHECK_TEST)" ]; then .ci/release-check-test; fi
 
-## release-check-test: release-check on made-up repositories, agreeing and not
-release-check-test:
-	.ci/release-check-test
 
 ## client-check: examples/place_order against a live server through an injected fault
 client-check:
