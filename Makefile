@@ -143,7 +143,7 @@ release-check:
 
 ## client-check: examples/place_order against a live server through an injected fault
 client-check:
-	examples/place_order/check
+	examples/place-order-check
 
 ## openapi-client-check: generate a typed Python client from openapi.json and import it
 openapi-client-check:
