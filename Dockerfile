@@ -2,6 +2,14 @@
 #
 #   docker build -t order-api .        (or `make docker-build`; `make up` builds it through compose)
 #
+# Build arguments (all optional), which become the image's OCI annotation labels:
+#   VERSION   the release, default the version in Cargo.toml (`make release-check` keeps the two
+#             equal);
+#   REVISION  the git commit (`make docker-build` and `make up` pass `git rev-parse HEAD`); the
+#             build context has no .git, so this is also what `order-api --version` reports
+#             (default `unknown`);
+#   SOURCE    where the source is (`make` passes the `origin` remote's URL when there is one).
+#
 # Build stage: the official Rust image. Final stage: gcr.io/distroless/static-debian12, which
 # holds only a CA bundle, tzdata, /etc/passwd with the `nonroot` user and nsswitch.conf; no
 # shell, no libc, no package manager. The binary links glibc statically (`+crt-static`), so
@@ -35,18 +43,31 @@ RUN mkdir src \
 # 2. The crate itself. build.rs embeds sql/*.sql in the binary, so sql/ comes along.
 #    `touch`: COPY keeps the files' old modification times, which cargo could take as older
 #    than the dummy build above and skip the rebuild.
+#    REVISION is declared here, after the dependency layer, so that a new commit does not
+#    invalidate that layer's cache.
 COPY build.rs ./
 COPY sql sql
 COPY src src
+ARG REVISION=unknown
 RUN touch build.rs src/main.rs src/lib.rs \
     && target="$(rustc -vV | sed -n 's/^host: //p')" \
-    && cargo build --release --locked --target "$target" \
+    && ORDER_API_GIT_COMMIT="$REVISION" cargo build --release --locked --target "$target" \
     && cp "target/$target/release/order-api" /usr/local/bin/order-api \
     && if readelf -l /usr/local/bin/order-api | grep -q INTERP; then \
          echo "order-api is dynamically linked: it cannot run on distroless/static" >&2; exit 1; \
        fi
 
 FROM gcr.io/distroless/static-debian12:nonroot
+ARG VERSION=1.0.0
+ARG REVISION=unknown
+ARG SOURCE=unknown
+# OCI image annotations (github.com/opencontainers/image-spec, annotations.md).
+LABEL org.opencontainers.image.title="order-api" \
+      org.opencontainers.image.description="Order processing API: products, orders, inventory reservation and cancellation on PostgreSQL" \
+      org.opencontainers.image.licenses="MIT OR Apache-2.0" \
+      org.opencontainers.image.version="$VERSION" \
+      org.opencontainers.image.revision="$REVISION" \
+      org.opencontainers.image.source="$SOURCE"
 COPY --from=build /usr/local/bin/order-api /usr/local/bin/order-api
 # The `nonroot` user of distroless (uid/gid 65532), by number so that a runtime can check
 # `runAsNonRoot` without reading /etc/passwd.

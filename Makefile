@@ -7,7 +7,8 @@ RELEASE := target/release/order-api
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 IMAGE   ?= order-api
 
-.PHONY: run build migrate seed test lint fuzz bench chaos soak ha-up ha-down ha-status fmt clean docker-build up down logs help
+.PHONY: run build migrate seed test lint fuzz bench chaos soak ha-up ha-down ha-status fmt clean docker-build up down logs help \
+	up-observed rules-check prometheus-check k8s-check release-check client-check openapi-client-check
 
 ## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
 run: build
@@ -91,9 +92,15 @@ fmt:
 clean:
 	$(CARGO) clean
 
+# The image's OCI labels and `order-api --version` (the build context has no .git): the commit,
+# and where the source is (the `origin` remote, when there is one).
+GIT_COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+SOURCE_URL ?= $(or $(shell git config --get remote.origin.url 2>/dev/null),unknown)
+export GIT_COMMIT SOURCE_URL
+
 ## docker-build: build the image alone, tagged $(IMAGE) (the tag docker-compose.yml uses)
 docker-build:
-	docker build -t $(IMAGE) .
+	docker build --build-arg REVISION=$(GIT_COMMIT) --build-arg SOURCE=$(SOURCE_URL) -t $(IMAGE) .
 
 ## up: build the image and start PostgreSQL and the API in the background, migrated and
 ## seeded, on localhost:$API_PORT (3000); `make logs` follows them, `make down` stops them
@@ -101,17 +108,56 @@ up:
 	$(COMPOSE) up --build -d
 	@echo "started in the background; the API answers on localhost:3000 (or API_PORT) once 'docker ps' shows it healthy"
 
-## down: stop and remove the containers; the database volume stays (add -v by hand to drop it)
+## down: stop and remove the containers (Prometheus of up-observed too); the volumes stay
+## (add -v by hand to drop them)
 down:
-	$(COMPOSE) down
+	$(COMPOSE) --profile observed down
 
 ## logs: follow the logs of both services
 logs:
 	$(COMPOSE) logs -f --tail=100
 
+# ---- Operations: observability, Kubernetes, releases, the client path (issue 22) ----
+
+## up-observed: `make up` plus Prometheus (Debian's package) scraping the API with the rules of
+## deploy/prometheus/rules; its UI and API on localhost:9090 (PROMETHEUS_PORT)
+up-observed:
+	$(COMPOSE) --profile observed up --build -d
+	@echo "started in the background; the API on localhost:3000, Prometheus on localhost:$${PROMETHEUS_PORT:-9090}"
+
+## rules-check: promtool check rules/config and promtool test rules (installs Debian's prometheus if missing)
+rules-check:
+	deploy/prometheus/check
+
+## prometheus-check: the real prometheus scraping a live order-api; its HTTP API asked for the series
+prometheus-check:
+	deploy/prometheus/live-check
+
+## k8s-check: render every Kustomize overlay, validate it against the Kubernetes and CRD schemas
+## and the deployment rules (deploy/k8s/policy.py); then the same on broken copies, which must fail
+k8s-check:
+	deploy/k8s/check
+	deploy/k8s/check-test
+
+## release-check: Cargo.toml, CHANGELOG.md, openapi.json, the Dockerfile and the git tags agree
+## (the rule: .ci/release-check); RELEASE_CHECK_TEST=1 also runs it on made-up repositories,
+## agreeing and not (.ci/release-check-test)
+release-check:
+	.ci/release-check
+	@if [ -n "$(RELEASE_CHECK_TEST)" ]; then .ci/release-check-test; fi
+
+
+## client-check: examples/place_order against a live server through an injected fault
+client-check:
+	examples/place-order-check
+
+## openapi-client-check: generate a typed Python client from openapi.json and import it
+openapi-client-check:
+	examples/openapi-client/check
+
 ## help: list the targets and what they do, from their ## comments in this Makefile
 help:
-	@awk '/^## [A-Za-z_-]+:/ { name = $$2; sub(/:$$/, "", name); text = $$0; sub(/^## [^:]+: */, "", text); \
+	@awk '/^## [A-Za-z0-9_-]+:/ { name = $$2; sub(/:$$/, "", name); text = $$0; sub(/^## [^:]+: */, "", text); \
 		printf "  %-13s %s\n", name, text; more = 1; next } \
 		more && /^## / { text = $$0; sub(/^## */, "", text); printf "  %-13s %s\n", "", text; next } \
 		{ more = 0 }' $(firstword $(MAKEFILE_LIST))

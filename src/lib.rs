@@ -37,6 +37,11 @@ pub mod rate_limit;
 pub mod sync;
 pub mod tls;
 
+/// The version of this build, from Cargo.toml (`order-api --version`, `order_api_build_info`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The git commit this build was made from, or `unknown` (see build.rs).
+pub const GIT_COMMIT: &str = env!("ORDER_API_GIT_COMMIT");
+
 use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;

@@ -1,4 +1,4 @@
-//! `order-api [serve|migrate|seed|create-db|audit|healthcheck]`; see `usage()`.
+//! `order-api [serve|migrate|seed|create-db|audit|healthcheck|version]`; see `usage()`.
 
 use std::{
     io::{Read, Write},
@@ -26,12 +26,20 @@ commands:
                they hold, 1 if not
   healthcheck  exit 0 if GET /health on the local API_PORT answers 200, else 1
                (the container HEALTHCHECK: needs no curl in the image)
+  version      print the version and the git commit of this build and exit
+               (also --version, -V)
 
 Configuration comes from the environment and from .env; see .env.example."
 }
 
 fn main() -> ExitCode {
     let started = Instant::now();
+    let command = std::env::args().nth(1);
+    // Before the configuration is read: the version is wanted also where it would not load.
+    if matches!(command.as_deref(), Some("version" | "--version" | "-V")) {
+        println!("order-api {} (commit {})", order_api::VERSION, order_api::GIT_COMMIT);
+        return ExitCode::SUCCESS;
+    }
     let config = match Config::load() {
         Ok(config) => config,
         Err(e) => {
@@ -42,7 +50,6 @@ fn main() -> ExitCode {
     log::set_level(config.log_level);
     log::set_buffer_limit(config.log_buffer_bytes);
 
-    let command = std::env::args().nth(1);
     if command.as_deref() == Some("healthcheck") {
         return healthcheck(config.port);
     }

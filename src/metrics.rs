@@ -98,8 +98,13 @@ impl Metrics {
 
     pub fn render(&self, pool: PoolStatus) -> String {
         let mut out = String::with_capacity(8192);
-        family(&mut out, "order_api_build_info", "gauge", "The version of the running build.");
-        let _ = writeln!(out, "order_api_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        family(&mut out, "order_api_build_info", "gauge", "The version and git commit of the running build.");
+        let _ = writeln!(
+            out,
+            "order_api_build_info{{version=\"{}\",revision=\"{}\"}} 1",
+            crate::VERSION,
+            crate::GIT_COMMIT
+        );
 
         family(
             &mut out,

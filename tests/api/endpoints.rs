@@ -194,13 +194,15 @@ async fn metrics_count_requests_and_orders() {
     let reply = app.get("/metrics").await;
     assert_eq!(reply.status, 200);
     assert!(reply.header("content-type").unwrap().starts_with("text/plain"));
+    let build_info =
+        format!(r#"order_api_build_info{{version="{}",revision="{}"}} 1"#, order_api::VERSION, order_api::GIT_COMMIT);
     for line in [
         r#"order_api_http_requests_total{route="/api/orders",method="POST",status="201"} 1"#,
         r#"order_api_http_requests_total{route="/api/orders",method="POST",status="400"} 1"#,
         r#"order_api_orders_total{outcome="created"} 1"#,
         r#"order_api_orders_total{outcome="INSUFFICIENT_STOCK"} 1"#,
         "order_api_db_pool_max_connections 8",
-        r#"order_api_build_info{version="0.1.0"} 1"#,
+        build_info.as_str(),
     ] {
         assert!(reply.text.lines().any(|l| l == line), "missing {line} in\n{}", reply.text);
     }
