@@ -68,6 +68,21 @@ pub struct Config {
     /// `PURGE_INTERVAL_SECS`: how often idempotency keys and events past their retention are
     /// deleted in the background (a setting so that a test can watch a purge run).
     pub purge_interval: Duration,
+    /// `WEBHOOK_ALLOW_HTTP`: allow plain `http://` endpoint URLs (https only by default).
+    pub webhook_allow_http: bool,
+    /// `WEBHOOK_ALLOWED_HOSTS`: comma-separated hosts webhooks may go to although they resolve
+    /// to a loopback, private or link-local address (all such are refused otherwise).
+    pub webhook_allowed_hosts: Vec<String>,
+    /// `WEBHOOK_TIMEOUT_MS`: how long one delivery attempt may take, connection to answer.
+    pub webhook_timeout: Duration,
+    /// `WEBHOOK_RETRY_SCALE`: every delay of the retry schedule (and the 5 days after which a
+    /// failing endpoint is disabled) times this; 1 in production, small in tests.
+    pub webhook_retry_scale: f64,
+    /// `WEBHOOK_CONCURRENCY`: deliveries in flight at once per endpoint, across replicas.
+    pub webhook_concurrency: usize,
+    /// `WEBHOOK_CA_FILE`: PEM CA certificates https endpoints are checked against, instead of
+    /// the system's store.
+    pub webhook_ca_file: Option<String>,
     /// `SEED_ON_START`: load the seed data at start (idempotent), as docker-compose does.
     pub seed_on_start: bool,
     /// `MIGRATE_ON_START`: apply pending migrations at start. Off for a runtime role without
@@ -117,6 +132,12 @@ impl Default for Config {
             idempotency_retention: Duration::from_secs(24 * 3600),
             event_retention: Duration::from_secs(30 * 24 * 3600),
             purge_interval: Duration::from_secs(600),
+            webhook_allow_http: false,
+            webhook_allowed_hosts: Vec::new(),
+            webhook_timeout: Duration::from_millis(15_000),
+            webhook_retry_scale: 1.0,
+            webhook_concurrency: 8,
+            webhook_ca_file: None,
             seed_on_start: false,
             migrate_on_start: true,
             log_level: Level::Info,
@@ -213,6 +234,21 @@ impl Config {
         set.set(&mut config.purge_interval, "PURGE_INTERVAL_SECS", "a positive number of seconds", |v| {
             v.parse::<u64>().ok().filter(|s| *s > 0).map(Duration::from_secs)
         })?;
+        set.set(&mut config.webhook_allow_http, "WEBHOOK_ALLOW_HTTP", "true or false", |v| v.parse().ok())?;
+        set.set(&mut config.webhook_allowed_hosts, "WEBHOOK_ALLOWED_HOSTS", "comma-separated hosts", |v| {
+            Some(v.split(',').map(str::trim).filter(|host| !host.is_empty()).map(str::to_owned).collect())
+        })?;
+        set.set(&mut config.webhook_timeout, "WEBHOOK_TIMEOUT_MS", "milliseconds", millis)?;
+        set.set(
+            &mut config.webhook_retry_scale,
+            "WEBHOOK_RETRY_SCALE",
+            "a positive number (1: the real schedule)",
+            |v| v.parse::<f64>().ok().filter(|n| n.is_finite() && *n > 0.0),
+        )?;
+        set.set(&mut config.webhook_concurrency, "WEBHOOK_CONCURRENCY", "an integer from 1 to 256", |v| {
+            v.parse().ok().filter(|n| (1..=256).contains(n))
+        })?;
+        set.set(&mut config.webhook_ca_file, "WEBHOOK_CA_FILE", "a file", |v| Some(Some(v.to_owned())))?;
         set.set(&mut config.seed_on_start, "SEED_ON_START", "true or false", |v| v.parse().ok())?;
         set.set(&mut config.migrate_on_start, "MIGRATE_ON_START", "true or false", |v| v.parse().ok())?;
         set.set(&mut config.log_level, "LOG_LEVEL", "error, warn, info or debug", Level::parse)?;

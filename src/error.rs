@@ -32,6 +32,10 @@ pub enum Error {
     OrderNotFound {
         order_id: i64,
     },
+    /// The webhook endpoint named in the path does not exist.
+    WebhookNotFound {
+        webhook_id: i64,
+    },
     /// The product named in the path does not exist (the resource is missing: 404).
     ProductNotFound {
         product_id: i64,
@@ -160,6 +164,7 @@ impl Error {
             Error::Forbidden(_) => (S::FORBIDDEN, "FORBIDDEN"),
             Error::OrderNotFound { .. } => (S::NOT_FOUND, "ORDER_NOT_FOUND"),
             Error::ProductNotFound { .. } => (S::NOT_FOUND, "PRODUCT_NOT_FOUND"),
+            Error::WebhookNotFound { .. } => (S::NOT_FOUND, "WEBHOOK_NOT_FOUND"),
             Error::RouteNotFound => (S::NOT_FOUND, "NOT_FOUND"),
             Error::MethodNotAllowed { .. } => (S::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             Error::PayloadTooLarge { .. } => (S::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
@@ -208,6 +213,8 @@ impl Error {
                 (format!("order {order_id} does not exist"), json!({"orderId": order_id})),
             Error::ProductNotFound { product_id } =>
                 (format!("product {product_id} does not exist"), json!({"productId": product_id})),
+            Error::WebhookNotFound { webhook_id } =>
+                (format!("webhook endpoint {webhook_id} does not exist"), json!({"webhookId": webhook_id})),
             Error::RouteNotFound => ("no such path".to_owned(), json!({})),
             Error::MethodNotAllowed { allow } =>
                 (format!("method not allowed; this path allows {allow}"), json!({"allow": allow})),
@@ -267,6 +274,7 @@ impl Error {
             Error::UserNotFound { user_id: 1 },
             Error::OrderNotFound { order_id: 1 },
             Error::ProductNotFound { product_id: 1 },
+            Error::WebhookNotFound { webhook_id: 1 },
             Error::RouteNotFound,
             Error::MethodNotAllowed { allow: "GET" },
             Error::PayloadTooLarge { limit: 1 },

@@ -11,15 +11,18 @@
 //!   and around each request its id, deadline, log line and metrics.
 //! - [`api`]: the route table, and one file per resource: parse the request, make one call
 //!   into `db`, render the response.
-//! - [`db`]: the connection pool, statements and transactions, the embedded migration runner,
-//!   and one file per resource holding its SQL.
+//! - [`db`]: `Db`, the one door to PostgreSQL: the connection pool, statements and
+//!   transactions, the embedded migration runner, and one file per resource holding its SQL
+//!   (order events' outbox and webhook deliveries included).
+//! - [`events`]: what leaves the service: webhook deliveries of the order events.
 //! - [`domain`]: the typed values requests are parsed into; [`money`]: exact amounts.
 //! - [`auth`]: who is calling (`AUTH_MODE`, the operator token, JWTs).
 //! - [`error`]: the one error type and its table of status, code and body.
 //! - [`deadline`]: the request deadline, set by `http` and honoured by `db`.
 //! - [`log`], [`metrics`]: JSON log lines and Prometheus text; [`tls`]: rustls client settings.
 //!
-//! Data flows one way: `http` -> `api` -> `db` -> (`domain`, `error`, `money`).
+//! Data flows one way: `http` -> `api` -> `db` -> (`domain`, `error`, `money`), and
+//! `events` -> `db` for what goes out.
 
 pub mod api;
 pub mod auth;
@@ -28,6 +31,7 @@ pub mod db;
 pub mod deadline;
 pub mod domain;
 pub mod error;
+pub mod events;
 pub mod http;
 pub mod log;
 pub mod memory;
@@ -51,6 +55,7 @@ use crate::{
     auth::{Auth, AuthMode},
     config::Config,
     db::{Db, DbSettings, PlaceSettings, PoolSettings, Retention, StartupError},
+    events::{DispatchSettings, Dispatcher, SendSettings},
     metrics::Metrics,
 };
 
@@ -145,8 +150,11 @@ pub async fn run(
     let order_limit = rate_limit::RateLimiter::new(config.rate_limit_orders_per_minute);
     let retention = Retention { idempotency_keys: config.idempotency_retention, events: config.event_retention };
     let purge = tokio::spawn(db.clone().purge_periodically(retention, config.purge_interval));
-    let state = Arc::new(AppState { config, db: db.clone(), metrics: Metrics::default(), auth, order_limit });
+    let metrics = Arc::new(Metrics::default());
+    let dispatcher = Dispatcher::start(db.clone(), dispatch_settings(&config), metrics.clone())?;
+    let state = Arc::new(AppState { config, db: db.clone(), metrics, auth, order_limit });
     http::serve(listener, state, shutdown).await;
+    dispatcher.stop();
     purge.abort();
     if let Some(refresh) = jwks_refresh {
         refresh.abort();
@@ -175,6 +183,21 @@ fn db_settings(config: &Config) -> Result<DbSettings, StartupError> {
             store_refusal: api::reply::stored_refusal,
         },
     })
+}
+
+/// How webhooks are delivered, from the configuration.
+fn dispatch_settings(config: &Config) -> DispatchSettings {
+    DispatchSettings {
+        send: SendSettings {
+            allowed_hosts: config.webhook_allowed_hosts.clone(),
+            allow_http: config.webhook_allow_http,
+            timeout: config.webhook_timeout,
+            retry_scale: config.webhook_retry_scale,
+            ca_file: config.webhook_ca_file.clone(),
+        },
+        per_endpoint: config.webhook_concurrency,
+        disable_after: events::schedule::DISABLE_AFTER.mul_f64(config.webhook_retry_scale),
+    }
 }
 
 /// The credentials the service accepts, from the configuration; says at start what is open.

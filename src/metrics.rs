@@ -13,7 +13,10 @@ use std::{collections::BTreeMap, fmt::Write, sync::Mutex, time::Duration};
 
 use hyper::Method;
 
-use crate::{db::PoolStatus, sync::lock};
+use crate::{
+    db::{Backlog, Outcome, PoolStatus},
+    sync::lock,
+};
 
 /// Upper bounds of the latency histogram buckets, in seconds. The last is the default request
 /// deadline (`REQUEST_TIMEOUT_MS`, 10 s), so requests that ran into it stand apart.
@@ -31,6 +34,10 @@ pub struct Metrics {
     refused_connections: Mutex<u64>,
     /// Long-polls of the event feed waiting now.
     long_polls: std::sync::atomic::AtomicI64,
+    /// Webhook delivery attempts by outcome.
+    webhook_attempts: Mutex<BTreeMap<&'static str, u64>>,
+    /// Per enabled endpoint, as last read: undelivered events, age of the oldest in seconds.
+    webhook_backlog: Mutex<Vec<Backlog>>,
 }
 
 /// Counts a long-poll as open until dropped.
@@ -92,6 +99,20 @@ impl Metrics {
         LongPoll(self)
     }
 
+    pub fn record_webhook_attempt(&self, outcome: Outcome) {
+        let name = match outcome {
+            Outcome::Delivered => "delivered",
+            Outcome::Retry(_) => "retry",
+            Outcome::Failed => "failed",
+            Outcome::Disabled => "disabled",
+        };
+        *lock(&self.webhook_attempts).entry(name).or_default() += 1;
+    }
+
+    pub fn set_webhook_backlog(&self, backlog: Vec<Backlog>) {
+        *lock(&self.webhook_backlog) = backlog;
+    }
+
     pub fn record_refused_connection(&self) {
         *lock(&self.refused_connections) += 1;
     }
@@ -139,6 +160,43 @@ impl Metrics {
         );
         for (outcome, count) in lock(&self.orders).iter() {
             let _ = writeln!(out, "order_api_orders_total{{outcome=\"{outcome}\"}} {count}");
+        }
+
+        family(
+            &mut out,
+            "order_api_webhook_attempts_total",
+            "counter",
+            "Webhook delivery attempts by outcome: delivered, retry, failed (given up), disabled (410).",
+        );
+        for (outcome, count) in lock(&self.webhook_attempts).iter() {
+            let _ = writeln!(out, "order_api_webhook_attempts_total{{outcome=\"{outcome}\"}} {count}");
+        }
+        let backlog = lock(&self.webhook_backlog).clone();
+        family(
+            &mut out,
+            "order_api_webhook_undelivered_events",
+            "gauge",
+            "Events not yet delivered, per enabled endpoint.",
+        );
+        for endpoint in &backlog {
+            let _ = writeln!(
+                out,
+                "order_api_webhook_undelivered_events{{endpoint=\"{}\"}} {}",
+                endpoint.endpoint_id, endpoint.undelivered
+            );
+        }
+        family(
+            &mut out,
+            "order_api_webhook_oldest_undelivered_seconds",
+            "gauge",
+            "Age of the oldest event not yet delivered, per enabled endpoint (0: none).",
+        );
+        for endpoint in &backlog {
+            let _ = writeln!(
+                out,
+                "order_api_webhook_oldest_undelivered_seconds{{endpoint=\"{}\"}} {}",
+                endpoint.endpoint_id, endpoint.oldest_age_secs
+            );
         }
 
         let refused = *lock(&self.refused_connections);

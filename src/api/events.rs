@@ -12,7 +12,8 @@ use super::{
     reply::{Reply, json},
 };
 use crate::{
-    db::{Event, EventSignal, FeedQuery, Position, events::EVENT_TYPES},
+    db::{Event, EventSignal, FeedQuery, Position},
+    domain::EVENT_TYPES,
     error::Error,
 };
 

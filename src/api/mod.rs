@@ -12,6 +12,9 @@ pub mod orders;
 pub mod products;
 pub mod reply;
 pub mod routes;
+pub mod webhooks;
+
+use std::sync::Arc;
 
 use hyper::header::{HeaderValue, LINK};
 
@@ -23,7 +26,7 @@ pub struct AppState {
     pub config: Config,
     /// The one door to the database.
     pub db: Db,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     /// The credentials accepted (`AUTH_MODE`, `OPERATOR_TOKEN`, JWT keys).
     pub auth: Auth,
     /// `RATE_LIMIT_ORDERS_PER_MINUTE`, per user and per client address; `None`: no limit.

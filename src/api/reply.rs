@@ -38,6 +38,13 @@ pub fn with_content_type(status: StatusCode, content_type: HeaderValue, body: im
     response
 }
 
+/// 204, no body.
+pub fn no_content() -> Reply {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
+}
+
 /// Asks the client to wait `RETRY_AFTER_SECS` before trying again.
 pub fn retry_after(reply: Reply) -> Reply {
     retry_after_secs(reply, RETRY_AFTER_SECS)

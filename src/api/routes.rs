@@ -13,6 +13,7 @@ use super::{
     input::{json_body, query_param},
     openapi, orders, products,
     reply::Reply,
+    webhooks,
 };
 use crate::{
     domain::{IdempotencyKey, parse_path_id},
@@ -36,10 +37,15 @@ pub enum Route {
     OrderStatus,
     OrderEvents,
     Events,
+    Webhooks,
+    Webhook,
+    WebhookRotateSecret,
+    WebhookDeliveries,
+    WebhookReplay,
 }
 
 impl Route {
-    pub const ALL: [Route; 14] = [
+    pub const ALL: [Route; 19] = [
         Route::Health,
         Route::HealthLive,
         Route::HealthReady,
@@ -54,6 +60,11 @@ impl Route {
         Route::OrderStatus,
         Route::OrderEvents,
         Route::Events,
+        Route::Webhooks,
+        Route::Webhook,
+        Route::WebhookRotateSecret,
+        Route::WebhookDeliveries,
+        Route::WebhookReplay,
     ];
 
     pub fn template(self) -> &'static str {
@@ -72,6 +83,11 @@ impl Route {
             Route::OrderStatus => "/api/orders/{orderId}/status",
             Route::OrderEvents => "/api/orders/{orderId}/events",
             Route::Events => "/api/events",
+            Route::Webhooks => "/api/webhooks",
+            Route::Webhook => "/api/webhooks/{webhookId}",
+            Route::WebhookRotateSecret => "/api/webhooks/{webhookId}/rotate-secret",
+            Route::WebhookDeliveries => "/api/webhooks/{webhookId}/deliveries",
+            Route::WebhookReplay => "/api/webhooks/{webhookId}/replay",
         }
     }
 
@@ -88,12 +104,21 @@ impl Route {
             | Route::Product
             | Route::Order
             | Route::OrderEvents
-            | Route::Events => "GET, HEAD",
+            | Route::Events
+            | Route::WebhookDeliveries => "GET, HEAD",
+            Route::Webhooks => "GET, HEAD, POST",
+            Route::Webhook => "GET, HEAD, PATCH, DELETE",
+            Route::WebhookRotateSecret | Route::WebhookReplay => "POST",
             Route::ProductRestock => "POST",
             Route::Orders => "GET, HEAD, POST",
             Route::OrderCancel | Route::OrderStatus => "PUT",
         }
     }
+}
+
+/// Whether `route` answers `method` (its `Allow`); HEAD as GET.
+fn route_answers(route: Route, method: &Method) -> bool {
+    route.allow().split(", ").any(|allowed| allowed == method.as_str())
 }
 
 static ROUTER: LazyLock<matchit::Router<Route>> = LazyLock::new(|| {
@@ -115,7 +140,7 @@ pub struct Matched {
 /// Finds the route of a path: `None` for an unknown path.
 pub fn find(path: &str) -> Option<Matched> {
     let matched = ROUTER.at(path).ok()?;
-    let id = ["orderId", "productId"]
+    let id = ["orderId", "productId", "webhookId"]
         .into_iter()
         .find_map(|name| matched.params.get(name).map(|value| (name, value.to_owned())));
     Some(Matched { route: *matched.value, id })
@@ -152,6 +177,33 @@ pub async fn dispatch(
         &Method::HEAD => Method::GET,
         method => method.clone(),
     };
+
+    // The webhook endpoints are all an operator's: the credentials first, then the handler.
+    let webhook_route = matches!(
+        matched.route,
+        Route::Webhooks | Route::Webhook | Route::WebhookRotateSecret | Route::WebhookDeliveries | Route::WebhookReplay
+    );
+    if webhook_route && route_answers(matched.route, &method) {
+        credentials.operator().await?;
+        return match (matched.route, method) {
+            (Route::Webhooks, Method::GET) => webhooks::list(state).await,
+            (Route::Webhooks, Method::POST) => webhooks::create(state, json_body(request).await?).await,
+            (Route::Webhook, Method::GET) => webhooks::get(state, id()?).await,
+            (Route::Webhook, Method::PATCH) => {
+                let webhook_id = id()?;
+                webhooks::change(state, webhook_id, json_body(request).await?).await
+            }
+            (Route::Webhook, Method::DELETE) => webhooks::delete(state, id()?).await,
+            (Route::WebhookRotateSecret, _) => webhooks::rotate_secret(state, id()?).await,
+            (Route::WebhookDeliveries, _) => {
+                webhooks::deliveries(state, id()?, param("limit")?, param("before")?).await
+            }
+            (_, _) => {
+                let webhook_id = id()?;
+                webhooks::replay(state, webhook_id, json_body(request).await?).await
+            }
+        };
+    }
 
     match (matched.route, method) {
         (Route::Health, Method::GET) => Ok(health::check(state).await),

@@ -98,10 +98,6 @@ pub struct Event {
     pub data: Box<RawValue>,
 }
 
-/// Every event type, as written.
-pub const EVENT_TYPES: [&str; 6] =
-    ["order.created", "order.cancelled", "order.shipped", "order.delivered", "product.restocked", "product.sold_out"];
-
 /// The columns of an event, the position first; every query below selects them as `e`.
 macro_rules! event_columns {
     () => {
@@ -111,7 +107,8 @@ macro_rules! event_columns {
     };
 }
 
-fn event_from(row: &Row, first: usize) -> Result<Event, Error> {
+/// The event whose columns (`event_columns!`) start at `first`.
+pub(super) fn event_from(row: &Row, first: usize) -> Result<Event, Error> {
     let data: String = row.get(first + 9);
     Ok(Event {
         position: Position { tx: row.get(first), id: row.get(first + 1) },

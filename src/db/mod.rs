@@ -11,6 +11,7 @@
 
 pub mod audit;
 mod batch;
+#[macro_use]
 pub mod events;
 mod failure;
 pub mod idempotency;
@@ -21,6 +22,7 @@ pub mod pool;
 mod products;
 pub mod target;
 mod tx;
+mod webhooks;
 
 use std::{sync::Arc, time::Duration};
 
@@ -37,9 +39,10 @@ pub use pool::{Pool, PoolSettings, PoolStatus, PooledConn};
 pub use products::{Catalogue, Product};
 pub use target::Target;
 pub use tx::Tx;
+pub use webhooks::{Attempt, AttemptRecord, Backlog, Claimed, Endpoint, Outcome, SECRET_OVERLAP};
 
 use crate::{
-    domain::{OrderStatus, Page},
+    domain::{NewWebhook, OrderStatus, Page, WebhookChange},
     error::Error,
     log,
 };
@@ -180,6 +183,71 @@ impl Db {
     /// A signal that wakes when events may have committed.
     pub fn event_signal(&self) -> EventSignal {
         self.events.clone()
+    }
+
+    /// Registers a webhook endpoint signing with `secret`.
+    pub async fn create_webhook(&self, hook: &NewWebhook, secret: &str) -> Result<Endpoint, Error> {
+        webhooks::create(&self.primary, hook, secret).await
+    }
+
+    pub async fn webhooks(&self) -> Result<Vec<Endpoint>, Error> {
+        webhooks::list(&self.primary).await
+    }
+
+    pub async fn webhook(&self, id: i64) -> Result<Endpoint, Error> {
+        webhooks::get(&self.primary, id).await
+    }
+
+    pub async fn change_webhook(&self, id: i64, change: &WebhookChange) -> Result<Endpoint, Error> {
+        webhooks::change(&self.primary, id, change).await
+    }
+
+    pub async fn delete_webhook(&self, id: i64) -> Result<(), Error> {
+        webhooks::delete(&self.primary, id).await
+    }
+
+    /// Gives the endpoint `secret`; returns when its old secret stops signing.
+    pub async fn rotate_webhook_secret(&self, id: i64, secret: &str) -> Result<String, Error> {
+        webhooks::rotate(&self.primary, id, secret).await
+    }
+
+    /// Queues the endpoint's events after `after` again; how many.
+    pub async fn replay_webhook(&self, id: i64, after: Position) -> Result<u64, Error> {
+        webhooks::replay(&self.primary, id, after).await
+    }
+
+    /// The endpoint's delivery attempts before `before`, newest first.
+    pub async fn webhook_attempts(&self, id: i64, before: Option<i64>, limit: i64) -> Result<Vec<Attempt>, Error> {
+        webhooks::attempts(&self.primary, id, before, limit).await
+    }
+
+    /// Routes the events committed since the last pass to the endpoints' deliveries.
+    pub async fn route_events(&self) -> Result<u64, Error> {
+        webhooks::route(&self.primary).await
+    }
+
+    /// Claims the deliveries due, leased for `lease_for` under the token `lease`.
+    pub async fn claim_deliveries(
+        &self,
+        per_endpoint: i64,
+        lease_for: Duration,
+        lease: i64,
+    ) -> Result<Vec<Claimed>, Error> {
+        webhooks::claim(&self.primary, per_endpoint, lease_for, lease).await
+    }
+
+    /// Records delivery attempts; the endpoints they disabled, with the reason.
+    pub async fn record_attempts(
+        &self,
+        attempts: &[AttemptRecord],
+        disable_after: Duration,
+    ) -> Result<Vec<(i64, String)>, Error> {
+        webhooks::record(&self.primary, attempts, disable_after).await
+    }
+
+    /// Each enabled endpoint's undelivered events.
+    pub async fn webhook_backlog(&self) -> Result<Vec<Backlog>, Error> {
+        webhooks::backlog(&self.primary).await
     }
 
     /// `SELECT 1` on a pooled connection of the primary: whether the database answers.

@@ -14,6 +14,7 @@ pub mod private_pg;
 pub mod process;
 pub mod proxy;
 pub mod raw;
+pub mod receiver;
 pub mod wait;
 
 use std::{
@@ -431,6 +432,13 @@ impl TestApp {
             .post_json(&format!("/api/products/{product_id}/restock"), &serde_json::json!({"quantity": quantity}))
             .await;
         assert_eq!(reply.status, 200, "{}", reply.text);
+    }
+
+    /// Any method with a JSON body.
+    pub async fn request_json(&self, method: reqwest::Method, path: &str, body: &Value) -> Reply {
+        let request =
+            self.http.request(method, self.url(path)).header("content-type", "application/json").body(body.to_string());
+        Reply::read(request.send().await.expect("request")).await
     }
 
     pub async fn put_json(&self, path: &str, body: &Value) -> Reply {
