@@ -164,6 +164,15 @@ impl Metrics {
 
         family(
             &mut out,
+            "order_api_events_written_total",
+            "counter",
+            "Order events committed by this process, by type (written in the change's own transaction).",
+        );
+        for (kind, count) in crate::db::events::written() {
+            let _ = writeln!(out, "order_api_events_written_total{{type=\"{kind}\"}} {count}");
+        }
+        family(
+            &mut out,
             "order_api_webhook_attempts_total",
             "counter",
             "Webhook delivery attempts by outcome: delivered, retry, failed (given up), disabled (410).",

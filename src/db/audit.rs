@@ -10,6 +10,10 @@
 //! - Every order line: exactly one 'order' movement taking its quantity, and one 'cancel'
 //!   movement giving it back if (and only if) the order is cancelled.
 //!
+//! - Every order placed since events are written: its events match its history (one
+//!   `order.created`, one event per status reached); every order's and product's events are
+//!   numbered 1, 2, 3... without a gap.
+//!
 //! Orders placed before the ledger started (see `ledger_start!`) count in the order checks
 //! but not in the stock and movement checks.
 
@@ -67,6 +71,12 @@ pub struct Audit {
     pub broken_orders: Broken,
     /// Order lines whose ledger movements do not match the line and the order's status.
     pub unbalanced_lines: Broken,
+    /// Orders (placed since events are written) whose events do not match their history:
+    /// not exactly one `order.created`, or not exactly one event for each status reached.
+    pub orders_with_wrong_events: Broken,
+    /// Orders and products whose events are not numbered 1, 2, 3... without a gap (the ids
+    /// listed are order ids, and product ids negated).
+    pub sequence_gaps: Broken,
 }
 
 impl Audit {
@@ -77,6 +87,18 @@ impl Audit {
             found.push(format!(
                 "{} orders lack lines or payment or have a wrong total (first: {:?})",
                 self.broken_orders.count, self.broken_orders.first_order_ids
+            ));
+        }
+        if self.orders_with_wrong_events.count > 0 {
+            found.push(format!(
+                "{} orders have missing, doubled or wrong events (first: {:?})",
+                self.orders_with_wrong_events.count, self.orders_with_wrong_events.first_order_ids
+            ));
+        }
+        if self.sequence_gaps.count > 0 {
+            found.push(format!(
+                "{} orders or products have events not numbered 1, 2, 3... (first: {:?})",
+                self.sequence_gaps.count, self.sequence_gaps.first_order_ids
             ));
         }
         if self.unbalanced_lines.count > 0 {
@@ -169,6 +191,41 @@ const UNBALANCED_LINES: &str = concat!(
            OR (o.status = 'cancelled' AND m.restored <> i.quantity))"
 );
 
+/// Orders placed since migration 0006 added the events, whose events disagree with them: one
+/// `order.created`; one `order.cancelled` exactly when cancelled; one `order.shipped` when
+/// shipped or delivered; one `order.delivered` when delivered. (Orders placed before have no
+/// `order.created`, and may have moved before events were written.)
+const ORDERS_WITH_WRONG_EVENTS: &str = "
+    WITH counted AS (
+        SELECT o.id, o.status,
+               count(e.id) FILTER (WHERE e.type = 'order.created') AS created,
+               count(e.id) FILTER (WHERE e.type = 'order.cancelled') AS cancelled,
+               count(e.id) FILTER (WHERE e.type = 'order.shipped') AS shipped,
+               count(e.id) FILTER (WHERE e.type = 'order.delivered') AS delivered
+        FROM orders AS o
+        LEFT JOIN events AS e ON e.order_id = o.id
+        WHERE o.created_at >= (SELECT applied_at FROM schema_migrations WHERE name = '0006_order_events.sql')
+        GROUP BY o.id, o.status
+    )
+    SELECT count(*), coalesce((array_agg(id ORDER BY id))[1:10], '{}')
+    FROM counted
+    WHERE created <> 1
+       OR cancelled <> (status = 'cancelled')::int
+       OR shipped <> (status IN ('shipped', 'delivered'))::int
+       OR delivered <> (status = 'delivered')::int";
+
+/// Streams (orders, and products as negated ids) whose events are not numbered 1..n.
+const SEQUENCE_GAPS: &str = "
+    WITH streams AS (
+        SELECT coalesce(order_id, -product_id) AS stream, count(*) AS events, max(sequence) AS last,
+               count(DISTINCT sequence) AS numbers
+        FROM events
+        GROUP BY coalesce(order_id, -product_id)
+    )
+    SELECT count(*), coalesce((array_agg(stream ORDER BY stream))[1:10], '{}')
+    FROM streams
+    WHERE events <> last OR numbers <> events";
+
 /// Reads the whole database once and returns what it found.
 pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> {
     let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await?;
@@ -189,6 +246,8 @@ pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> 
     let broken = |row: tokio_postgres::Row| Broken { count: row.get(0), first_order_ids: row.get(1) };
     let broken_orders = broken(tx.query_one(BROKEN_ORDERS, &[]).await?);
     let unbalanced_lines = broken(tx.query_one(UNBALANCED_LINES, &[]).await?);
+    let orders_with_wrong_events = broken(tx.query_one(ORDERS_WITH_WRONG_EVENTS, &[]).await?);
+    let sequence_gaps = broken(tx.query_one(SEQUENCE_GAPS, &[]).await?);
     tx.commit().await?;
     Ok(Audit {
         products,
@@ -197,5 +256,7 @@ pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> 
         order_lines: counts.get(2),
         broken_orders,
         unbalanced_lines,
+        orders_with_wrong_events,
+        sequence_gaps,
     })
 }

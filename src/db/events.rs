@@ -25,7 +25,7 @@ use std::{
     str::FromStr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -37,7 +37,23 @@ use tokio::sync::watch;
 use tokio_postgres::Row;
 
 use super::{Pool, Sql};
-use crate::{error::Error, log};
+use crate::{domain::EVENT_TYPES, error::Error, log};
+
+/// Events committed by this process, by type (in `EVENT_TYPES` order), for `/metrics`:
+/// process-wide, like the counters of any Prometheus client.
+static WRITTEN: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+
+/// Counts `count` events of `kind` as committed.
+pub(super) fn count_written(kind: &str, count: u64) {
+    if let Some(i) = EVENT_TYPES.iter().position(|known| *known == kind) {
+        WRITTEN[i].fetch_add(count, Ordering::Relaxed);
+    }
+}
+
+/// Each event type with how many events of it this process has committed.
+pub fn written() -> impl Iterator<Item = (&'static str, u64)> {
+    EVENT_TYPES.iter().zip(&WRITTEN).map(|(kind, count)| (*kind, count.load(Ordering::Relaxed)))
+}
 
 /// Sent by every transaction that writes events; delivered when it commits.
 pub(super) const NOTIFY_EVENTS: Sql = Sql { params: &[], text: "NOTIFY order_api_events" };

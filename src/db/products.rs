@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::{
     Pool, Sql,
     batch::{Batches, Job},
-    events::NOTIFY_EVENTS,
+    events::{self, NOTIFY_EVENTS},
 };
 use crate::{domain::Page, error::Error, money::Money};
 
@@ -130,7 +130,8 @@ const PRODUCT_RESTOCKED: Sql = Sql {
            (SELECT coalesce(max(e.sequence), 0) + 1 FROM events AS e WHERE e.product_id = p.id),
            product_json(p.id, p.name, p.price, p.stock)
     FROM products AS p
-    WHERE p.id = $1",
+    WHERE p.id = $1
+    RETURNING 1",
 };
 
 /// Restocks a product: one transaction of one round trip, with its event.
@@ -147,12 +148,13 @@ pub(super) async fn restock(pool: &Pool, product_id: i64, quantity: i32) -> Resu
             (&NOTIFY_EVENTS, &[]),
         ])
         .await;
-    let [_, rows, _, _] = restocked.map_err(|e| {
+    let [_, rows, event, _] = restocked.map_err(|e| {
         if e.code() == Some(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE) {
             Error::invalid(format!("restocking {quantity} would take the stock past {}", i32::MAX))
         } else {
             Error::from(e)
         }
     })?;
+    events::count_written("product.restocked", event.len() as u64);
     rows.first().map(Product::from_row).ok_or(missing)
 }

@@ -402,3 +402,22 @@ async fn the_feed_is_for_operators_and_an_orders_events_for_its_customer() {
         .await
         .assert_error(404, "ORDER_NOT_FOUND");
 }
+
+/// `order-api audit` checks the events against the orders: an order whose `order.created` is
+/// gone, or whose events skip a number, is reported.
+#[tokio::test]
+async fn the_audit_finds_missing_events_and_gaps() {
+    let app = spawn_app().await;
+    let created = app.order(2, 1).await;
+    let shipped = app.order(3, 1).await;
+    app.set_status(shipped, "shipped").await;
+    app.set_status(shipped, "delivered").await;
+    app.assert_invariants().await;
+    app.db.execute("DELETE FROM events WHERE order_id = $1", &[&created]).await.unwrap();
+    app.db.execute("DELETE FROM events WHERE order_id = $1 AND sequence = 2", &[&shipped]).await.unwrap();
+    let mut client = common::connect(&app.database_url).await;
+    let audit = order_api::db::audit::audit(&mut client).await.unwrap();
+    assert_eq!(audit.orders_with_wrong_events.first_order_ids, [created, shipped], "{audit:#?}");
+    assert_eq!(audit.sequence_gaps.first_order_ids, [shipped], "{audit:#?}");
+    assert_eq!(audit.violations().len(), 2, "{:?}", audit.violations());
+}

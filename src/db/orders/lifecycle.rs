@@ -6,7 +6,10 @@ use postgres_types::{ToSql, Type};
 
 use super::status_of;
 use crate::{
-    db::{Pool, Sql, events::NOTIFY_EVENTS},
+    db::{
+        Pool, Sql,
+        events::{self, NOTIFY_EVENTS},
+    },
     domain::OrderStatus,
     error::Error,
 };
@@ -81,7 +84,8 @@ const ORDER_EVENT: Sql = Sql {
            order_json(o.id)
     FROM orders AS o
     WHERE o.id = $1 AND o.status = $3
-      AND NOT EXISTS (SELECT 1 FROM events AS e WHERE e.order_id = o.id AND e.type = $2)",
+      AND NOT EXISTS (SELECT 1 FROM events AS e WHERE e.order_id = o.id AND e.type = $2)
+    RETURNING 1",
 };
 
 /// Cancels an order (with `owner`, only that user's: another's is `OrderNotFound`).
@@ -90,7 +94,7 @@ pub async fn cancel(pool: &Pool, order_id: i64, owner: Option<i32>) -> Result<()
     let mut conn = pool.get().await?;
     let order: [&(dyn ToSql + Sync); 2] = [&order_id, &owner];
     let event: [&(dyn ToSql + Sync); 3] = [&order_id, &"order.cancelled", &"cancelled"];
-    let [locked, _products, cancelled, _event, _notify] = conn
+    let [locked, _products, cancelled, event, _notify] = conn
         .transaction([
             (&LOCK_ORDER, &order),
             (&LOCK_ORDER_PRODUCTS, &order),
@@ -99,6 +103,7 @@ pub async fn cancel(pool: &Pool, order_id: i64, owner: Option<i32>) -> Result<()
             (&NOTIFY_EVENTS, &[]),
         ])
         .await?;
+    events::count_written("order.cancelled", event.len() as u64);
 
     let status = status_of(locked.first().ok_or(Error::OrderNotFound { order_id })?.get(0))?;
     match status {
@@ -129,7 +134,7 @@ pub async fn set_status(pool: &Pool, order_id: i64, target: OrderStatus) -> Resu
     let (locked, advanced) = match target.reached_from() {
         Some(from) => {
             let event_type = format!("order.{target}");
-            let [locked, advanced, _event, _notify] = conn
+            let [locked, advanced, event, _notify] = conn
                 .transaction([
                     (&LOCK_ORDER, &[&order_id, &None::<i32>]),
                     (&ADVANCE_ORDER, &[&order_id, &target.as_str(), &from.as_str()]),
@@ -137,6 +142,7 @@ pub async fn set_status(pool: &Pool, order_id: i64, target: OrderStatus) -> Resu
                     (&NOTIFY_EVENTS, &[]),
                 ])
                 .await?;
+            events::count_written(&event_type, event.len() as u64);
             (locked, !advanced.is_empty())
         }
         None => (conn.query(&ORDER_STATUS, &[&order_id]).await?, false),

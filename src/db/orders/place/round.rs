@@ -13,7 +13,11 @@ use super::{
     write::{WRITE_ORDERS, Written},
 };
 use crate::{
-    db::{Failure, Pool, PooledConn, Tx, events::NOTIFY_EVENTS, pipeline::Step},
+    db::{
+        Failure, Pool, PooledConn, Tx,
+        events::{self, NOTIFY_EVENTS},
+        pipeline::Step,
+    },
     error::Error,
 };
 
@@ -172,6 +176,8 @@ async fn write(tx: Tx, batch: &[&OrderRequest], keys: &Keys, fates: Vec<Fate>, s
     if created.len() != written.len() {
         return RoundEnd::Failed(Error::Internal(format!("{} orders written of {}", created.len(), written.len())));
     }
+    events::count_written("order.created", created.len() as u64);
+    events::count_written("product.sold_out", created.first().map_or(0, |row| row.get::<_, i64>(2) as u64));
     RoundEnd::Answered(answers(fates, batch, &created))
 }
 

@@ -18,7 +18,7 @@ use crate::{db::Sql, domain::NewOrder};
 /// not visible to this statement), then `product.sold_out` for each product whose stock this
 /// batch took to zero, numbered after the product's last event (read after the lock, so no
 /// other transaction can number one meanwhile). Returns each order's id and total, in arrival
-/// order.
+/// order, and on every row the number of products sold out.
 pub(super) const WRITE_ORDERS: Sql = Sql {
     params: &[Type::INT4_ARRAY, Type::TEXT_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY],
     text: "
@@ -91,8 +91,9 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
         CROSS JOIN (SELECT count(*) FROM order_events) AS orders_first
         WHERE taken.stock = 0
         ORDER BY taken.id
+        RETURNING 1
     )
-    SELECT new_orders.id, new_orders.total_amount
+    SELECT new_orders.id, new_orders.total_amount, (SELECT count(*) FROM sold_out_events)
     FROM new_orders JOIN total USING (id)
     ORDER BY total.n",
 };
