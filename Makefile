@@ -8,7 +8,8 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 IMAGE   ?= order-api
 
 .PHONY: run build migrate seed test lint fuzz bench chaos soak ha-up ha-down ha-status fmt clean docker-build up down logs help \
-	up-observed rules-check prometheus-check k8s-check release-check client-check openapi-client-check
+	up-observed rules-check prometheus-check k8s-check release-check client-check openapi-client-check \
+	webhook-receiver-check
 
 ## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
 run: build
@@ -154,6 +155,11 @@ client-check:
 ## openapi-client-check: generate a typed Python client from openapi.json and import it
 openapi-client-check:
 	examples/openapi-client/check
+
+## webhook-receiver-check: the example webhook receiver (official Standard Webhooks verifier)
+## against a live server, through a secret rotation
+webhook-receiver-check:
+	examples/webhook-receiver/check
 
 ## help: list the targets and what they do, from their ## comments in this Makefile
 help:

@@ -15,7 +15,11 @@ use std::{
 
 use serde_json::Value;
 
-use crate::common::{order_body, spawn_app};
+use crate::common::{
+    order_body,
+    receiver::{Answer, Receiver},
+    spawn_app_with,
+};
 
 /// Series Prometheus adds for every scrape target, which no exporter exports.
 const PROMETHEUS_SERIES: [&str; 5] = [
@@ -30,10 +34,15 @@ const PROMETHEUS_SERIES: [&str; 5] = [
 const TARGET_LABELS: [&str; 2] = ["job", "instance"];
 
 /// A service with traffic on every kind of route (an order placed, one refused, reads, a
-/// cancel, an unknown path, the probes): every family with labels has samples once it is done.
+/// cancel, an unknown path, the probes, a webhook endpoint that fails): every family with labels
+/// has samples once it is done.
 #[tokio::test]
 async fn every_series_of_the_alerts_and_the_dashboard_is_exported() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(|config| {
+        config.webhook_allow_http = true;
+        config.webhook_allowed_hosts = vec!["127.0.0.1".to_owned()];
+    })
+    .await;
     let order = app.order(1, 1).await;
     let refused = app.post_order(&order_body(1, 5, 1)).await;
     assert_eq!(refused.status, 400, "{}", refused.text);
@@ -41,7 +50,23 @@ async fn every_series_of_the_alerts_and_the_dashboard_is_exported() {
         app.get(path).await;
     }
     assert_eq!(app.cancel(order).await.status, 200);
-    let scrape = app.get("/metrics").await;
+    // A webhook endpoint that fails: attempts, and a backlog (read every few seconds).
+    let receiver = Receiver::start().await;
+    receiver.script(vec![Answer::status(500)]);
+    let created = app.post_json("/api/webhooks", &serde_json::json!({"url": receiver.url()})).await;
+    assert_eq!(created.status, 201, "{}", created.text);
+    app.order(2, 1).await;
+    let mut scrape = app.get("/metrics").await;
+    for _ in 0..1_000 {
+        let text = &scrape.text;
+        if text.contains("order_api_webhook_attempts_total{")
+            && text.contains("order_api_webhook_oldest_undelivered_seconds{")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        scrape = app.get("/metrics").await;
+    }
     assert_eq!(scrape.status, 200);
     let exported = sample_labels(&scrape.text);
 
