@@ -56,10 +56,13 @@ fuzz:
 ## bench: the API under wrk next to pgbench doing the same work in SQL; table + target/bench/*.json
 ## (needs wrk and pgbench; DURATION=seconds per run, default 15; see bench/run.py --help).
 ## Exits 1 on a failed correctness check (audit, request errors, flash sale, ledger, exit
-## code); a missed performance target is printed as MISS and does not change the exit status.
+## code, an event not delivered); a missed performance target is printed as MISS and does not
+## change the exit status. COMPARE_BINARY=path also runs the orders scenarios with another build
+## (e.g. one without order events) beside this one, on a database of its own.
 DURATION ?= 15
 bench: build
-	python3 bench/run.py --duration $(DURATION)
+	$(CARGO) build --profile tools --locked --example webhook_sink
+	python3 bench/run.py --duration $(DURATION) $(if $(COMPARE_BINARY),--compare-binary $(COMPARE_BINARY))
 
 ## chaos: faults injected under load into the release binary, each on a fresh database, then
 ## the data checked: pg-restart (stops the local PostgreSQL for 3 s: run it alone), api-kill,

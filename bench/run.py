@@ -78,6 +78,16 @@ RESTOCK_SQL = """
     INSERT INTO inventory_movements (product_id, delta, reason) SELECT id, {stock}, 'restock' FROM restocked;
 """
 
+# The events of the history's orders, as a build that writes events (sql/0006) would have
+# written them: each order created, shipped, delivered (`order-api audit` checks them).
+HISTORY_EVENTS_SQL = """
+    INSERT INTO events (type, order_id, user_id, sequence, data)
+    SELECT t.type, o.id, o.user_id, t.sequence, order_json(o.id)
+    FROM orders o CROSS JOIN (VALUES ('order.created', 1), ('order.shipped', 2), ('order.delivered', 3)) AS t (type, sequence)
+    WHERE NOT EXISTS (SELECT 1 FROM events e WHERE e.order_id = o.id)
+    ORDER BY o.id, t.sequence;
+"""
+
 # Orders already in the shop before the benchmark starts: a shop has a history, and an empty
 # orders table measures something else. PostgreSQL plans the foreign-key checks of order_items
 # and payments against orders once per connection; planned while orders is empty they scan it
@@ -118,6 +128,9 @@ def parse_args():
     p.add_argument("--wrk-threads", type=int, default=2)
     p.add_argument("--pool-size", default=env("DB_POOL_SIZE"), help="DB_POOL_SIZE for the server (default: its own)")
     p.add_argument("--binary", type=Path, default=BINARY, help="the order-api binary (to compare two builds)")
+    p.add_argument("--compare-binary", type=Path, default=env("BENCH_COMPARE_BINARY") or None,
+                   help="another build run beside this one, scenario after scenario, each on a database of its own "
+                        "(the orders scenarios; e.g. the build before order events, for their cost)")
     p.add_argument("--log-level", default=env("BENCH_LOG_LEVEL") or "info",
                    help="the server's LOG_LEVEL; its stdout goes to target/bench/server.log")
     p.add_argument("--only", default=env("BENCH_ONLY") or "",
@@ -194,6 +207,15 @@ GROUPS = [
 
 # wrk orders as user 1, pgbench as user 2, so the orders of each can be counted apart.
 API_USER, PGBENCH_USER = 1, 2
+
+# The operator token the bench's server runs with (the webhook endpoints are an operator's).
+OPERATOR_TOKEN = "bench-operator-token-0123456789-abcdefghij"
+
+# Scenarios also run with --compare-binary, each next to this build's run of it.
+COMPARED = ["api.orders.64", "api.orders_keyed.64", "api.orders_hot.64", "api.orders.1"]
+
+# The webhook receiver of the events scenarios (examples/webhook_sink.rs, built by make bench).
+SINK = ROOT / "target" / "tools" / "examples" / "webhook_sink"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,6 +404,8 @@ class Database:
     def settle(self):
         """Same starting conditions for every run: no dead rows, no dirty pages left over."""
         self.psql("VACUUM (ANALYZE) products, orders, order_items, payments, inventory_movements")
+        if self.psql("SELECT to_regclass('events') IS NOT NULL") == "t":
+            self.psql("VACUUM (ANALYZE) idempotency_keys, events, webhook_deliveries, webhook_attempts")
         self.psql("CHECKPOINT")
 
 
@@ -462,9 +486,11 @@ def measure(args, label, run_once):
 
 
 class Server:
-    def __init__(self, args, db):
+    def __init__(self, args, db, binary=None, port=None, name="server"):
         self.args, self.db = args, db
-        self.log_path = OUT / "server.log"
+        self.binary = binary or args.binary
+        self.port = port or args.port
+        self.log_path = OUT / f"{name}.log"
         self.settings = {}
         # The exit code of every stop (the server restarts when a scenario needs other settings).
         self.exit_codes = []
@@ -473,18 +499,19 @@ class Server:
         self.settings = dict(settings or {})
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("DB_", "API_", "SEED_", "LOG_", "ORDER_BATCH_"))}
-        env.update({"DATABASE_URL": self.db.url, "API_HOST": "127.0.0.1", "API_PORT": str(self.args.port),
-                    "LOG_LEVEL": self.args.log_level})
+        env.update({"DATABASE_URL": self.db.url, "API_HOST": "127.0.0.1", "API_PORT": str(self.port),
+                    "LOG_LEVEL": self.args.log_level, "OPERATOR_TOKEN": OPERATOR_TOKEN,
+                    "WEBHOOK_ALLOW_HTTP": "true", "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"})
         env.update(self.settings)
         if self.args.pool_size:
             env["DB_POOL_SIZE"] = str(self.args.pool_size)
         with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", self.args.port)) == 0:
-                sys.exit(f"bench: something already listens on port {self.args.port}; stop it or use --port")
+            if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                sys.exit(f"bench: something already listens on port {self.port}; stop it or use --port")
         self.log = open(self.log_path, "w")
         started = time.monotonic()
         # cwd target/bench: no stray .env file there to change the settings.
-        self.process = subprocess.Popen([str(self.args.binary.resolve()), "serve"], cwd=OUT, env=env, stdout=self.log,
+        self.process = subprocess.Popen([str(self.binary.resolve()), "serve"], cwd=OUT, env=env, stdout=self.log,
                                         stderr=subprocess.STDOUT)
         while True:
             if self.process.poll() is not None:
@@ -498,7 +525,7 @@ class Server:
 
     def health(self):
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", self.args.port, timeout=2)
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
             conn.request("GET", "/health")
             status = conn.getresponse().status
             conn.close()
@@ -526,10 +553,10 @@ class Server:
 # The run
 
 
-def audit(args, db):
+def audit(args, db, binary=None):
     """`order-api audit` on the benchmark database: the violations of the shop's invariants
-    (stock, orders, payments, ledger) it finds, or a description of why it could not run."""
-    result = subprocess.run([str(args.binary.resolve()), "audit"], capture_output=True, text=True, cwd=OUT,
+    (stock, orders, payments, ledger, events) it finds, or a description of why it could not run."""
+    result = subprocess.run([str((binary or args.binary).resolve()), "audit"], capture_output=True, text=True, cwd=OUT,
                             env={**os.environ, "DATABASE_URL": db.url, "LOG_LEVEL": "warn"})
     try:
         return json.loads(result.stdout)["violations"]
@@ -537,15 +564,16 @@ def audit(args, db):
         return [f"order-api audit exited {result.returncode}: {result.stderr.strip()[:300]}"]
 
 
-def api_scenario(args, db, server, s, report):
-    """Warm-up, then the measured wrk run of one API scenario (repeated if disturbed)."""
-    url = f"http://127.0.0.1:{args.port}"
+def api_scenario(args, db, server, s, report, suffix=""):
+    """Warm-up, then the measured wrk run of one API scenario (repeated if disturbed); stored
+    as the scenario's name and `suffix` (a second build's runs: `@before`)."""
+    url = f"http://127.0.0.1:{server.port}"
     extra = list(s.wrk_args)
     if extra == ["order"]:
         extra.append(db.psql("SELECT max(id) FROM orders"))
 
     def count_acknowledged(result):
-        if extra[0] in ("orders", "keyed"):
+        if extra[0] in ("orders", "keyed") and not suffix:
             report["orders_acknowledged_by_api"] += result["requests"] - sum(result["errors"].values())
 
     def api_run():
@@ -565,10 +593,10 @@ def api_scenario(args, db, server, s, report):
                 "errors": sum(result["errors"].values()), "error_detail": result["errors"],
                 "peak_rss_kb": status_kb(server.pid, "VmHWM"), "cpu": cpu}
 
-    run = measure(args, s.name, api_run)
-    run["audit"] = audit(args, db)
-    report["runs"][s.name] = run
-    print(f"bench: {s.name:<22} {run['rps']:>9.1f} req/s  p50 {run['p50_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms"
+    run = measure(args, s.name + suffix, api_run)
+    run["audit"] = audit(args, db, server.binary)
+    report["runs"][s.name + suffix] = run
+    print(f"bench: {s.name + suffix:<22} {run['rps']:>9.1f} req/s  p50 {run['p50_ms']:.2f} ms  p99 {run['p99_ms']:.2f} ms"
           f"  errors {run['errors']}  peak RSS {run['peak_rss_kb'] / 1024:.1f} MB  cpu {run['cpu']}", flush=True)
 
 
@@ -634,6 +662,168 @@ def flash_sale(args, db, server, name, report):
           f"sold out in {run['sold_out_ms']} ms, all answered in {run['all_answered_ms']} ms; accepted p50/p99 "
           f"{run['accepted_p50_ms']}/{run['accepted_p99_ms']} ms, refused p50/p99 {run['refused_p50_ms']}/"
           f"{run['refused_p99_ms']} ms; stock left {stock_left}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Order events: the feed and the webhooks under order load
+
+
+def api_call(port, method, path, body=None):
+    """One request to the server as the operator; (status, JSON body or None)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
+    response = conn.getresponse()
+    text = response.read()
+    conn.close()
+    return response.status, (json.loads(text) if text else None)
+
+
+class Sink:
+    """examples/webhook_sink: a receiver that answers 204 at once and keeps each event's first
+    arrival."""
+
+    def __init__(self):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.process = subprocess.Popen([str(SINK), str(self.port)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                self.stats()
+                return
+            except OSError:
+                time.sleep(0.05)
+        sys.exit(f"bench: {SINK} did not start")
+
+    def call(self, method, path):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.request(method, path)
+        text = conn.getresponse().read()
+        conn.close()
+        return json.loads(text) if text else None
+
+    def stats(self):
+        return self.call("GET", "/stats")
+
+    def reset(self):
+        self.call("POST", "/reset")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait()
+
+
+def epoch_ms(text):
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000.0
+
+
+def feed_end(port):
+    """A feed position past every event now: reading a rare type skips to the watermark."""
+    status, page = api_call(port, "GET", "/api/events?types=product.restocked&limit=1000")
+    after = page["next"]
+    while len(page["events"]) == 1000:
+        status, page = api_call(port, "GET", f"/api/events?types=product.restocked&limit=1000&after={after}")
+        after = page["next"]
+    return after
+
+
+def read_feed(port, after, stop, latencies):
+    """Long-polls the feed from `after` until `stop` is set; for each order.created, the time
+    from its occurredAt (its transaction's start, before the commit) to being read, in ms."""
+    while not stop.is_set():
+        status, page = api_call(port, "GET", f"/api/events?wait=1&limit=1000&after={after}")
+        now = time.time() * 1000.0
+        if status != 200:
+            continue
+        after = page["next"]
+        latencies.extend(now - epoch_ms(e["occurredAt"]) for e in page["events"] if e["type"] == "order.created")
+
+
+def events_scenarios(args, db, server, report):
+    """`events.delivery`: orders at full load (64 connections) with a webhook endpoint on a
+    fast local receiver: deliveries per second against events written per second, and how
+    long the backlog takes to drain after. `events.latency`: orders at half the maximum rate
+    (a paced load), a long-poll reader of the feed and the receiver timing each event from its
+    transaction's start (so the figures include the commit, and bound commit-to-feed and
+    commit-to-first-attempt from above)."""
+    import threading
+
+    sink = Sink()
+    url = f"http://127.0.0.1:{server.port}"
+    try:
+        status, endpoint = api_call(server.port, "POST", "/api/webhooks",
+                                    {"url": f"http://127.0.0.1:{sink.port}/hook", "description": "bench"})
+        if status != 201:
+            sys.exit(f"bench: registering the bench's webhook endpoint failed: {status} {endpoint}")
+
+        # -- delivery at full load
+        db.settle()
+        sink.reset()
+        first_event = int(db.psql("SELECT coalesce(max(id), 0) FROM events"))
+        meter = CpuMeter(server.pid)
+        meter.start()
+        result, _ = run_wrk(args, url, 64, args.duration, ["orders", "4"])
+        cpu = meter.stop()
+        delivered_in_run = sink.stats()["unique"]
+        written = int(db.psql(f"SELECT count(*) FROM events WHERE id > {first_event}"))
+        report["orders_acknowledged_by_api"] += result["requests"] - sum(result["errors"].values())
+        load_ended = time.monotonic()
+        while sink.stats()["unique"] < written and time.monotonic() - load_ended < 120:
+            time.sleep(0.05)
+        drained_s = round(time.monotonic() - load_ended, 2)
+        seconds = result["duration_us"] / 1e6
+        run = {"kind": "events", "title": "orders at full load, one webhook endpoint", "connections": 64,
+               "rps": round(result["requests"] * 1e6 / result["duration_us"], 1),
+               "p99_ms": result["latency_us"]["p99"] / 1000, "errors": sum(result["errors"].values()),
+               "events_written": written, "events_per_s": round(written / seconds, 1),
+               "delivered_during_load": delivered_in_run,
+               "deliveries_per_s": round(delivered_in_run / seconds, 1),
+               "undelivered_at_end": written - delivered_in_run, "drained_after_s": drained_s,
+               "delivered_all": sink.stats()["unique"] >= written, "cpu": cpu}
+        run["audit"] = audit(args, db)
+        report["runs"]["events.delivery"] = run
+        print(f"bench: events.delivery        {run['rps']:>9.1f} orders/s  {run['events_per_s']:.0f} events/s  "
+              f"{run['deliveries_per_s']:.0f} deliveries/s  undelivered at the end {run['undelivered_at_end']}, "
+              f"drained {drained_s} s after  cpu {cpu}", flush=True)
+
+        # -- latency at half the maximum rate
+        maximum = report["runs"].get("api.orders.64", run)["rps"]
+        connections = 16
+        pause_ms = max(1, round(connections * 1000 / (maximum / 2)))
+        db.settle()
+        sink.reset()
+        after = feed_end(server.port)
+        stop, feed_latencies = threading.Event(), []
+        reader = threading.Thread(target=read_feed, args=(server.port, after, stop, feed_latencies))
+        reader.start()
+        result, _ = run_wrk(args, url, connections, args.duration, ["orders", "4", str(pause_ms)])
+        report["orders_acknowledged_by_api"] += result["requests"] - sum(result["errors"].values())
+        time.sleep(2.0)
+        stop.set()
+        reader.join()
+        first_attempts = sorted(sink.stats()["first_attempt_ms"])
+        feed_latencies.sort()
+        run = {"kind": "events", "title": "orders at half the maximum rate", "connections": connections,
+               "pause_ms": pause_ms, "rps": round(result["requests"] * 1e6 / result["duration_us"], 1),
+               "target_rps": round(maximum / 2, 1), "errors": sum(result["errors"].values()),
+               "feed_events": len(feed_latencies), "feed_p50_ms": round(percentile(feed_latencies, 50) or 0, 1),
+               "feed_p99_ms": round(percentile(feed_latencies, 99) or 0, 1),
+               "deliveries": len(first_attempts),
+               "first_attempt_p50_ms": round(percentile(first_attempts, 50) or 0, 1),
+               "first_attempt_p99_ms": round(percentile(first_attempts, 99) or 0, 1)}
+        run["audit"] = audit(args, db)
+        report["runs"]["events.latency"] = run
+        print(f"bench: events.latency         {run['rps']:>9.1f} orders/s (half of {maximum:.0f}); feed p50/p99 "
+              f"{run['feed_p50_ms']}/{run['feed_p99_ms']} ms over {run['feed_events']} events; first webhook attempt "
+              f"p50/p99 {run['first_attempt_p50_ms']}/{run['first_attempt_p99_ms']} ms over {run['deliveries']}",
+              flush=True)
+        api_call(server.port, "DELETE", f"/api/webhooks/{endpoint['id']}")
+    finally:
+        sink.stop()
 
 
 def pgbench_scenario(args, db, scripts, name, clients, report):
@@ -706,12 +896,24 @@ def main():
     print(f"bench: PostgreSQL {settings}", flush=True)
 
     # A fresh database, migrated and seeded by the binary itself, with stock that never runs out.
-    db.psql(f'DROP DATABASE IF EXISTS "{db.name}" WITH (FORCE)', "postgres")
-    db.psql(f'CREATE DATABASE "{db.name}"', "postgres")
-    subprocess.run([str(args.binary.resolve()), "seed"], check=True, cwd=OUT, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "DATABASE_URL": db.url, "LOG_LEVEL": "warn"})
-    db.psql(RESTOCK_SQL.format(stock=STOCK, products=IN_STOCK_PRODUCTS))
-    db.psql(HISTORY_SQL.format(orders=HISTORY_ORDERS, products=IN_STOCK_PRODUCTS))
+    def prepare(db, binary):
+        db.psql(f'DROP DATABASE IF EXISTS "{db.name}" WITH (FORCE)', "postgres")
+        db.psql(f'CREATE DATABASE "{db.name}"', "postgres")
+        subprocess.run([str(binary.resolve()), "seed"], check=True, cwd=OUT, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "DATABASE_URL": db.url, "LOG_LEVEL": "warn"})
+        db.psql(RESTOCK_SQL.format(stock=STOCK, products=IN_STOCK_PRODUCTS))
+        db.psql(HISTORY_SQL.format(orders=HISTORY_ORDERS, products=IN_STOCK_PRODUCTS))
+        if db.psql("SELECT to_regclass('events') IS NOT NULL") == "t":
+            db.psql(HISTORY_EVENTS_SQL)
+
+    prepare(db, args.binary)
+    compare = None
+    if args.compare_binary:
+        # The other build on a database of its own, prepared the same way (its schema may differ).
+        compare_db = Database(args.pg, args.database + "_before")
+        prepare(compare_db, args.compare_binary)
+        compare = Server(args, compare_db, binary=args.compare_binary, port=args.port + 1, name="server-before")
+        report["compare_binary"] = str(args.compare_binary)
     history_max_id = int(db.psql("SELECT max(id) FROM orders"))
     initial_stock = int(db.psql("SELECT sum(stock) FROM products"))
     scripts = pgbench_scripts()
@@ -734,9 +936,23 @@ def main():
                     db.settle()
                     server.start(by_name[name].env)
                 api_scenario(args, db, server, by_name[name], report)
+                if compare and name in COMPARED:
+                    server.stop()  # one server at a time: they share the two cores
+                    compare.db.settle()
+                    compare.start(by_name[name].env)
+                    api_scenario(args, compare.db, compare, by_name[name], report, "@before")
+                    compare.stop()
+                    db.settle()
+                    server.start(server.settings)
             for name in filter(wanted, pg_names):
                 for c in sorted(set(clients + PG_EXTRA_CLIENTS.get(name, []))):
                     pgbench_scenario(args, db, scripts, name, c, report)
+        if wanted("events"):
+            if server.settings:
+                server.stop()
+                db.settle()
+                server.start({})
+            events_scenarios(args, db, server, report)
         for name, settings in (("flash", {}), ("flash.unbatched", UNBATCHED)):
             if wanted(name):
                 if settings != server.settings:
@@ -887,6 +1103,22 @@ def print_report(report):
         if run["kind"] == "pgbench":
             print(f"{run['title'][:36]:<36}{run['connections']:>5}{run['rps']:>10.0f}{run['p50_ms']:>8.2f}"
                   f"{run['p99_ms']:>8.2f}{run['errors']:>7}{'':>31}   {cpu(run['cpu'])}")
+    before = [(s, runs[s.name], runs[s.name + "@before"]) for s in API_SCENARIOS if s.name + "@before" in runs]
+    if before:
+        print(f"\nthis build against {report.get('compare_binary')}, each on its own database, run one after the other:")
+        for s, now, then in before:
+            print(f"  {s.title:<40}{now['rps']:>9.0f} vs {then['rps']:>7.0f} req/s = {now['rps'] / then['rps']:.2f}x;"
+                  f"  p99 {now['p99_ms']:.2f} vs {then['p99_ms']:.2f} ms")
+    if "events.delivery" in runs:
+        e = runs["events.delivery"]
+        print(f"\norder events at full order load ({e['rps']:.0f} orders/s, one endpoint on a local receiver): "
+              f"{e['events_per_s']:.0f} events/s written, {e['deliveries_per_s']:.0f} delivered/s during the load; "
+              f"{e['undelivered_at_end']} undelivered when it stopped, all delivered {e['drained_after_s']} s after")
+    if "events.latency" in runs:
+        e = runs["events.latency"]
+        print(f"order events at half the maximum rate ({e['rps']:.0f} orders/s): from the transaction's start to "
+              f"the feed p50/p99 {e['feed_p50_ms']}/{e['feed_p99_ms']} ms, to the first webhook attempt p50/p99 "
+              f"{e['first_attempt_p50_ms']}/{e['first_attempt_p99_ms']} ms")
     print()
     print(f"start to healthy /health: {report['start_to_healthy_ms']} ms;  RSS idle after start "
           f"{mb(report['idle_rss_kb'])}, idle after load {mb(report['idle_rss_after_load_kb'])}, "
@@ -933,6 +1165,25 @@ def print_targets(report):
         # Over HTTP, against one statement per order sent straight to PostgreSQL by one client.
         extra = runs["api.orders.1"]["p50_ms"] - runs["pg.order_b.spread.1"]["p50_ms"]
         checks.append(("a lone order vs pgbench (b) at 1 client (p50)", f"{extra:+.2f} ms (<= +1 ms)", extra <= 1.0))
+    if "api.orders_keyed.64" in runs and "api.orders.64" in runs:
+        # Issue 19: the path every client that retries safely takes, against the unkeyed one.
+        value = runs["api.orders_keyed.64"]["rps"] / runs["api.orders.64"]["rps"]
+        checks.append(("keyed orders @64 vs unkeyed batched @64", f"{value:.2f}x (>= 0.9x)", value >= 0.9))
+    if "api.orders.64@before" in runs:
+        # Issue 20: the cost of order events, when --compare-binary is the build before them.
+        value = runs["api.orders.64"]["rps"] / runs["api.orders.64@before"]["rps"]
+        checks.append(("batched orders @64 vs --compare-binary", f"{value:.2f}x (>= 0.90x)", value >= 0.90))
+    if "events.delivery" in runs:
+        e = runs["events.delivery"]
+        value = e["deliveries_per_s"] / max(1.0, e["events_per_s"])
+        checks.append(("webhook deliveries vs events at full load", f"{value:.2f}x (>= 0.95x), drained "
+                       f"{e['drained_after_s']} s after", value >= 0.95 and e["drained_after_s"] <= 5))
+    if "events.latency" in runs:
+        e = runs["events.latency"]
+        checks.append(("commit to feed p99 at half the max rate", f"{e['feed_p99_ms']} ms (<= 250 ms)",
+                       0 < e["feed_p99_ms"] <= 250))
+        checks.append(("commit to first webhook attempt p99", f"{e['first_attempt_p99_ms']} ms (<= 1000 ms)",
+                       0 < e["first_attempt_p99_ms"] <= 1000))
     ratio_check("GET /api/products vs best pgbench select", "api.products.64", "b", 0.8)
     ratio_check("GET /api/orders/:id vs best pgbench select", "api.order.64", "b", 0.8)
     if "api.orders.16" in runs:
@@ -963,7 +1214,11 @@ def print_targets(report):
         detail = (f"clean after all {len(audited)} scenarios" if not broken
                   else f"violations after {', '.join(broken)}: {next(iter(broken.values()))[:2]}")
         correct.append(("order-api audit after every API scenario", detail, not broken))
-    errors = sum(r["errors"] for r in runs.values() if r["kind"] == "api")
+    if "events.delivery" in runs:
+        e = runs["events.delivery"]
+        correct.append(("every event written delivered to the endpoint", f"{e['events_written']} written, "
+                        f"all delivered: {e['delivered_all']}", e["delivered_all"]))
+    errors = sum(r["errors"] for r in runs.values() if r["kind"] in ("api", "events"))
     correct.append(("errors in API runs", f"{errors} (= 0)", errors == 0))
     correct.append(("stock taken = order lines, stock = ledger", str(report["consistency"]["ok"]),
                     report["consistency"]["ok"]))

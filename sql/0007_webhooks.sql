@@ -44,11 +44,19 @@ CREATE TABLE webhook_deliveries (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     UNIQUE (endpoint_id, event_id)
 );
--- Deliveries due, per endpoint.
-CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (endpoint_id, next_attempt_at) WHERE state = 'pending';
--- A stream's earlier deliveries still to go.
-CREATE INDEX webhook_deliveries_order_idx ON webhook_deliveries (endpoint_id, order_id, sequence) WHERE state = 'pending';
-CREATE INDEX webhook_deliveries_product_idx ON webhook_deliveries (endpoint_id, product_id, sequence) WHERE state = 'pending';
+-- The indexes below are what the dispatcher's statements probe (src/db/webhooks.rs); each
+-- leads with the column compared for equality, so that the planner picks it even before the
+-- tables have statistics (a table growing by thousands of rows a second is often ahead of them).
+-- None covers `leased_until`: leasing a delivery then changes no indexed column, and PostgreSQL
+-- updates the row in place (HOT), without a new entry in every index.
+-- Deliveries due, per endpoint, in the order they are claimed.
+CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (endpoint_id, next_attempt_at, id)
+    WHERE state = 'pending';
+-- A stream's deliveries still to go: the first of them is the one that may go.
+CREATE INDEX webhook_deliveries_order_idx ON webhook_deliveries (order_id, endpoint_id, sequence)
+    WHERE state = 'pending';
+CREATE INDEX webhook_deliveries_product_idx ON webhook_deliveries (product_id, endpoint_id, sequence)
+    WHERE state = 'pending';
 
 CREATE TABLE webhook_attempts (
     id           bigserial PRIMARY KEY,

@@ -78,7 +78,7 @@ pub struct Config {
     /// `WEBHOOK_RETRY_SCALE`: every delay of the retry schedule (and the 5 days after which a
     /// failing endpoint is disabled) times this; 1 in production, small in tests.
     pub webhook_retry_scale: f64,
-    /// `WEBHOOK_CONCURRENCY`: deliveries in flight at once per endpoint, across replicas.
+    /// `WEBHOOK_CONCURRENCY`: delivery attempts in flight at once per endpoint, from one replica.
     pub webhook_concurrency: usize,
     /// `WEBHOOK_CA_FILE`: PEM CA certificates https endpoints are checked against, instead of
     /// the system's store.
@@ -136,7 +136,7 @@ impl Default for Config {
             webhook_allowed_hosts: Vec::new(),
             webhook_timeout: Duration::from_millis(15_000),
             webhook_retry_scale: 1.0,
-            webhook_concurrency: 8,
+            webhook_concurrency: 16,
             webhook_ca_file: None,
             seed_on_start: false,
             migrate_on_start: true,

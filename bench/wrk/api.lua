@@ -2,6 +2,8 @@
 --
 --   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- orders 4    POST /api/orders, products 1..4 in turn
 --   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- orders 1    POST /api/orders, product 1 only (hot)
+--   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- orders 4 5  the same, each connection pausing 5 ms
+--                                                                      before each request (a paced load)
 --   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- keyed 4     the same, each with its own Idempotency-Key
 --   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- order 5000  GET /api/orders/:id, id random in 1..5000
 --   wrk ... -s bench/wrk/api.lua http://127.0.0.1:3100 -- products    GET /api/products
@@ -28,6 +30,11 @@ function init(args)
    local mode = args[1]
    if mode == "orders" then
       local products = tonumber(args[2] or "4")
+      -- Defined only for a paced load: wrk then waits delay() ms before each request.
+      local pause = tonumber(args[3] or "0")
+      if pause > 0 then
+         delay = function() return pause end
+      end
       local headers = { ["Content-Type"] = "application/json" }
       for product_id = 1, products do
          local body = string.format('{"userId":1,"items":[{"productId":%d,"quantity":1}]}', product_id)

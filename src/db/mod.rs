@@ -226,14 +226,16 @@ impl Db {
         webhooks::route(&self.primary).await
     }
 
-    /// Claims the deliveries due, leased for `lease_for` under the token `lease`.
+    /// Claims the deliveries due, up to `per_endpoint` per endpoint less what `held` says this
+    /// replica holds of it, leased for `lease_for` under the token `lease`.
     pub async fn claim_deliveries(
         &self,
         per_endpoint: i64,
+        held: &[(i64, i64)],
         lease_for: Duration,
         lease: i64,
     ) -> Result<Vec<Claimed>, Error> {
-        webhooks::claim(&self.primary, per_endpoint, lease_for, lease).await
+        webhooks::claim(&self.primary, per_endpoint, held, lease_for, lease).await
     }
 
     /// Records delivery attempts; the endpoints they disabled, with the reason.

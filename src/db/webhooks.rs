@@ -13,7 +13,7 @@
 //!   `lease` token) with the endpoint rows locked `SKIP LOCKED`, so replicas claim from
 //!   different endpoints or in turn; a replica that dies leaves its leases to expire, and the
 //!   deliveries are claimed again elsewhere. An outcome is recorded only under the lease that
-//!   made the attempt.
+//!   made the attempt (and `crate::events` starts no attempt its lease may not cover).
 
 use std::time::Duration;
 
@@ -292,13 +292,17 @@ pub(super) async fn route(pool: &Pool) -> Result<u64, Error> {
     Ok(routed.iter().filter_map(|rows| rows.first()).map(|row| row.get::<_, i64>(0) as u64).sum())
 }
 
-/// Claims the deliveries due: for each enabled endpoint no other replica is claiming now (and
-/// with fewer than $1 deliveries in flight), the earliest due whose stream has nothing before
-/// them still to go, up to $1 in flight; leases them for $2 seconds under token $3. Returns
+/// Claims the deliveries due: for each enabled endpoint no other replica is claiming now, the
+/// earliest due whose stream has nothing before them still to go, up to $1 less what this
+/// replica holds of the endpoint already ($4 endpoints, $5 how many each); leases them for
+/// $2 seconds under token $3. Returns
 /// each with its event and where and how to send it (the secrets signing now: the current
-/// one, and the previous one while it overlaps).
+/// one, and the previous one while it overlaps). The checks of a stream are scalar subqueries,
+/// each an index probe per candidate: written as NOT EXISTS, the planner turns them into
+/// anti-joins whose plan depends on statistics a table growing by thousands of rows a second
+/// does not have (seen: nested loops scanning every pending delivery per candidate).
 const CLAIM: Sql = Sql {
-    params: &[Type::INT8, Type::FLOAT8, Type::INT8],
+    params: &[Type::INT8, Type::FLOAT8, Type::INT8, Type::INT8_ARRAY, Type::INT8_ARRAY],
     text: concat!(
         "
     WITH ep AS (
@@ -308,8 +312,8 @@ const CLAIM: Sql = Sql {
         ORDER BY w.id
         FOR UPDATE SKIP LOCKED
     ), room AS (
-        SELECT ep.*, $1 - (SELECT count(*) FROM webhook_deliveries AS d
-                           WHERE d.endpoint_id = ep.id AND d.state = 'pending' AND d.leased_until > now()) AS free
+        SELECT ep.*, $1 - coalesce((SELECT q.held FROM unnest($4::int8[], $5::int8[]) AS q (endpoint_id, held)
+                                    WHERE q.endpoint_id = ep.id), 0) AS free
         FROM ep
     ), picked AS (
         SELECT d.id
@@ -318,34 +322,51 @@ const CLAIM: Sql = Sql {
             FROM webhook_deliveries AS d
             WHERE d.endpoint_id = room.id AND d.state = 'pending' AND d.next_attempt_at <= now()
               AND (d.leased_until IS NULL OR d.leased_until <= now())
-              AND NOT EXISTS (SELECT 1 FROM webhook_deliveries AS p
-                              WHERE d.order_id IS NOT NULL AND p.endpoint_id = d.endpoint_id AND p.state = 'pending'
-                                AND p.order_id = d.order_id AND p.sequence < d.sequence)
-              AND NOT EXISTS (SELECT 1 FROM webhook_deliveries AS p
-                              WHERE d.product_id IS NOT NULL AND p.endpoint_id = d.endpoint_id AND p.state = 'pending'
-                                AND p.product_id = d.product_id AND p.sequence < d.sequence)
-              AND NOT EXISTS (SELECT 1 FROM events AS e
-                              WHERE d.order_id IS NOT NULL AND e.order_id = d.order_id AND e.sequence < d.sequence
-                                AND (e.tx, e.id) > (room.routed_tx, room.routed_id)
-                                AND (cardinality(room.types) = 0 OR e.type = ANY (room.types)))
-              AND NOT EXISTS (SELECT 1 FROM events AS e
-                              WHERE d.product_id IS NOT NULL AND e.product_id = d.product_id AND e.sequence < d.sequence
-                                AND (e.tx, e.id) > (room.routed_tx, room.routed_id)
-                                AND (cardinality(room.types) = 0 OR e.type = ANY (room.types)))
+              -- The first of its stream still to go...
+              AND d.sequence = CASE
+                  WHEN d.order_id IS NOT NULL THEN
+                      (SELECT min(p.sequence) FROM webhook_deliveries AS p
+                       WHERE p.order_id = d.order_id AND p.endpoint_id = d.endpoint_id AND p.state = 'pending')
+                  ELSE
+                      (SELECT min(p.sequence) FROM webhook_deliveries AS p
+                       WHERE p.product_id = d.product_id AND p.endpoint_id = d.endpoint_id AND p.state = 'pending')
+                  END
+              -- ...and no earlier event of it still to be routed (a product's events can commit
+              -- in another order than their numbers: see the module's comment).
+              AND CASE
+                  WHEN d.order_id IS NOT NULL THEN
+                      (SELECT e.id FROM events AS e
+                       WHERE e.order_id = d.order_id AND e.sequence < d.sequence
+                         AND (e.tx, e.id) > (room.routed_tx, room.routed_id)
+                         AND (cardinality(room.types) = 0 OR e.type = ANY (room.types))
+                       LIMIT 1)
+                  ELSE
+                      (SELECT e.id FROM events AS e
+                       WHERE e.product_id = d.product_id AND e.sequence < d.sequence
+                         AND (e.tx, e.id) > (room.routed_tx, room.routed_id)
+                         AND (cardinality(room.types) = 0 OR e.type = ANY (room.types))
+                       LIMIT 1)
+                  END IS NULL
             ORDER BY d.next_attempt_at, d.id
             LIMIT greatest(room.free, 0)
         ) AS d
+    ), claimed AS (
+        UPDATE webhook_deliveries AS d
+        SET leased_until = now() + make_interval(secs => $2), lease = $3
+        -- By id (an array, so the primary key is used whatever the statistics say), and checked
+        -- again on the row as it is now: `picked` read it in this statement's snapshot, and a
+        -- claim that committed since may have leased it (the UPDATE re-reads it).
+        WHERE d.id = ANY (ARRAY(SELECT id FROM picked))
+          AND d.state = 'pending' AND (d.leased_until IS NULL OR d.leased_until <= now())
+        RETURNING d.id, d.endpoint_id, d.attempts, d.event_id
     )
-    UPDATE webhook_deliveries AS d
-    SET leased_until = now() + make_interval(secs => $2), lease = $3
-    FROM picked, webhook_endpoints AS w, events AS e
-    WHERE d.id = picked.id AND w.id = d.endpoint_id AND e.id = d.event_id
-      -- Checked again on the row as it is now: `picked` read it in this statement's snapshot,
-      -- and a claim that committed since may have leased it (the UPDATE re-reads it).
-      AND d.state = 'pending' AND (d.leased_until IS NULL OR d.leased_until <= now())
-    RETURNING d.id, d.endpoint_id, d.attempts, w.url, w.secret,
-              CASE WHEN w.previous_secret_until > now() THEN w.previous_secret END, ",
-        event_columns!()
+    SELECT c.id, c.endpoint_id, c.attempts, w.url, w.secret,
+           CASE WHEN w.previous_secret_until > now() THEN w.previous_secret END, ",
+        event_columns!(),
+        "
+    FROM claimed AS c
+    JOIN webhook_endpoints AS w ON w.id = c.endpoint_id
+    JOIN events AS e ON e.id = c.event_id"
     ),
 };
 
@@ -364,16 +385,19 @@ pub struct Claimed {
     pub event: Event,
 }
 
-/// Claims the deliveries due (see CLAIM), at most `per_endpoint` in flight per endpoint,
-/// leased for `lease_for` under the token `lease`.
+/// Claims the deliveries due (see CLAIM): per endpoint, up to `per_endpoint` less what `held`
+/// says this replica holds of it already; leased for `lease_for` under the token `lease`.
 pub(super) async fn claim(
     pool: &Pool,
     per_endpoint: i64,
+    held: &[(i64, i64)],
     lease_for: Duration,
     lease: i64,
 ) -> Result<Vec<Claimed>, Error> {
     let lease_secs = lease_for.as_secs_f64();
-    let rows = pool.get().await?.transaction([(&CLAIM, &[&per_endpoint, &lease_secs, &lease])]).await?;
+    let (endpoints, counts): (Vec<i64>, Vec<i64>) = held.iter().copied().unzip();
+    let params: [&(dyn ToSql + Sync); 5] = [&per_endpoint, &lease_secs, &lease, &endpoints, &counts];
+    let rows = pool.get().await?.transaction([(&CLAIM, &params)]).await?;
     let [rows] = rows;
     rows.iter()
         .map(|row| {
