@@ -18,10 +18,12 @@
 //! - [`error`]: the one error type and its table of status, code and body.
 //! - [`deadline`]: the request deadline, set by `http` and honoured by `db`.
 //! - [`log`], [`metrics`]: JSON log lines and Prometheus text; [`tls`]: rustls client settings.
+//! - [`archiving`]: watches PostgreSQL's WAL archiving, which the backups rely on.
 //!
 //! Data flows one way: `http` -> `api` -> `db` -> (`domain`, `error`, `money`).
 
 pub mod api;
+pub mod archiving;
 pub mod auth;
 pub mod config;
 pub mod db;
@@ -148,6 +150,11 @@ pub async fn run(
         config.idempotency_retention,
         IDEMPOTENCY_PURGE_INTERVAL,
     ));
+    let archiving = Arc::new(archiving::ArchiveWatch::default());
+    let archive_watch = match config.wal_archive_check {
+        Duration::ZERO => None,
+        interval => Some(archiving.clone().start(pool.clone(), interval).await),
+    };
     let state = Arc::new(AppState {
         config,
         pool: pool.clone(),
@@ -158,9 +165,13 @@ pub async fn run(
         auth,
         order_limit,
         catalogue: api::products::share_catalogue_reads(pool.clone(), read_pool.clone()),
+        archiving,
     });
     http::serve(listener, state, shutdown).await;
     purge.abort();
+    if let Some(watch) = archive_watch {
+        watch.abort();
+    }
     if let Some(refresh) = jwks_refresh {
         refresh.abort();
     }

@@ -34,6 +34,8 @@ pub struct AppState {
     pub order_reads: crate::db::orders::ReadBatches,
     /// Concurrent reads of the whole catalogue share one query.
     pub catalogue: products::CatalogueReads,
+    /// The WAL archiving that backups need, as last read (`WAL_ARCHIVE_CHECK_SECS`).
+    pub archiving: std::sync::Arc<crate::archiving::ArchiveWatch>,
 }
 
 /// The raw listing parameters of a query string (`limit`, `after`), parsed by the endpoint.

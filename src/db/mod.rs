@@ -3,6 +3,7 @@
 //! trips), the migration runner, and one file per resource holding its SQL. A whole operation
 //! (an order with its idempotency key) is one call. Nothing here knows about HTTP.
 
+pub mod archiver;
 pub mod audit;
 pub mod batch;
 pub mod idempotency;
