@@ -107,8 +107,10 @@ class Settings:
             "BACKUP_CIPHER_PASS_FILE", f"/etc/pgbackrest/{self.stanza}.cipher-pass", "cipher-pass"
         )
         self.repo_type = env("BACKUP_REPO_TYPE", "posix")
-        default_repo = "/order-api" if self.repo_type == "s3" else "/var/lib/pgbackrest"
-        self.repo_path = place("BACKUP_REPO_PATH", default_repo, "repo")
+        if self.repo_type == "s3":  # a prefix in the bucket, never under BACKUP_HOME
+            self.repo_path = Path(env("BACKUP_REPO_PATH", "/order-api"))
+        else:
+            self.repo_path = place("BACKUP_REPO_PATH", "/var/lib/pgbackrest", "repo")
         self.spool = place("BACKUP_SPOOL_PATH", "/var/spool/pgbackrest", "spool")
         self.log = place("BACKUP_LOG_PATH", "/var/log/pgbackrest", "log")
         self.lock = place("BACKUP_LOCK_PATH", "/tmp/pgbackrest", "lock")
@@ -452,9 +454,21 @@ def restart_nodes(settings, nodes):
                          f"the standby on {port} to come back")
         if any(psql(port, "SHOW archive_mode") == "off" for _, port in nodes):
             print("setup: planned switchover so that the primary restarts (as the standby) with archive_mode=on")
-            subprocess.run([str(ROOT / ".ci" / "ha"), "switchover"], check=True, capture_output=True, timeout=120)
+            # The monitor takes a switchover only from a primary and a secondary it calls healthy:
+            # the standby just restarted has to catch up first.
+            wait_for(ha_healthy, 180, "the pair's monitor to report a primary and a secondary")
+            for attempt in range(1, 4):
+                result = subprocess.run([str(ROOT / ".ci" / "ha"), "switchover"], capture_output=True, text=True,
+                                        timeout=180)
+                if result.returncode == 0:
+                    break
+                if attempt == 3:
+                    raise Failure(f"the planned switchover failed: {tail(result.stderr or result.stdout, 4)}")
+                time.sleep(5)
+                wait_for(ha_healthy, 180, "the pair's monitor to report a primary and a secondary")
             for _, port in nodes:
-                wait_for(lambda: psql(port, "SHOW archive_mode", check=False) == "on", 60, f"archive_mode on port {port}")
+                wait_for(lambda: psql(port, "SHOW archive_mode", check=False) == "on", 120, f"archive_mode on port {port}")
+            wait_for(ha_healthy, 180, "the pair to be healthy again after the switchover")
         print("setup: restarted the pair's nodes for archive_mode (the service saw a switchover: 503s for a few s)")
         return
     for data, port in nodes:
@@ -468,6 +482,12 @@ def restart_nodes(settings, nodes):
             pg_ctl("-D", str(data), "restart", "-m", "fast", "-w", "-t", "120", log=Path(f"{data}.log"))
         print(f"setup: restarted PostgreSQL ({data}, port {port}) to turn archive_mode on: connections were "
               "refused for a moment (the service answers 503 meanwhile and reconnects)")
+
+
+def ha_healthy():
+    result = subprocess.run([str(ROOT / ".ci" / "ha"), "states"], capture_output=True, text=True, timeout=30)
+    states = result.stdout.split()
+    return result.returncode == 0 and "primary" in states and "secondary" in states
 
 
 def wait_for(condition, seconds, what):

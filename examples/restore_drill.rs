@@ -534,12 +534,16 @@ impl<'a> Drill<'a> {
         self.figure("backup_full", full);
         tokio::time::sleep(self.plan.after_backup).await;
 
-        // 3. The repository unplugged, then full; the load goes on.
+        if self.mode == Mode::Full {
+            let incr = self.backup("incr", "under load", &db).await?;
+            self.figure("backup_incr", incr);
+        }
+
+        // 3. The repository unplugged, then full; the load goes on. The restore to T starts from
+        // a backup taken before them, so it replays the WAL archived late: nothing was lost.
         self.repository_outage(&server, &record, &ports, Outage::Unplugged).await;
         if self.mode == Mode::Full {
             self.repository_outage(&server, &record, &ports, Outage::Full).await;
-            let incr = self.backup("incr", "under load", &db).await?;
-            self.figure("backup_incr", incr);
         }
         tokio::time::sleep(self.plan.before_mark).await;
 
@@ -886,7 +890,13 @@ impl<'a> Drill<'a> {
                     .arg(&wal_dir)
                     .output();
                 match mounted {
-                    Ok(output) if output.status.success() => Undo::Unmount(wal_dir),
+                    Ok(output) if output.status.success() => {
+                        // Full means full: a ballast takes every byte, so that no WAL file, not
+                        // even a nearly empty one after a switch, is written into the tmpfs and
+                        // then lost with it.
+                        fill(&wal_dir.join(".ballast"));
+                        Undo::Unmount(wal_dir)
+                    }
                     Ok(output) => {
                         let why = output_text(&output);
                         return self.step(
@@ -1361,9 +1371,20 @@ impl Undo {
     fn apply(self) -> Result<(), String> {
         match self {
             Undo::Rename(from, to) => std::fs::rename(&from, &to).map_err(|e| e.to_string()),
+            // pgBackRest's background process may hold the directory for a moment: a few tries,
+            // then a lazy unmount (safe: the full tmpfs never took a byte of WAL).
             Undo::Unmount(dir) => {
-                let output = Command::new("umount").arg(&dir).output().map_err(|e| e.to_string())?;
-                if output.status.success() { Ok(()) } else { Err(output_text(&output)) }
+                let mut last = String::new();
+                for _ in 0..20 {
+                    let output = Command::new("umount").arg(&dir).output().map_err(|e| e.to_string())?;
+                    if output.status.success() {
+                        return Ok(());
+                    }
+                    last = output_text(&output);
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                let lazy = Command::new("umount").arg("-l").arg(&dir).output().map_err(|e| e.to_string())?;
+                if lazy.status.success() { Ok(()) } else { Err(format!("{last}; umount -l: {}", output_text(&lazy))) }
             }
         }
     }
@@ -1479,6 +1500,19 @@ async fn sequences_behind(db: &Client) -> Vec<String> {
         }
     }
     behind
+}
+
+/// Writes zeros into `path` until the file system says it is full (bounded: a tmpfs of 64 KiB).
+fn fill(path: &Path) {
+    use std::io::Write;
+    let Ok(mut file) = std::fs::File::create(path) else { return };
+    let block = [0u8; 4096];
+    for _ in 0..1024 {
+        if file.write_all(&block).and_then(|()| file.flush()).is_err() {
+            break;
+        }
+    }
+    let _ = file.sync_all();
 }
 
 fn newest_subdir(dir: &Path) -> Option<PathBuf> {
