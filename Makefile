@@ -9,7 +9,7 @@ IMAGE   ?= order-api
 
 .PHONY: run build migrate seed test lint fuzz bench chaos soak ha-up ha-down ha-status fmt clean docker-build up down logs help \
 	up-observed rules-check prometheus-check k8s-check release-check client-check openapi-client-check \
-	webhook-receiver-check
+	webhook-receiver-check backup-setup backup backups restore backup-check restore-drill up-backup
 
 ## run: build, create the database if missing, migrate, seed, and serve on $API_PORT (3000)
 run: build
@@ -85,6 +85,41 @@ ha-down:
 ha-status:
 	.ci/ha status
 
+## backup-setup: opt-in, once: pgBackRest for the PostgreSQL of `make run` (docs/backups.md):
+## config and repository key, WAL archiving on (archive_mode=on RESTARTS PostgreSQL, which
+## it says), stanza, a check that WAL arrives. HA=1: the `make ha-up` pair; BACKUP_* settings
+BACKUP = $(if $(HA),BACKUP_HA=1 )python3 backup/run.py
+backup-setup:
+	$(BACKUP) setup
+
+## backup: a backup while the shop runs (TYPE=incr by default: what changed since the last
+## one; the first is full; TYPE=full or diff)
+TYPE ?= incr
+backup:
+	$(BACKUP) backup $(TYPE)
+
+## backups: the backups with their sizes, and the time range a restore can reach
+backups:
+	$(BACKUP) list
+
+## restore: TARGET_TIME='2026-12-04 06:49:47+00' (or latest) into a NEW data directory and
+## port (RESTORE_DIR, RESTORE_PORT), started, its DATABASE_URL printed; the running cluster
+## is not touched
+restore:
+	$(BACKUP) restore "$(TARGET_TIME)"
+
+## backup-check: WAL archiving works: the primary's latest WAL reaches the repository
+backup-check:
+	$(BACKUP) check
+
+## restore-drill: keyed orders, a backup under load, the repository unplugged and full, a
+## mark T, DELETE FROM orders, a restore to T checked against every client's answers; RPO,
+## RTO, sizes in target/reliability/. DRILL=short (CI, ~1 min), HA=1 (across a failover of
+## the ha-up pair), DISASTER=drop-datadir (the disk lost). Private clusters only
+restore-drill: build
+	$(CARGO) run --profile tools --locked --example restore_drill -- $(or $(DRILL),full) \
+		$(if $(HA),--ha) $(if $(DISASTER),--disaster $(DISASTER))
+
 ## soak: a mixed workload for SOAK_SECONDS (default 600), then every invariant checked
 SOAK_SECONDS ?= 600
 soak: build
@@ -112,10 +147,17 @@ up:
 	$(COMPOSE) up --build -d
 	@echo "started in the background; the API answers on localhost:3000 (or API_PORT) once 'docker ps' shows it healthy"
 
-## down: stop and remove the containers (Prometheus of up-observed too); the volumes stay
-## (add -v by hand to drop them)
+## down: stop and remove the containers (those of the observed and backup profiles too); the
+## volumes stay (add -v by hand to drop them)
 down:
-	$(COMPOSE) --profile observed down
+	$(COMPOSE) --profile observed --profile backup down
+
+## up-backup: `make up` plus backups (docs/backups.md): the database with pgBackRest archiving
+## WAL into an encrypted repository volume, and the pgbackrest service taking the backups
+up-backup:
+	$(COMPOSE) --profile backup build pgbackrest
+	DB_IMAGE=order-api-postgres-pgbackrest $(COMPOSE) --profile backup up --build -d
+	@echo "started with backups; 'docker compose --profile backup exec pgbackrest order-api-backup info' lists them"
 
 ## logs: follow the logs of both services
 logs:

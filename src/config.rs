@@ -104,6 +104,9 @@ pub struct Config {
     /// `OPERATOR_TOKEN` or `OPERATOR_TOKEN_FILE`: the bearer token of the operator endpoints;
     /// without it (and without operator JWTs) they are disabled.
     pub operator_token: Option<Secret>,
+    /// `WAL_ARCHIVE_CHECK_SECS`: how often `pg_stat_archiver` is read for the metrics, the
+    /// readiness body and the log (see `archiving`); 0 turns the watch off.
+    pub wal_archive_check: Duration,
     /// `AUTH_JWT_HS256_SECRET` (or `_FILE`), `AUTH_JWT_JWKS_FILE` (read at start),
     /// `AUTH_JWT_ISSUER`, `AUTH_JWT_AUDIENCE`, `AUTH_JWT_LEEWAY_SECS`.
     pub jwt: JwtSettings,
@@ -146,6 +149,7 @@ impl Default for Config {
             auth_mode: AuthMode::Open,
             operator_token: None,
             jwt: JwtSettings { leeway_secs: DEFAULT_JWT_LEEWAY_SECS, ..JwtSettings::default() },
+            wal_archive_check: Duration::from_secs(30),
         }
     }
 }
@@ -262,6 +266,9 @@ impl Config {
             |v| v.parse().ok(),
         )?;
         set.set(&mut config.auth_mode, "AUTH_MODE", "open or jwt", AuthMode::parse)?;
+        set.set(&mut config.wal_archive_check, "WAL_ARCHIVE_CHECK_SECS", "seconds (0: off)", |v| {
+            v.parse().ok().map(Duration::from_secs)
+        })?;
         config.operator_token = set.secret("OPERATOR_TOKEN", "OPERATOR_TOKEN_FILE")?;
         // Only the file: a plain DB_PASSWORD is docker-compose's, for the database service.
         let mut password_file = None;

@@ -20,11 +20,13 @@
 //! - [`error`]: the one error type and its table of status, code and body.
 //! - [`deadline`]: the request deadline, set by `http` and honoured by `db`.
 //! - [`log`], [`metrics`]: JSON log lines and Prometheus text; [`tls`]: rustls client settings.
+//! - [`archiving`]: watches PostgreSQL's WAL archiving, which the backups rely on.
 //!
 //! Data flows one way: `http` -> `api` -> `db` -> (`domain`, `error`, `money`), and
 //! `events` -> `db` for what goes out.
 
 pub mod api;
+pub mod archiving;
 pub mod auth;
 pub mod config;
 pub mod db;
@@ -152,10 +154,18 @@ pub async fn run(
     let purge = tokio::spawn(db.clone().purge_periodically(retention, config.purge_interval));
     let metrics = Arc::new(Metrics::default());
     let dispatcher = Dispatcher::start(db.clone(), dispatch_settings(&config), metrics.clone())?;
-    let state = Arc::new(AppState { config, db: db.clone(), metrics, auth, order_limit });
+    let archiving = Arc::new(archiving::ArchiveWatch::default());
+    let archive_watch = match config.wal_archive_check {
+        Duration::ZERO => None,
+        interval => Some(archiving.clone().start(db.clone(), interval).await),
+    };
+    let state = Arc::new(AppState { config, db: db.clone(), metrics, auth, order_limit, archiving });
     http::serve(listener, state, shutdown).await;
     dispatcher.stop();
     purge.abort();
+    if let Some(watch) = archive_watch {
+        watch.abort();
+    }
     if let Some(refresh) = jwks_refresh {
         refresh.abort();
     }

@@ -240,6 +240,17 @@ pub struct Record {
     pub contract_breaches: Vec<String>,
     /// 2xx answers by server (base URL).
     pub ok_by_server: HashMap<String, u64>,
+    /// When each acknowledged order was first asked for (its key's first attempt, or the
+    /// request itself without a key) and when its 201 came, in ms of this record: the restore
+    /// drill tells orders acknowledged before its mark from orders first sent after it.
+    pub acknowledged_at: HashMap<i64, (u32, u32)>,
+    /// The first attempt of each Idempotency-Key, in ms of this record.
+    first_sent: HashMap<String, u32>,
+    /// The key and the lines as sent (their order is part of the request's fingerprint) of each
+    /// acknowledged keyed order, to replay it.
+    pub keyed: HashMap<i64, (String, Vec<(i32, i32)>)>,
+    /// When each acknowledged cancellation was acknowledged, in ms of this record.
+    pub cancelled_at: HashMap<i64, u32>,
 }
 
 pub type SharedRecord = Arc<Mutex<Record>>;
@@ -365,6 +376,14 @@ impl Shopper {
             "items": items.iter().map(|(p, q)| json!({"productId": p, "quantity": q})).collect::<Vec<_>>(),
         });
         let mut request = self.http.post(format!("{base}/api/orders")).json(&body);
+        let sent_at = {
+            let mut record = self.record.lock().unwrap();
+            let now = record.elapsed_ms();
+            match key {
+                Some(key) => *record.first_sent.entry(key.to_owned()).or_insert(now),
+                None => now,
+            }
+        };
         if let Some(key) = key {
             request = request.header("Idempotency-Key", key);
         }
@@ -373,7 +392,13 @@ impl Shopper {
             let id = reply.body["orderId"].as_i64().expect("orderId in a 201");
             let mut lines = items.to_vec();
             lines.sort_unstable();
-            self.record.lock().unwrap().acknowledged.insert(id, lines);
+            let mut record = self.record.lock().unwrap();
+            let acknowledged_at = record.elapsed_ms();
+            record.acknowledged.insert(id, lines);
+            record.acknowledged_at.entry(id).or_insert((sent_at, acknowledged_at));
+            if let Some(key) = key {
+                record.keyed.insert(id, (key.to_owned(), items.to_vec()));
+            }
         }
         reply
     }
@@ -382,7 +407,10 @@ impl Shopper {
     pub async fn cancel(&self, base: &str, order_id: i64) -> Reply {
         let reply = self.send(Kind::Cancel, base, self.http.put(format!("{base}/api/orders/{order_id}/cancel"))).await;
         if reply.status == 200 {
-            self.record.lock().unwrap().cancelled.insert(order_id);
+            let mut record = self.record.lock().unwrap();
+            let at = record.elapsed_ms();
+            record.cancelled.insert(order_id);
+            record.cancelled_at.entry(order_id).or_insert(at);
         }
         reply
     }

@@ -31,6 +31,8 @@ pub struct AppState {
     pub auth: Auth,
     /// `RATE_LIMIT_ORDERS_PER_MINUTE`, per user and per client address; `None`: no limit.
     pub order_limit: Option<RateLimiter>,
+    /// The WAL archiving that backups need, as last read (`WAL_ARCHIVE_CHECK_SECS`).
+    pub archiving: Arc<crate::archiving::ArchiveWatch>,
 }
 
 /// The raw listing parameters of a query string (`limit`, `after`), parsed by the endpoint.

@@ -9,6 +9,7 @@
 //! query; `migrate.rs` is the migration runner, `audit.rs` the invariants; and one file (or
 //! folder) per resource holds its SQL.
 
+pub mod archiver;
 pub mod audit;
 mod batch;
 #[macro_use]
@@ -256,6 +257,11 @@ impl Db {
     pub async fn ping(&self) -> Result<(), Error> {
         self.primary.get().await?.client().simple_query("SELECT 1").await?;
         Ok(())
+    }
+
+    /// PostgreSQL's WAL archiver as it reports itself (`pg_stat_archiver`).
+    pub async fn archiver_stats(&self) -> Result<archiver::ArchiverStats, Error> {
+        archiver::read(&self.primary).await
     }
 
     /// Whether every migration of this build is applied.

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod archiving;
 mod auth;
 mod batch_faults;
 mod batching;
