@@ -37,7 +37,7 @@ use tokio::sync::watch;
 use tokio_postgres::Row;
 
 use super::{Pool, Sql};
-use crate::{error::Error, log};
+use crate::error::Error;
 
 /// Sent by every transaction that writes events; delivered when it commits.
 pub(super) const NOTIFY_EVENTS: Sql = Sql { params: &[], text: "NOTIFY order_api_events" };
@@ -285,7 +285,7 @@ pub(super) fn listen(pool: Pool, enabled: bool) -> (EventSignal, tokio::task::Jo
                         }
                         listening.store(false, Ordering::Relaxed);
                         notify.send_modify(|n| *n += 1);
-                        log::warn("the connection listening for events was lost; reconnecting", serde_json::json!({}));
+                        tracing::warn!("the connection listening for events was lost; reconnecting");
                     }
                     connection.abort();
                 }

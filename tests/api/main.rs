@@ -34,3 +34,4 @@ mod read_replica;
 mod release;
 mod shutdown;
 mod tls;
+mod traces;
