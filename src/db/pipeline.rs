@@ -230,18 +230,22 @@ fn round_trip_span(steps: &[Step<'_>], statements: usize) -> Span {
     let operation = steps.first().map_or("", |(sql, _)| {
         sql.text.trim_start().split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or_default()
     });
+    // Attributes only on a sampled span (see `telemetry::context::start_request`).
     let span = tracing::info_span!(
         "db round trip",
-        otel.name = %format_args!("{operation} (postgresql, {statements} statements)"),
+        otel.name = operation,
         otel.kind = "client",
         otel.status_code = Empty,
-        db.system.name = "postgresql",
-        db.operation.name = operation,
-        db.operation.batch.size = statements,
+        db.system.name = Empty,
+        db.operation.name = Empty,
+        db.operation.batch.size = Empty,
         db.query.text = Empty,
         db.response.status_code = Empty,
     );
     if telemetry::context::is_sampled(&span) {
+        span.record("db.system.name", "postgresql");
+        span.record("db.operation.name", operation);
+        span.record("db.operation.batch.size", statements);
         let text: Vec<&str> = steps.iter().map(|(sql, _)| sql.text.trim()).collect();
         span.record("db.query.text", text.join(";\n"));
     }

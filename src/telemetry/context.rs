@@ -15,7 +15,7 @@ use opentelemetry::{
 };
 use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing::Span;
+use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 tokio::task_local! {
@@ -90,18 +90,20 @@ pub fn start_request(
 ) -> (Span, RequestContext) {
     let remote = incoming(headers);
     let span = if traced {
+        // Attributes are recorded below only on a sampled span: most are not (1 % at a
+        // typical ratio), and each attribute given here would be made (a string) for nothing.
         tracing::info_span!(
             target: "order_api::http",
             "request",
             otel.name = %format_args!("{method} {route}"),
             otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
-            http.request.method = %method,
-            http.route = route,
-            http.response.status_code = tracing::field::Empty,
-            "error.type" = tracing::field::Empty,
-            client.address = %peer,
-            request_id = %request_id,
+            otel.status_code = Empty,
+            http.request.method = Empty,
+            http.route = Empty,
+            http.response.status_code = Empty,
+            "error.type" = Empty,
+            client.address = Empty,
+            request_id = Empty,
         )
     } else {
         Span::none()
@@ -112,7 +114,15 @@ pub fn start_request(
     // The service's own span when tracing is on (a valid OpenTelemetry context), else the
     // caller's trace.
     let (trace_id, span_id) = match span_context(&span) {
-        Some(own) => (Some(own.trace_id()), Some(own.span_id())),
+        Some(own) => {
+            if own.is_sampled() {
+                span.record("http.request.method", method.as_str());
+                span.record("http.route", route);
+                span.record("client.address", tracing::field::display(peer));
+                span.record("request_id", request_id.as_str());
+            }
+            (Some(own.trace_id()), Some(own.span_id()))
+        }
         None => (remote.as_ref().map(SpanContext::trace_id), None),
     };
     (span, RequestContext { request_id, trace_id, span_id, remote })
