@@ -13,7 +13,8 @@
 //!   places some orders again, each round under the deadlines of the orders in it).
 //! - **Traces.** A batch runs in a task of its own, for many requests at once, so its span
 //!   (`batch`, with its database round trips under it) starts a trace of its own and links to
-//!   the span of each request in it: a request's span context travels with it in the queue.
+//!   the span of each request in it that has one (sampled): a request's span context travels
+//!   with it in the queue. A batch of unsampled requests makes no span.
 //!   (A span cannot have many parents; a link is OpenTelemetry's way to say "done for these".)
 
 use std::sync::Arc;

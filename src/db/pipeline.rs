@@ -230,7 +230,11 @@ fn round_trip_span(steps: &[Step<'_>], statements: usize) -> Span {
     let operation = steps.first().map_or("", |(sql, _)| {
         sql.text.trim_start().split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or_default()
     });
-    // Attributes only on a sampled span (see `telemetry::context::start_request`).
+    // Only inside a request's or a batch's span (so only when that is sampled): round trips
+    // of background work (purges, the event listener) make no trace of their own.
+    if Span::current().is_disabled() {
+        return Span::none();
+    }
     let span = tracing::info_span!(
         "db round trip",
         otel.name = operation,

@@ -84,7 +84,7 @@ impl Telemetry {
                 .with_threads(false)
                 .with_target(false)
                 .with_level(false)
-                .with_filter(ServiceSpans)
+                .with_filter(ServiceSpans { sampler: config.traces.sampler })
         });
         // Two types rather than an `Option` layer: a `None` layer counts as interested in every
         // callsite, which would make the registry create every span, for nobody.
@@ -118,6 +118,11 @@ impl Telemetry {
     }
 }
 
+/// The sampler of the current subscriber's traces; None when traces are not exported.
+pub fn sampler() -> Option<otlp::SamplerSetting> {
+    tracing::dispatcher::get_default(|dispatch| dispatch.downcast_ref::<ServiceSpans>().map(|spans| spans.sampler))
+}
+
 /// The log layer's filter: events only (spans are the traces' business), as `Targets` says.
 struct EventsOnly(Targets);
 
@@ -140,8 +145,12 @@ impl<S> Filter<S> for EventsOnly {
 }
 
 /// The traces layer's filter: the service's own spans (at `info`), not events (a request's
-/// outcome is on its span's attributes; its log line is in the log).
-struct ServiceSpans;
+/// outcome is on its span's attributes; its log line is in the log). It also carries the
+/// sampler (`sampler()` finds it through the subscriber), so that each subscriber, a test's
+/// own included, has its own.
+struct ServiceSpans {
+    sampler: otlp::SamplerSetting,
+}
 
 impl ServiceSpans {
     fn wants(meta: &Metadata<'_>) -> bool {

@@ -1,5 +1,6 @@
 //! Traces out: OTLP over HTTP (protobuf) to the collector of `OTEL_EXPORTER_OTLP_ENDPOINT`,
-//! sampled as `OTEL_TRACES_SAMPLER` says, through the OpenTelemetry SDK's batch span processor
+//! sampled as `OTEL_TRACES_SAMPLER` says (decided where a request comes in: an unsampled
+//! request makes no span at all), through the OpenTelemetry SDK's batch span processor
 //! (a thread of its own: a request only queues its finished span, and a full queue drops
 //! spans rather than waiting).
 //!
@@ -26,15 +27,12 @@ use hyper::{
     http::{Request, Response},
 };
 use hyper_util::rt::TokioIo;
-use opentelemetry::{
-    KeyValue,
-    trace::{Link, SpanKind, TraceId},
-};
+use opentelemetry::{KeyValue, trace::SpanContext};
 use opentelemetry_http::{HttpClient, HttpError};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::{
     Resource,
-    trace::{BatchSpanProcessor, Sampler, SamplingDecision, SamplingResult, SdkTracerProvider, ShouldSample},
+    trace::{BatchSpanProcessor, IdGenerator, RandomIdGenerator, Sampler, SdkTracerProvider},
 };
 use rustls::pki_types::ServerName;
 use tokio::{
@@ -138,43 +136,28 @@ impl SamplerSetting {
         Some(SamplerSetting { parent_based, root })
     }
 
-    fn sampler(self) -> Sampler {
-        let root = match self.root {
-            RootSampler::AlwaysOn => Sampler::AlwaysOn,
-            RootSampler::AlwaysOff => Sampler::AlwaysOff,
-            RootSampler::Ratio(ratio) => Sampler::TraceIdRatioBased(ratio),
-        };
-        if self.parent_based { Sampler::ParentBased(Box::new(root)) } else { root }
-    }
-}
-
-/// The configured sampler, and one rule more for the spans that start a trace of their own
-/// but link to others (a batch of orders, linked to each order's request): such a span is
-/// recorded when any span it links to is, so that a sampled request's trace always leads to
-/// the batch that placed it, whatever the ratio. Other spans: as configured.
-#[derive(Debug, Clone)]
-struct FollowLinks(Sampler);
-
-impl ShouldSample for FollowLinks {
-    fn should_sample(
-        &self,
-        parent: Option<&opentelemetry::Context>,
-        trace_id: TraceId,
-        name: &str,
-        kind: &SpanKind,
-        attributes: &[KeyValue],
-        links: &[Link],
-    ) -> SamplingResult {
-        use opentelemetry::trace::TraceContextExt;
-        let is_root = parent.is_none_or(|cx| !cx.span().span_context().is_valid());
-        if is_root && links.iter().any(|link| link.span_context.is_sampled()) {
-            return SamplingResult {
-                decision: SamplingDecision::RecordAndSample,
-                attributes: Vec::new(),
-                trace_state: Default::default(),
-            };
+    /// Whether a request is recorded, decided where it comes in (see `telemetry::context`):
+    /// `caller` is the span context of its `traceparent`, if a valid one came.
+    pub fn decide(self, caller: Option<&SpanContext>) -> bool {
+        if let Some(caller) = caller.filter(|_| self.parent_based) {
+            return caller.is_sampled();
         }
-        self.0.should_sample(parent, trace_id, name, kind, attributes, links)
+        match self.root {
+            RootSampler::AlwaysOn => true,
+            RootSampler::AlwaysOff => false,
+            RootSampler::Ratio(ratio) => {
+                // As the specification's TraceIdRatioBased: the low 63 bits of the trace id
+                // under the ratio, so that every service agrees on the caller's trace; a new
+                // trace's id is not made yet, so a random number stands in for it.
+                let random = match caller {
+                    Some(caller) => {
+                        u64::from_be_bytes(caller.trace_id().to_bytes()[8..].try_into().unwrap_or_default())
+                    }
+                    None => u64::from_be_bytes(RandomIdGenerator::default().new_span_id().to_bytes()),
+                };
+                (random >> 1) < (ratio.max(0.0) * (1u64 << 63) as f64) as u64
+            }
+        }
     }
 }
 
@@ -214,7 +197,9 @@ pub fn provider(settings: &TraceSettings, runtime: &Handle) -> Result<Option<Sdk
     Ok(Some(
         SdkTracerProvider::builder()
             .with_span_processor(BatchSpanProcessor::builder(exporter).build())
-            .with_sampler(FollowLinks(settings.sampler.sampler()))
+            // Sampling is decided where a request comes in (`SamplerSetting::decide`): a span
+            // made at all is a span wanted, and so is every span under it.
+            .with_sampler(Sampler::AlwaysOn)
             .with_resource(resource.build())
             .build(),
     ))
@@ -348,5 +333,23 @@ mod tests {
         assert_eq!(parse("always_off", None).unwrap().root, RootSampler::AlwaysOff);
         assert_eq!(parse("parentbased_traceidratio", Some("1.5")), None);
         assert_eq!(parse("jaeger_remote", None), None);
+    }
+
+    #[test]
+    fn the_decision_follows_the_caller_when_parent_based_and_the_ratio_otherwise() {
+        use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
+        let caller = |sampled: bool, trace: u128| {
+            let flags = if sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+            SpanContext::new(TraceId::from(trace), SpanId::from(1), flags, true, TraceState::NONE)
+        };
+        let ratio = |parent_based, r| SamplerSetting { parent_based, root: RootSampler::Ratio(r) };
+        assert!(ratio(true, 0.0).decide(Some(&caller(true, 7))));
+        assert!(!ratio(true, 1.0).decide(Some(&caller(false, 7))));
+        assert!(!ratio(true, 0.0).decide(None) && ratio(true, 1.0).decide(None));
+        // Not parent-based: the caller's trace id decides, as in every other service.
+        assert!(ratio(false, 0.5).decide(Some(&caller(false, 1))), "low 63 bits 0 < half");
+        assert!(!ratio(false, 0.5).decide(Some(&caller(true, u64::MAX as u128))));
+        let sampled = (0..10_000).filter(|_| ratio(false, 0.25).decide(None)).count();
+        assert!((2_000..3_000).contains(&sampled), "{sampled} of 10,000 at 25 %");
     }
 }
