@@ -18,6 +18,10 @@ One run, on one fresh database:
    reproduces); and the API's read queries (the catalogue's taken verbatim from
    src/db/products.rs, the single order's hand-written in bench/pgbench/get_order.sql).
    Each at 8, 16 and 64 clients; the reference for a scenario is the best of those.
+   The cost of traces is measured the same way, in the same run: batched orders at 64
+   connections with traces off, then exported to a local OTLP/HTTP sink (a thread of this
+   script that reads and discards each export) with 1 % sampling, then on and off again
+   (off, on, on, off: drift over the minutes cancels out); the target is <= 5 %.
 4. Stops the server (SIGTERM; its exit code is reported).
 5. Checks that the stock taken equals the order lines written and that every product's stock
    equals the sum of its inventory movements, prints the tables and writes everything to
@@ -46,6 +50,7 @@ import argparse
 import asyncio
 import datetime
 import http.client
+import http.server
 import json
 import os
 import re
@@ -55,6 +60,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
@@ -159,6 +165,13 @@ class ApiScenario:
 # One order per transaction: commit batching off, for the side-by-side comparison.
 UNBATCHED = {"ORDER_BATCH_MAX": "1"}
 
+# Traces exported to the local sink (OtlpSink; its URL replaces {otlp}), 1 % of new traces
+# sampled (and every batch linked to a sampled order), as a busy shop would run it.
+TRACED = {"OTEL_EXPORTER_OTLP_ENDPOINT": "{otlp}", "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+          "OTEL_TRACES_SAMPLER_ARG": "0.01"}
+# Traces off, said explicitly: a distinct setting, so the server restarts between the runs.
+UNTRACED = {"OTEL_SDK_DISABLED": "true"}
+
 API_SCENARIOS = [
     ApiScenario("api.orders.16", "POST /api/orders, 4 products", 16, ["orders", "4"], "pg.order_a.spread", "pg.order_b.spread"),
     ApiScenario("api.orders.64", "POST /api/orders, 4 products", 64, ["orders", "4"], "pg.order_a.spread", "pg.order_b.spread"),
@@ -176,6 +189,11 @@ API_SCENARIOS = [
                 "pg.order_a.spread", "pg.order_b.spread", UNBATCHED),
     ApiScenario("api.order.64", "GET /api/orders/:id", 64, ["order"], None, "pg.get_order"),
     ApiScenario("api.products.64", "GET /api/products", 64, ["products"], None, "pg.products"),
+    # The cost of traces (issue 22): off, on, on, off, each a server of its own.
+    ApiScenario("api.traces.64.off.1", "POST /api/orders, traces off", 64, ["orders", "4"], env=UNTRACED),
+    ApiScenario("api.traces.64.on.1", "POST /api/orders, traces 1 %", 64, ["orders", "4"], env=TRACED),
+    ApiScenario("api.traces.64.on.2", "POST /api/orders, traces 1 %", 64, ["orders", "4"], env=TRACED),
+    ApiScenario("api.traces.64.off.2", "POST /api/orders, traces off", 64, ["orders", "4"], env=UNTRACED),
 ]
 
 # pgbench references: name -> (title, script, -D variables). Scripts marked "generated" are
@@ -203,6 +221,7 @@ GROUPS = [
     (["api.orders_hot.64.unbatched", "api.orders_hot.64"], ["pg.order_a.hot", "pg.order_b.hot"]),
     (["api.order.64"], ["pg.get_order"]),
     (["api.products.64"], ["pg.products"]),
+    (["api.traces.64.off.1", "api.traces.64.on.1", "api.traces.64.on.2", "api.traces.64.off.2"], []),
 ]
 
 # wrk orders as user 1, pgbench as user 2, so the orders of each can be counted apart.
@@ -485,6 +504,43 @@ def measure(args, label, run_once):
 # The server
 
 
+class OtlpSink:
+    """A collector that accepts OTLP/HTTP exports and discards them (counting requests and
+    bytes, to show that spans did go out): what the service pays for is making, sampling and
+    sending spans, not a collector's work. A thread of this process on a free port."""
+
+    def __init__(self):
+        sink = self
+        self.requests = self.bytes = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                sink.requests += 1
+                sink.bytes += length
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+# The sink of the traced scenarios, started when one of them runs.
+OTLP_SINK = None
+
+
 class Server:
     def __init__(self, args, db, binary=None, port=None, name="server"):
         self.args, self.db = args, db
@@ -498,11 +554,11 @@ class Server:
     def start(self, settings=None):
         self.settings = dict(settings or {})
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("DB_", "API_", "SEED_", "LOG_", "ORDER_BATCH_"))}
+               if not k.startswith(("DB_", "API_", "SEED_", "LOG_", "ORDER_BATCH_", "OTEL_", "RUST_LOG"))}
         env.update({"DATABASE_URL": self.db.url, "API_HOST": "127.0.0.1", "API_PORT": str(self.port),
                     "LOG_LEVEL": self.args.log_level, "OPERATOR_TOKEN": OPERATOR_TOKEN,
                     "WEBHOOK_ALLOW_HTTP": "true", "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1"})
-        env.update(self.settings)
+        env.update({k: v.format(otlp=OTLP_SINK.url if OTLP_SINK else "") for k, v in self.settings.items()})
         if self.args.pool_size:
             env["DB_POOL_SIZE"] = str(self.args.pool_size)
         with socket.socket() as probe:
@@ -918,6 +974,10 @@ def main():
     initial_stock = int(db.psql("SELECT sum(stock) FROM products"))
     scripts = pgbench_scripts()
 
+    global OTLP_SINK
+    if any(wanted(s.name) for s in API_SCENARIOS if s.env is TRACED):
+        OTLP_SINK = OtlpSink()
+
     # --- the runs: the server stays up (idle during pgbench runs) ------------------------------
     server = Server(args, db)
     db.settle()
@@ -967,6 +1027,9 @@ def main():
     finally:
         report["server_exit_code"] = server.stop()
         report["server_exit_codes"] = server.exit_codes
+        if OTLP_SINK:
+            OTLP_SINK.stop()
+            report["otlp_sink"] = {"exports": OTLP_SINK.requests, "bytes": OTLP_SINK.bytes}
     report["orders_written_by_api"] = int(db.psql(
         f"SELECT count(*) FROM orders WHERE id > {history_max_id} AND user_id = {API_USER}"))
 
@@ -1189,6 +1252,23 @@ def print_targets(report):
     if "api.orders.16" in runs:
         p99 = runs["api.orders.16"]["p99_ms"]
         checks.append(("orders @16 p99", f"{p99:.2f} ms (< 15 ms)", p99 < 15))
+    off = [runs[f"api.traces.64.off.{i}"] for i in (1, 2) if f"api.traces.64.off.{i}" in runs]
+    on = [runs[f"api.traces.64.on.{i}"] for i in (1, 2) if f"api.traces.64.on.{i}" in runs]
+    if off and on:
+        # Mean of the traced runs over the mean of the untraced ones (off, on, on, off: a drift of
+        # the machine's speed over the minutes weighs on both alike).
+        mean = lambda runs, f: sum(map(f, runs)) / len(runs)
+        value = mean(on, lambda r: r["rps"]) / mean(off, lambda r: r["rps"])
+        # The API process's own CPU per order: what tracing costs the service itself, apart from
+        # PostgreSQL's share of the two cores (which other users of the machine move too).
+        per_order = lambda r: r["cpu"]["api"] / 100 * 1e6 / r["rps"]
+        cpu_off, cpu_on = mean(off, per_order), mean(on, per_order)
+        sink = report.get("otlp_sink") or {}
+        report["traces_cost"] = {"throughput_ratio": round(value, 4), "api_cpu_us_per_order_off": round(cpu_off, 1),
+                                 "api_cpu_us_per_order_on": round(cpu_on, 1), **sink}
+        checks.append(("batched orders @64, traces 1 % vs off", f"{value:.3f}x: cost {(1 - value) * 100:+.1f} % "
+                       f"(<= 5 %; API CPU per order {cpu_off:.1f} -> {cpu_on:.1f} us; "
+                       f"{sink.get('exports', 0)} exports, {sink.get('bytes', 0)} bytes received)", value >= 0.95))
     if report.get("peak_rss_kb"):
         checks.append(("peak RSS", f"{report['peak_rss_kb'] / 1024:.1f} MB (< 30 MB)", report["peak_rss_kb"] < 30 * 1024))
     idle = max(report["idle_rss_kb"] or 0, report["idle_rss_after_load_kb"] or 0)

@@ -21,10 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    db::{Db, archiver::ArchiverStats},
-    log,
-};
+use crate::db::{Db, archiver::ArchiverStats};
 
 /// How long start-up waits for the first reading (the database answered the migrations a
 /// moment ago, so it normally takes a millisecond).
@@ -84,9 +81,9 @@ impl ArchiveWatch {
         if stats.mode == "off" {
             if !state.told_off {
                 state.told_off = true;
-                log::info(
-                    "WAL archiving is off (archive_mode=off): backups cannot restore to a point in time",
-                    serde_json::json!({"see": "docs/backups.md"}),
+                tracing::info!(
+                    see = "docs/backups.md",
+                    "WAL archiving is off (archive_mode=off): backups cannot restore to a point in time"
                 );
             }
             state.last = Some((stats, at));
@@ -102,23 +99,22 @@ impl ArchiveWatch {
                 Some((when, file)) => at.duration_since(*when) >= WARN_REPEAT || *file != stats.last_failed_wal,
             };
             if due {
-                log::warn(
-                    "WAL archiving is failing: new orders are safe on the database but not yet in the backups",
-                    serde_json::json!({
-                        "failed_count": stats.failed_count,
-                        "last_failed_wal": stats.last_failed_wal,
-                        "last_archived_wal": stats.last_archived_wal,
-                        "last_archived_age_s": stats.last_archived_age.map(|age| age.round()),
-                        "pending_bytes": pending,
-                        "hint": "is the backup repository reachable and not full? see docs/backups.md",
-                    }),
+                tracing::warn!(
+                    failed_count = stats.failed_count,
+                    last_failed_wal = stats.last_failed_wal.as_deref(),
+                    last_archived_wal = stats.last_archived_wal.as_deref(),
+                    last_archived_age_s = stats.last_archived_age.map(|age| age.round()),
+                    pending_bytes = pending,
+                    hint = "is the backup repository reachable and not full? see docs/backups.md",
+                    "WAL archiving is failing: new orders are safe on the database but not yet in the backups"
                 );
                 state.warned = Some((at, stats.last_failed_wal.clone()));
             }
         } else if state.warned.take().is_some() {
-            log::info(
-                "WAL archiving works again",
-                serde_json::json!({"last_archived_wal": stats.last_archived_wal, "pending_bytes": pending}),
+            tracing::info!(
+                last_archived_wal = stats.last_archived_wal.as_deref(),
+                pending_bytes = pending,
+                "WAL archiving works again"
             );
         }
         state.last = Some((stats, at));

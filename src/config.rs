@@ -8,8 +8,10 @@ use std::{collections::HashMap, env, fmt, net::IpAddr, time::Duration};
 use crate::{
     auth::{AuthMode, Secret, jwt::JwtSettings},
     db::Target,
-    log::Level,
+    telemetry::otlp::{SamplerSetting, TraceSettings},
 };
+use tracing::level_filters::LevelFilter;
+use tracing_subscriber::filter::Targets;
 
 /// Used when `DATABASE_URL` is unset: the local PostgreSQL that `make run` expects.
 pub const DEFAULT_DATABASE_URL: &str = "postgresql://postgres:postgres@localhost:5432/ecommerce";
@@ -89,11 +91,16 @@ pub struct Config {
     /// DDL rights: `order-api migrate` then runs as a step of its own, and `serve` refuses to
     /// start while migrations are pending.
     pub migrate_on_start: bool,
-    /// `LOG_LEVEL`: error, warn, info or debug.
-    pub log_level: Level,
+    /// `LOG_LEVEL`: error, warn, info, debug or trace, for every module.
+    pub log_level: LevelFilter,
+    /// `RUST_LOG`: per-module levels (`info,order_api::db=debug`), as `tracing` services read
+    /// it; when set it wins over `LOG_LEVEL`.
+    pub rust_log: Option<Targets>,
     /// `LOG_BUFFER_BYTES`: most bytes of log lines waiting for stdout; past it lines are
-    /// dropped and counted (see `log`).
+    /// dropped and counted (see `telemetry`).
     pub log_buffer_bytes: usize,
+    /// The `OTEL_*` settings of traces; off unless an OTLP endpoint is set.
+    pub traces: TraceSettings,
     /// `RATE_LIMIT_ORDERS_PER_MINUTE`: most orders one user, and one client address, may
     /// place per minute on one replica (bursts up to it, then at that rate); 0 (the default):
     /// no limit.
@@ -143,8 +150,10 @@ impl Default for Config {
             webhook_ca_file: None,
             seed_on_start: false,
             migrate_on_start: true,
-            log_level: Level::Info,
-            log_buffer_bytes: crate::log::DEFAULT_BUFFER_BYTES,
+            log_level: LevelFilter::INFO,
+            rust_log: None,
+            log_buffer_bytes: crate::telemetry::DEFAULT_BUFFER_BYTES,
+            traces: TraceSettings::default(),
             rate_limit_orders_per_minute: 0,
             auth_mode: AuthMode::Open,
             operator_token: None,
@@ -255,7 +264,10 @@ impl Config {
         set.set(&mut config.webhook_ca_file, "WEBHOOK_CA_FILE", "a file", |v| Some(Some(v.to_owned())))?;
         set.set(&mut config.seed_on_start, "SEED_ON_START", "true or false", |v| v.parse().ok())?;
         set.set(&mut config.migrate_on_start, "MIGRATE_ON_START", "true or false", |v| v.parse().ok())?;
-        set.set(&mut config.log_level, "LOG_LEVEL", "error, warn, info or debug", Level::parse)?;
+        set.set(&mut config.log_level, "LOG_LEVEL", "error, warn, info, debug or trace", parse_level)?;
+        set.set(&mut config.rust_log, "RUST_LOG", "directives such as info,order_api::db=debug", |v| {
+            v.parse::<Targets>().ok().map(Some)
+        })?;
         set.set(&mut config.log_buffer_bytes, "LOG_BUFFER_BYTES", "a positive number of bytes", |v| {
             v.parse().ok().filter(|n| *n > 0)
         })?;
@@ -289,9 +301,30 @@ impl Config {
         set.set(&mut config.jwt.leeway_secs, "AUTH_JWT_LEEWAY_SECS", "0 to 60 seconds", |v| {
             v.parse().ok().filter(|n| *n <= crate::auth::jwt::MAX_LEEWAY_SECS)
         })?;
+        config.traces = set.traces()?;
         Ok(config)
     }
+
+    /// The log filter: `RUST_LOG` when set, else `LOG_LEVEL` for every module.
+    pub fn log_filter(&self) -> Targets {
+        self.rust_log.clone().unwrap_or_else(|| Targets::new().with_default(self.log_level))
+    }
 }
+
+/// `LOG_LEVEL`'s values (`warning` too).
+fn parse_level(value: &str) -> Option<LevelFilter> {
+    match value.to_ascii_lowercase().as_str() {
+        "error" => Some(LevelFilter::ERROR),
+        "warn" | "warning" => Some(LevelFilter::WARN),
+        "info" => Some(LevelFilter::INFO),
+        "debug" => Some(LevelFilter::DEBUG),
+        "trace" => Some(LevelFilter::TRACE),
+        _ => None,
+    }
+}
+
+/// The path OTLP/HTTP collectors take traces at, after `OTEL_EXPORTER_OTLP_ENDPOINT`.
+const OTLP_TRACES_PATH: &str = "/v1/traces";
 
 /// Clock leeway for JWT `exp` and `nbf` unless `AUTH_JWT_LEEWAY_SECS` says otherwise.
 pub const DEFAULT_JWT_LEEWAY_SECS: u64 = 30;
@@ -334,6 +367,83 @@ impl<F: Fn(&str) -> Option<String>> Source<F> {
             (None, None) => Ok(None),
         }
     }
+}
+
+impl<F: Fn(&str) -> Option<String>> Source<F> {
+    /// The OpenTelemetry variables of traces, by the specification's names and meanings; the
+    /// exporter is OTLP over HTTP with protobuf, so `OTEL_EXPORTER_OTLP_PROTOCOL` may only say
+    /// that (a collector's gRPC port would not understand it: better refused at start).
+    fn traces(&self) -> Result<TraceSettings, ConfigError> {
+        let mut traces = TraceSettings::default();
+        let url = |v: &str| {
+            let http = v.starts_with("http://") || v.starts_with("https://");
+            (http && v.parse::<hyper::Uri>().is_ok_and(|uri| uri.host().is_some())).then(|| v.to_owned())
+        };
+        let mut base = None;
+        self.set(&mut base, "OTEL_EXPORTER_OTLP_ENDPOINT", "an http:// or https:// URL", |v| url(v).map(Some))?;
+        self.set(&mut traces.endpoint, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "an http:// or https:// URL", |v| {
+            url(v).map(Some)
+        })?;
+        if traces.endpoint.is_none() {
+            traces.endpoint = base.map(|base: String| format!("{}{OTLP_TRACES_PATH}", base.trim_end_matches('/')));
+        }
+        let mut protocol = String::from("http/protobuf");
+        self.set(&mut protocol, "OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf (the only one supported)", |v| {
+            (v == "http/protobuf").then(|| v.to_owned())
+        })?;
+        let mut headers = None;
+        self.set(&mut headers, "OTEL_EXPORTER_OTLP_HEADERS", "name=value pairs separated by commas", |v| {
+            key_values(v).map(Some)
+        })?;
+        traces.headers =
+            headers.unwrap_or_default().into_iter().map(|(name, value)| (name, Secret::new(value))).collect();
+        self.set(&mut traces.certificate, "OTEL_EXPORTER_OTLP_CERTIFICATE", "a PEM file", |v| {
+            Some(Some(v.to_owned()))
+        })?;
+        self.set(&mut traces.service_name, "OTEL_SERVICE_NAME", "a name", |v| Some(v.to_owned()))?;
+        self.set(
+            &mut traces.resource_attributes,
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "key=value pairs separated by commas",
+            key_values,
+        )?;
+        let mut sampler = None;
+        self.set(&mut sampler, "OTEL_TRACES_SAMPLER", "a sampler name", |v| Some(Some(v.to_owned())))?;
+        let mut arg = None;
+        self.set(&mut arg, "OTEL_TRACES_SAMPLER_ARG", "a ratio from 0 to 1", |v| Some(Some(v.to_owned())))?;
+        if sampler.is_some() || arg.is_some() {
+            let name = sampler.clone().unwrap_or_else(|| "parentbased_always_on".to_owned());
+            traces.sampler = SamplerSetting::parse(&name, arg.as_deref()).ok_or(ConfigError {
+                variable: if sampler.is_some() && SamplerSetting::parse(&name, None).is_none() {
+                    "OTEL_TRACES_SAMPLER"
+                } else {
+                    "OTEL_TRACES_SAMPLER_ARG"
+                },
+                value: if SamplerSetting::parse(&name, None).is_none() {
+                    name.clone()
+                } else {
+                    arg.unwrap_or_default()
+                },
+                expected: "always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off or \
+                           parentbased_traceidratio, with a ratio from 0 to 1 in OTEL_TRACES_SAMPLER_ARG",
+            })?;
+        }
+        self.set(&mut traces.disabled, "OTEL_SDK_DISABLED", "true or false", |v| v.to_ascii_lowercase().parse().ok())?;
+        Ok(traces)
+    }
+}
+
+/// `key=value,key2=value2` as the OpenTelemetry variables write it (values percent-encoded).
+fn key_values(text: &str) -> Option<Vec<(String, String)>> {
+    text.split(',')
+        .filter(|pair| !pair.trim().is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            let value = percent_encoding::percent_decode_str(value.trim()).decode_utf8().ok()?;
+            let key = key.trim();
+            (!key.is_empty()).then(|| (key.to_owned(), value.into_owned()))
+        })
+        .collect()
 }
 
 fn read_file(variable: &'static str, path: &str) -> Result<String, ConfigError> {
@@ -428,6 +538,66 @@ mod tests {
         assert!(from(&[("DB_PASSWORD_FILE", "/nonexistent/password")]).is_err());
         std::fs::remove_file(token_file).unwrap();
         std::fs::remove_file(password_file).unwrap();
+    }
+
+    /// The OpenTelemetry variables as the specification reads them.
+    #[test]
+    fn trace_settings_follow_the_opentelemetry_variables() {
+        let traces = |pairs: &[(&str, &str)]| from(pairs).map(|config| config.traces);
+        assert!(!traces(&[]).unwrap().enabled(), "off without an endpoint");
+        let base = traces(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/")]).unwrap();
+        assert_eq!(base.endpoint.as_deref(), Some("http://collector:4318/v1/traces"));
+        assert!(base.enabled());
+        let both = traces(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://traces.example.com/custom"),
+        ])
+        .unwrap();
+        assert_eq!(both.endpoint.as_deref(), Some("https://traces.example.com/custom"), "taken as it is");
+        let full = traces(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=se%20cret, x-tenant=shop"),
+            ("OTEL_SERVICE_NAME", "orders-eu"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod"),
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.01"),
+            ("OTEL_SDK_DISABLED", "TRUE"),
+        ])
+        .unwrap();
+        let headers: Vec<(&str, &str)> = full.headers.iter().map(|(n, v)| (n.as_str(), v.expose())).collect();
+        assert_eq!(headers, [("api-key", "se cret"), ("x-tenant", "shop")]);
+        assert!(!format!("{full:?}").contains("se cret"), "headers are secrets");
+        assert_eq!(full.service_name, "orders-eu");
+        assert_eq!(full.resource_attributes, [("deployment.environment".to_owned(), "prod".to_owned())]);
+        assert_eq!(
+            full.sampler,
+            SamplerSetting { parent_based: true, root: crate::telemetry::otlp::RootSampler::Ratio(0.01) }
+        );
+        assert!(!full.enabled(), "OTEL_SDK_DISABLED wins");
+
+        for (variable, value) in [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_TRACES_SAMPLER", "jaeger_remote"),
+            ("OTEL_TRACES_SAMPLER_ARG", "2"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign"),
+        ] {
+            let error = from(&[(variable, value)]).unwrap_err().to_string();
+            assert!(error.contains(variable), "{variable}={value}: {error}");
+        }
+        assert!(from(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]).is_ok());
+    }
+
+    #[test]
+    fn rust_log_wins_over_log_level() {
+        let config = from(&[("LOG_LEVEL", "warn"), ("RUST_LOG", "info,order_api::db=debug")]).unwrap();
+        let filter = config.log_filter();
+        assert!(filter.would_enable("order_api::db::pool", &tracing::Level::DEBUG));
+        assert!(filter.would_enable("order_api::http", &tracing::Level::INFO));
+        assert!(!filter.would_enable("order_api::http", &tracing::Level::DEBUG));
+        let level_only = from(&[("LOG_LEVEL", "warn")]).unwrap().log_filter();
+        assert!(!level_only.would_enable("order_api::http", &tracing::Level::INFO));
+        assert!(from(&[("LOG_LEVEL", "loud")]).is_err());
     }
 
     #[test]

@@ -19,7 +19,8 @@
 //! - [`auth`]: who is calling (`AUTH_MODE`, the operator token, JWTs).
 //! - [`error`]: the one error type and its table of status, code and body.
 //! - [`deadline`]: the request deadline, set by `http` and honoured by `db`.
-//! - [`log`], [`metrics`]: JSON log lines and Prometheus text; [`tls`]: rustls client settings.
+//! - [`telemetry`]: `tracing` for JSON log lines and OpenTelemetry traces (OTLP/HTTP);
+//!   [`metrics`]: Prometheus text; [`tls`]: rustls client settings.
 //! - [`archiving`]: watches PostgreSQL's WAL archiving, which the backups rely on.
 //!
 //! Data flows one way: `http` -> `api` -> `db` -> (`domain`, `error`, `money`), and
@@ -35,12 +36,12 @@ pub mod domain;
 pub mod error;
 pub mod events;
 pub mod http;
-pub mod log;
 pub mod memory;
 pub mod metrics;
 pub mod money;
 pub mod rate_limit;
 pub mod sync;
+pub mod telemetry;
 pub mod tls;
 
 /// The version of this build, from Cargo.toml (`order-api --version`, `order_api_build_info`).
@@ -102,7 +103,7 @@ pub async fn check_database(config: &Config) -> Result<(), StartupError> {
 
 async fn seed_database(client: &mut tokio_postgres::Client) -> Result<(), StartupError> {
     db::seed(client).await?;
-    log::info("seed data loaded", serde_json::json!({}));
+    tracing::info!("seed data loaded");
     Ok(())
 }
 
@@ -122,10 +123,7 @@ async fn connect_at_startup(config: &Config) -> Result<tokio_postgres::Client, S
             let waited = config.startup_timeout.as_millis();
             return Err(format!("database not reachable within {waited} ms (DB_STARTUP_TIMEOUT_MS): {error}").into());
         }
-        log::warn(
-            "database not reachable yet; retrying",
-            serde_json::json!({"error": error, "retry_in_ms": wait.as_millis()}),
-        );
+        tracing::warn!(error = %error, retry_in_ms = wait.as_millis(), "database not reachable yet; retrying");
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(STARTUP_RETRY_MAX);
     }
@@ -215,13 +213,12 @@ fn auth_from(config: &Config) -> Result<Auth, StartupError> {
     let verifier = auth::jwt::Verifier::new(&config.jwt)?;
     let auth = Auth::new(config.auth_mode, config.operator_token.clone(), verifier)?;
     if auth.mode() == AuthMode::Open {
-        log::warn(
-            "AUTH_MODE=open: any caller can order, read and cancel as any user; set AUTH_MODE=jwt in production",
-            serde_json::json!({}),
+        tracing::warn!(
+            "AUTH_MODE=open: any caller can order, read and cancel as any user; set AUTH_MODE=jwt in production"
         );
     }
     if config.operator_token.is_none() && auth.mode() == AuthMode::Open {
-        log::info("operator endpoints are disabled: set OPERATOR_TOKEN to enable them", serde_json::json!({}));
+        tracing::info!("operator endpoints are disabled: set OPERATOR_TOKEN to enable them");
     }
     Ok(auth)
 }

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use order_api::{config::Config, db, log};
+use order_api::{config::Config, db, telemetry::Telemetry};
 use tokio::signal::unix::{SignalKind, signal};
 
 fn usage() -> &'static str {
@@ -47,13 +47,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    log::set_level(config.log_level);
-    log::set_buffer_limit(config.log_buffer_bytes);
-
     if command.as_deref() == Some("healthcheck") {
         return healthcheck(config.port);
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let telemetry = match Telemetry::install(&config, runtime.handle()) {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("order-api: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = runtime.block_on(async {
         let done = match command.as_deref() {
             None | Some("serve") => serve(config, started).await,
@@ -76,11 +80,12 @@ fn main() -> ExitCode {
     let code = match result {
         Ok(code) => code,
         Err(e) => {
-            log::error("order-api failed", serde_json::json!({"error": e.to_string()}));
+            tracing::error!(error = %e, "order-api failed");
             ExitCode::FAILURE
         }
     };
-    log::flush();
+    // While the runtime still runs: the last spans are sent by one of its tasks.
+    telemetry.shutdown();
     code
 }
 
@@ -89,12 +94,14 @@ async fn serve(config: Config, started: Instant) -> Result<(), db::StartupError>
     let address = SocketAddr::new(config.host, config.port);
     let listener =
         tokio::net::TcpListener::bind(address).await.map_err(|e| format!("cannot listen on {address}: {e}"))?;
-    log::info(
-        "listening",
-        serde_json::json!({"address": address.to_string(), "startup_ms": started.elapsed().as_millis()}),
+    tracing::info!(
+        address = %address,
+        startup_ms = started.elapsed().as_millis(),
+        traces = if config.traces.enabled() { "exported" } else { "off" },
+        "listening"
     );
     order_api::run(listener, config, shutdown_signal()).await?;
-    log::info("stopped", serde_json::json!({}));
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -123,14 +130,14 @@ async fn shutdown_signal() {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
     }
-    log::info("shutdown signal received; finishing in-flight requests", serde_json::json!({}));
+    tracing::info!("shutdown signal received; finishing in-flight requests");
     tokio::spawn(async move {
         tokio::select! {
             _ = terminate.recv() => {}
             _ = interrupt.recv() => {}
         }
-        log::warn("second shutdown signal: exiting now", serde_json::json!({}));
-        log::flush();
+        tracing::warn!("second shutdown signal: exiting now");
+        order_api::telemetry::flush_logs();
         std::process::exit(130);
     });
 }

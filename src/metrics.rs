@@ -217,6 +217,12 @@ impl Metrics {
                 refused as f64,
             ),
             (
+                "order_api_log_lines_dropped_total",
+                "counter",
+                "Log lines dropped because stdout did not keep up (LOG_BUFFER_BYTES full).",
+                crate::telemetry::dropped_log_lines() as f64,
+            ),
+            (
                 "order_api_db_pool_max_connections",
                 "gauge",
                 "Most database connections the pool opens.",

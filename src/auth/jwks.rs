@@ -27,10 +27,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::{
-    log,
-    tls::{self, Verify},
-};
+use crate::tls::{self, Verify};
 
 /// Keys by `kid`, each pinned to the one algorithm it verifies.
 pub type Keys = HashMap<String, (DecodingKey, Algorithm)>;
@@ -84,14 +81,16 @@ impl RemoteJwks {
             Ok(keys) => {
                 let mut kids: Vec<&str> = keys.keys().map(String::as_str).collect();
                 kids.sort_unstable();
-                log::info("JWKS fetched", serde_json::json!({"url": self.url.text, "kids": kids}));
+                tracing::info!(url = %self.url.text, kids = %kids.join(","), "JWKS fetched");
                 *self.keys.write().unwrap() = Arc::new(keys);
                 Ok(())
             }
             Err(reason) => {
-                log::warn(
-                    "JWKS fetch failed; the cached keys stay in use",
-                    serde_json::json!({"url": self.url.text, "error": reason, "cached_keys": self.keys().len()}),
+                tracing::warn!(
+                    url = %self.url.text,
+                    error = %reason,
+                    cached_keys = self.keys().len(),
+                    "JWKS fetch failed; the cached keys stay in use"
                 );
                 Err(reason)
             }

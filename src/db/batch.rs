@@ -11,15 +11,23 @@
 //!   (503). The batch runs under the earliest deadline of its requests; `run` is given each
 //!   request's own deadline, for work it does past the first round trip (`orders::place`
 //!   places some orders again, each round under the deadlines of the orders in it).
+//! - **Traces.** A batch runs in a task of its own, for many requests at once, so its span
+//!   (`batch`, with its database round trips under it) starts a trace of its own and links to
+//!   the span of each request in it that has one (sampled): a request's span context travels
+//!   with it in the queue. A batch of unsampled requests makes no span.
+//!   (A span cannot have many parents; a link is OpenTelemetry's way to say "done for these".)
 
 use std::sync::Arc;
 
+use opentelemetry::trace::SpanContext;
 use tokio::{
     sync::{Semaphore, mpsc, oneshot},
     time::Instant,
 };
+use tracing::{Instrument, Span};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::{deadline, error::Error};
+use crate::{deadline, error::Error, telemetry};
 
 /// A queue of requests of type `R` served in batches, each answered with its own `O` or error;
 /// cheap to share.
@@ -36,6 +44,8 @@ impl<R, O> Clone for Batches<R, O> {
 struct Waiting<R, O> {
     job: Job<R>,
     answer: oneshot::Sender<Result<O, Error>>,
+    /// The span of the request that submitted it (when tracing is on), for the batch's link.
+    requester: Option<SpanContext>,
 }
 
 /// A request of a batch, with the deadline of the HTTP request that made it.
@@ -61,7 +71,8 @@ impl<R: Send + 'static, O: Send + 'static> Batches<R, O> {
     /// Serves `request` in the next batch; its own outcome.
     pub async fn submit(&self, request: R) -> Result<O, Error> {
         let (answer, answered) = oneshot::channel();
-        let waiting = Waiting { job: Job { request, deadline: deadline::current() }, answer };
+        let requester = telemetry::context::current_span_context();
+        let waiting = Waiting { job: Job { request, deadline: deadline::current() }, answer, requester };
         self.queue.send(waiting).map_err(|_| Error::Unavailable("the service is shutting down"))?;
         answered.await.unwrap_or_else(|_| Err(Error::Internal("the request's batch ended without an answer".into())))
     }
@@ -113,9 +124,10 @@ where
         return;
     }
     let earliest = live.iter().filter_map(|waiting| waiting.job.deadline).min();
+    let span = batch_span(&live);
     let (requests, answers): (Vec<Job<R>>, Vec<_>) = live.into_iter().map(|w| (w.job, w.answer)).unzip();
     let count = requests.len();
-    let served = run(requests);
+    let served = run(requests).instrument(span);
     let mut outcomes = match earliest {
         Some(earliest) => deadline::scope(earliest, served).await,
         None => served.await,
@@ -127,4 +139,19 @@ where
     for (answer, outcome) in answers.into_iter().zip(outcomes) {
         let _ = answer.send(outcome);
     }
+}
+
+/// The batch's span, linked to the span of each request in it; none when tracing is off (no
+/// request brought a span context).
+fn batch_span<R, O>(batch: &[Waiting<R, O>]) -> Span {
+    if batch.iter().all(|waiting| waiting.requester.is_none()) {
+        return Span::none();
+    }
+    let kind = std::any::type_name::<R>().rsplit("::").next().unwrap_or_default();
+    // No parent, whatever span is current: a batch is no one request's child.
+    let span = tracing::info_span!(parent: None, "batch", batch.of = kind, batch.size = batch.len());
+    for requester in batch.iter().filter_map(|waiting| waiting.requester.clone()) {
+        span.add_link(requester);
+    }
+    span
 }

@@ -37,7 +37,7 @@ use tokio::sync::watch;
 use tokio_postgres::Row;
 
 use super::{Pool, Sql};
-use crate::{domain::EVENT_TYPES, error::Error, log};
+use crate::{domain::EVENT_TYPES, error::Error};
 
 /// Events committed by this process, by type (in `EVENT_TYPES` order), for `/metrics`:
 /// process-wide, like the counters of any Prometheus client.
@@ -298,7 +298,7 @@ pub(super) fn listen(pool: Pool, enabled: bool) -> (EventSignal, tokio::task::Jo
                         }
                         listening.store(false, Ordering::Relaxed);
                         notify.send_modify(|n| *n += 1);
-                        log::warn("the connection listening for events was lost; reconnecting", serde_json::json!({}));
+                        tracing::warn!("the connection listening for events was lost; reconnecting");
                     }
                     connection.abort();
                 }

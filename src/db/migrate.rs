@@ -11,7 +11,7 @@ use postgres_types::Type;
 use tokio_postgres::{Client, error::SqlState};
 
 use super::{Pool, Sql, StartupError, describe};
-use crate::{error::Error, log};
+use crate::error::Error;
 
 /// A migration file compiled into the binary.
 #[derive(Debug, Clone, Copy)]
@@ -79,7 +79,7 @@ pub async fn run_migrations(client: &mut Client, migrations: &[Migration]) -> Re
         )
         .await?;
         tx.commit().await?;
-        log::info("migration applied", serde_json::json!({"migration": migration.name}));
+        tracing::info!(migration = migration.name, "migration applied");
         newly_applied.push(migration.name);
     }
 
@@ -87,9 +87,9 @@ pub async fn run_migrations(client: &mut Client, migrations: &[Migration]) -> Re
     for row in &recorded {
         let name: &str = row.get(0);
         if !migrations.iter().any(|m| m.name == name) {
-            log::warn(
-                "the database has a migration this build does not know; is an older build running?",
-                serde_json::json!({"migration": name}),
+            tracing::warn!(
+                migration = name,
+                "the database has a migration this build does not know; is an older build running?"
             );
         }
     }

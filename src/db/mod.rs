@@ -45,7 +45,6 @@ pub use webhooks::{Attempt, AttemptRecord, Backlog, Claimed, Endpoint, Outcome, 
 use crate::{
     domain::{NewWebhook, OrderStatus, Page, WebhookChange},
     error::Error,
-    log,
 };
 
 /// How long what is kept for a while is kept.
@@ -282,13 +281,13 @@ impl Db {
             ticker.tick().await;
             match idempotency::purge_expired(&self.primary, retention.idempotency_keys).await {
                 Ok(0) => {}
-                Ok(deleted) => log::info("expired idempotency keys purged", serde_json::json!({"deleted": deleted})),
-                Err(e) => log::warn("purging idempotency keys failed", serde_json::json!({"error": format!("{e:?}")})),
+                Ok(deleted) => tracing::info!(deleted, "expired idempotency keys purged"),
+                Err(e) => tracing::warn!(error = ?e, "purging idempotency keys failed"),
             }
             match events::purge(&self.primary, retention.events).await {
                 Ok(0) => {}
-                Ok(deleted) => log::info("expired events purged", serde_json::json!({"deleted": deleted})),
-                Err(e) => log::warn("purging events failed", serde_json::json!({"error": format!("{e:?}")})),
+                Ok(deleted) => tracing::info!(deleted, "expired events purged"),
+                Err(e) => tracing::warn!(error = ?e, "purging events failed"),
             }
         }
     }
@@ -337,7 +336,7 @@ pub async fn connect(target: &Target) -> Result<Client, StartupError> {
     let (client, connection) = target.config.connect(target.tls.clone()).await.map_err(|e| describe(&e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            log::warn("database connection closed", serde_json::json!({"error": describe(&e)}));
+            tracing::warn!(error = %describe(&e), "database connection closed");
         }
     });
     Ok(client)
@@ -357,7 +356,7 @@ pub async fn create_database_if_missing(target: &Target) -> Result<(), StartupEr
         .is_some();
     if !exists {
         match admin.batch_execute(&format!("CREATE DATABASE {}", quote_identifier(&name))).await {
-            Ok(()) => log::info("database created", serde_json::json!({"database": name})),
+            Ok(()) => tracing::info!(database = %name, "database created"),
             // Another process created it between our check and our CREATE: just as good.
             Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {}
             Err(e) => return Err(describe(&e).into()),

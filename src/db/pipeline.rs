@@ -20,11 +20,13 @@ use postgres_types::{ToSql, Type};
 use tokio_postgres::{CancelToken, Error as PgError, Row, Statement, error::SqlState};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use tracing::{Instrument, Span, field::Empty};
+
 use super::{
     failure::{Failure, connection_lost},
     pool::{Conn, PooledConn},
 };
-use crate::deadline;
+use crate::{deadline, telemetry};
 
 /// A statement of the service: its text and the PostgreSQL types of its parameters, in order
 /// (`$1`, `$2`, ...). The types let a statement be sent unnamed (parse, bind and execute in
@@ -169,7 +171,14 @@ impl PooledConn {
             });
             Ok::<_, PgError>(join_all(requests).await)
         };
-        let mut results = match within_deadline(cancel, tls, work).await {
+        let span = round_trip_span(steps, sent.len());
+        let outcome = within_deadline(cancel, tls, work).instrument(span.clone()).await;
+        if let Some(code) = failure_code(&outcome) {
+            span.record("otel.status_code", "ERROR");
+            span.record("db.response.status_code", code);
+        }
+        drop(span);
+        let mut results = match outcome {
             Some(Ok(results)) => results,
             // Preparing failed: nothing was executed. The connection is fine to reuse unless a
             // transaction was left open by an earlier round trip (then `Tx` ends it).
@@ -214,6 +223,50 @@ impl PooledConn {
     }
 }
 
+/// The span of one round trip (OpenTelemetry's database client conventions): the operation
+/// of its first statement and how many went (BEGIN and COMMIT included); when the span is
+/// sampled, the statements' text too (parameters are never in it: they travel apart).
+fn round_trip_span(steps: &[Step<'_>], statements: usize) -> Span {
+    let operation = steps.first().map_or("", |(sql, _)| {
+        sql.text.trim_start().split(|c: char| !c.is_ascii_alphabetic()).next().unwrap_or_default()
+    });
+    // Only inside a request's or a batch's span (so only when that is sampled): round trips
+    // of background work (purges, the event listener) make no trace of their own.
+    if Span::current().is_disabled() {
+        return Span::none();
+    }
+    let span = tracing::info_span!(
+        "db round trip",
+        otel.name = operation,
+        otel.kind = "client",
+        otel.status_code = Empty,
+        db.system.name = Empty,
+        db.operation.name = Empty,
+        db.operation.batch.size = Empty,
+        db.query.text = Empty,
+        db.response.status_code = Empty,
+    );
+    if telemetry::context::is_sampled(&span) {
+        span.record("db.system.name", "postgresql");
+        span.record("db.operation.name", operation);
+        span.record("db.operation.batch.size", statements);
+        let text: Vec<&str> = steps.iter().map(|(sql, _)| sql.text.trim()).collect();
+        span.record("db.query.text", text.join(";\n"));
+    }
+    span
+}
+
+/// What failed in a round trip, for its span: the first statement's SQLSTATE, or why there
+/// is no answer.
+fn failure_code(outcome: &Option<Result<Answers, PgError>>) -> Option<String> {
+    let code = |error: &PgError| error.code().map_or_else(|| "connection".to_owned(), |c| c.code().to_owned());
+    match outcome {
+        None => Some("no answer".to_owned()),
+        Some(Err(error)) => Some(code(error)),
+        Some(Ok(results)) => results.iter().find_map(|result| result.as_ref().err()).map(code),
+    }
+}
+
 impl Conn {
     /// The prepared form of `sql` on this connection, preparing it on first use.
     async fn prepared(&mut self, sql: &'static Sql) -> Result<Statement, PgError> {
@@ -225,6 +278,9 @@ impl Conn {
         Ok(statement)
     }
 }
+
+/// Each statement's answer in a round trip.
+type Answers = Vec<Result<Vec<Row>, PgError>>;
 
 /// One request of a pipeline, prepared or unnamed. tokio-postgres sends a request when its
 /// future is first polled, so `join_all` puts them all on the wire before the first answer.

@@ -32,7 +32,7 @@ use tokio_postgres::{AsyncMessage, Client, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::Target;
-use crate::{deadline, error::Error, log, sync::lock};
+use crate::{deadline, error::Error, sync::lock};
 
 /// The `application_name` of the service's connections, as `pg_stat_activity` shows them.
 pub const APPLICATION_NAME: &str = "order-api";
@@ -128,9 +128,11 @@ impl Notices {
         if notice.message().starts_with("canceling wait for synchronous replication") {
             self.unreplicated_commit.store(true, Ordering::SeqCst);
         }
-        log::warn(
-            "database notice",
-            serde_json::json!({"severity": notice.severity(), "message": notice.message(), "detail": notice.detail()}),
+        tracing::warn!(
+            severity = notice.severity(),
+            message = notice.message(),
+            detail = notice.detail(),
+            "database notice"
         );
     }
 }
@@ -265,10 +267,7 @@ impl Pool {
             }
             Err(error) => {
                 let pause = lock(&self.inner.backoff).failed();
-                log::warn(
-                    "database connection failed",
-                    serde_json::json!({"error": error, "next_attempt_in_ms": pause.as_millis()}),
-                );
+                tracing::warn!(error = %error, next_attempt_in_ms = pause.as_millis(), "database connection failed");
                 return Err(unreachable);
             }
         };
@@ -285,7 +284,7 @@ impl Pool {
                     Ok(AsyncMessage::Notice(notice)) => seen.observe(&notice),
                     Ok(_) => {}
                     Err(e) => {
-                        log::warn("database connection closed", serde_json::json!({"error": super::describe(&e)}));
+                        tracing::warn!(error = %super::describe(&e), "database connection closed");
                         break;
                     }
                 }

@@ -7,6 +7,10 @@
 //! Connections are kept open and reused for an endpoint's next deliveries (HTTP/1.1
 //! keep-alive), one request at a time each, so a busy endpoint costs no handshake per event;
 //! an answer not read to its end closes its connection.
+//!
+//! With traces on, each attempt is a client span (a trace of its own: the attempt is not made
+//! while serving a request) and its `traceparent` goes out with the event, so a receiver that
+//! traces joins the trace.
 
 use std::{
     collections::HashMap,
@@ -25,12 +29,14 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tracing::{Instrument, field::Empty};
 
 use super::{guard::Guard, schedule, sign};
 use crate::{
     db::{AttemptRecord, Claimed, Outcome},
     domain::{Scheme, WebhookUrl},
     sync::lock,
+    telemetry,
 };
 
 /// Most bytes of an endpoint's answer read; a longer one closes the connection.
@@ -84,8 +90,21 @@ impl Sender {
 
     /// Makes one attempt of `claimed` and says what became of it.
     pub async fn attempt(&self, claimed: &Claimed) -> AttemptRecord {
+        let span = tracing::info_span!(
+            target: "order_api::events",
+            "webhook attempt",
+            otel.name = "POST webhook",
+            otel.kind = "client",
+            otel.status_code = Empty,
+            http.request.method = "POST",
+            http.response.status_code = Empty,
+            "error.type" = Empty,
+            webhook.endpoint_id = claimed.endpoint_id,
+            webhook.event_id = claimed.event.id.as_str(),
+            webhook.attempt = claimed.attempts + 1,
+        );
         let started = Instant::now();
-        let answered = tokio::time::timeout(self.timeout, self.send(claimed)).await;
+        let answered = tokio::time::timeout(self.timeout, self.send(claimed)).instrument(span.clone()).await;
         let latency_ms = started.elapsed().as_secs_f64() * 1000.0;
         let failed_attempts = claimed.attempts as u32 + 1;
         let (status, outcome, error) = match answered {
@@ -105,6 +124,13 @@ impl Sender {
                 (None, self.retry(failed_attempts, None), Some(error))
             }
         };
+        if let Some(status) = status {
+            span.record("http.response.status_code", status.as_u16());
+        }
+        if outcome != Outcome::Delivered {
+            span.record("otel.status_code", "ERROR");
+            span.record("error.type", status.as_ref().map_or("no answer", StatusCode::as_str));
+        }
         AttemptRecord {
             delivery_id: claimed.delivery_id,
             endpoint_id: claimed.endpoint_id,
@@ -128,7 +154,7 @@ impl Sender {
         let body = serde_json::to_vec(&claimed.event).map_err(|e| format!("the event cannot be written: {e}"))?;
         let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.as_secs() as i64);
         let signature = sign::signature(&claimed.secrets, &claimed.event.id, timestamp, &body);
-        let request = Request::post(url.path.as_str())
+        let mut request = Request::post(url.path.as_str())
             .header(header::HOST, url.authority.as_str())
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::USER_AGENT, concat!("order-api/", env!("CARGO_PKG_VERSION")))
@@ -137,6 +163,7 @@ impl Sender {
             .header("webhook-signature", signature)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| format!("the request cannot be made: {e}"))?;
+        telemetry::context::inject(request.headers_mut());
         let destination = (url.scheme, url.host.clone(), url.port);
         let mut connection = match self.idle_connection(&destination) {
             Some(connection) => connection,

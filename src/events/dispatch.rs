@@ -31,7 +31,6 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use super::deliver::{SendSettings, Sender};
 use crate::{
     db::{AttemptRecord, Claimed, Db, Outcome},
-    log,
     metrics::Metrics,
     sync::lock,
 };
@@ -122,7 +121,7 @@ async fn route_loop(db: Db, wake_claimer: Arc<Notify>) {
             Ok(0) => {}
             Ok(_) => wake_claimer.notify_one(),
             Err(error) => {
-                log::warn("routing events to webhooks failed", serde_json::json!({"error": error.body().error}))
+                tracing::warn!(error = %error.body().error, "routing events to webhooks failed")
             }
         }
         events.wait(false, pass_started + TICK).await;
@@ -166,10 +165,7 @@ impl Claimer {
                             tokio::spawn(self.clone().attempt(delivery, lease_ends));
                         }
                     }
-                    Err(error) => log::warn(
-                        "claiming webhook deliveries failed",
-                        serde_json::json!({"error": error.body().error}),
-                    ),
+                    Err(error) => tracing::warn!(error = %error.body().error, "claiming webhook deliveries failed"),
                 }
             }
             let _ = tokio::time::timeout_at(pass_started + TICK, wake.notified()).await;
@@ -229,13 +225,14 @@ async fn record_loop(
         for attempt in &batch {
             metrics.record_webhook_attempt(attempt.outcome);
             if attempt.outcome != Outcome::Delivered {
-                log::warn(
-                    "webhook delivery attempt failed",
-                    serde_json::json!({
-                        "endpoint_id": attempt.endpoint_id, "delivery_id": attempt.delivery_id,
-                        "status": attempt.status, "outcome": outcome_name(attempt.outcome),
-                        "error": attempt.error, "latency_ms": attempt.latency_ms,
-                    }),
+                tracing::warn!(
+                    endpoint_id = attempt.endpoint_id,
+                    delivery_id = attempt.delivery_id,
+                    status = attempt.status,
+                    outcome = outcome_name(attempt.outcome),
+                    error = attempt.error.as_deref(),
+                    latency_ms = attempt.latency_ms,
+                    "webhook delivery attempt failed"
                 );
             }
         }
@@ -245,15 +242,12 @@ async fn record_loop(
             match db.record_attempts(&batch, disable_after).await {
                 Ok(disabled) => {
                     for (endpoint_id, reason) in disabled {
-                        log::warn(
-                            "webhook endpoint disabled",
-                            serde_json::json!({"endpoint_id": endpoint_id, "reason": reason}),
-                        );
+                        tracing::warn!(endpoint_id, reason = %reason, "webhook endpoint disabled");
                     }
                     break;
                 }
                 Err(error) => {
-                    log::warn("recording webhook attempts failed", serde_json::json!({"error": error.body().error}));
+                    tracing::warn!(error = %error.body().error, "recording webhook attempts failed");
                     tokio::time::sleep(TICK).await;
                 }
             }

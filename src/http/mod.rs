@@ -28,7 +28,6 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     server::graceful::GracefulShutdown,
 };
-use serde::Serialize;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -43,8 +42,9 @@ use crate::{
     },
     deadline,
     error::{Error, RETRY_AFTER_SECS},
-    log, memory,
+    memory, telemetry,
 };
+use tracing::{Instrument, Level};
 
 /// Connections past `MAX_CONNECTIONS` answered with a 503 at the same time; more are closed.
 const MAX_REFUSALS_AT_ONCE: usize = 64;
@@ -98,7 +98,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Typically EMFILE: back off briefly instead of spinning.
-                    log::warn("accept failed", serde_json::json!({"error": e.to_string()}));
+                    tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_RETRY_PAUSE).await;
                     continue;
                 }
@@ -135,9 +135,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, shutdown: impl F
 
     drop(listener);
     trimmer.abort();
-    log::info("shutting down: draining connections", serde_json::json!({"open_connections": graceful.count()}));
+    tracing::info!(open_connections = graceful.count(), "shutting down: draining connections");
     if tokio::time::timeout(state.config.shutdown_grace, graceful.shutdown()).await.is_err() {
-        log::warn("shutdown grace period over; closing remaining connections", serde_json::json!({}));
+        tracing::warn!("shutdown grace period over; closing remaining connections");
     }
 }
 
@@ -192,11 +192,11 @@ async fn refuse_over_capacity(mut stream: TcpStream) {
     linger::linger(stream, REFUSAL_PATIENCE).await;
 }
 
-/// One request: route it, run its handler in a task of its own under the request deadline,
-/// render errors, add `X-Request-Id`, record metrics and write the log line.
+/// One request: route it, run its handler in a task of its own under the request deadline
+/// (and in the request's span, child of the caller's `traceparent`), render errors, add
+/// `X-Request-Id`, record metrics and write the log line.
 async fn handle(state: Arc<AppState>, peer: IpAddr, request: Request<Incoming>) -> Result<Reply, Infallible> {
     let started = Instant::now();
-    let request_id = request_id::request_id(&request);
     let method = request.method().clone();
     // A request framed by Transfer-Encoding may also have carried a Content-Length, which hyper
     // drops (RFC 9112 6.1: the body is read by Transfer-Encoding alone). A proxy in front may
@@ -205,6 +205,15 @@ async fn handle(state: Arc<AppState>, peer: IpAddr, request: Request<Incoming>) 
     let close_after = request.headers().contains_key(header::TRANSFER_ENCODING);
     let matched = routes::find(request.uri().path());
     let route = matched.as_ref().map_or("unmatched", |m| m.route.template());
+    let request_id = request_id::request_id(&request);
+    let (span, context) = telemetry::context::start_request(
+        &method,
+        route,
+        request_id.clone(),
+        request.headers(),
+        peer,
+        !is_probe_or_scrape(route),
+    );
 
     let outcome = match matched {
         None => Err(Error::RouteNotFound),
@@ -220,7 +229,7 @@ async fn handle(state: Arc<AppState>, peer: IpAddr, request: Request<Incoming>) 
                     deadline,
                     async move { routes::dispatch(&handler_state, matched, request, peer).await },
                 );
-            let mut task = tokio::spawn(log::REQUEST_ID.scope(request_id.clone(), handler));
+            let mut task = tokio::spawn(context.clone().scope(handler).instrument(span.clone()));
             // The handler honours the deadline itself: its pool wait ends there, and a
             // transaction still running is cancelled inside PostgreSQL, so the answer tells
             // the truth about what was written. This later timeout is the backstop for a
@@ -239,6 +248,7 @@ async fn handle(state: Arc<AppState>, peer: IpAddr, request: Request<Incoming>) 
     };
 
     let error_detail = outcome.as_ref().err().and_then(Error::log_detail);
+    let error_code = outcome.as_ref().err().map(Error::code);
     let mut reply = outcome.unwrap_or_else(|error| reply::error(&error));
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         reply.headers_mut().insert("x-request-id", value);
@@ -249,37 +259,32 @@ async fn handle(state: Arc<AppState>, peer: IpAddr, request: Request<Incoming>) 
     let elapsed = started.elapsed();
     let status = reply.status().as_u16();
     state.metrics.record_request(route, &method, status, elapsed);
-    let level = match (status, route) {
-        (500.., _) => log::Level::Error,
-        // Healthchecks and metric scrapes come every few seconds and say nothing new.
-        (200, "/health" | "/health/live" | "/health/ready" | "/metrics") => log::Level::Debug,
-        _ => log::Level::Info,
-    };
-    if log::enabled(level) {
-        log::event(
-            level,
-            "request",
-            RequestLog {
-                request_id: &request_id,
-                method: method.as_str(),
-                route,
-                status,
-                duration_ms: elapsed.as_micros() as f64 / 1000.0,
-                error: error_detail.as_deref(),
-            },
-        );
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        // Server spans are errors on 5xx only (OpenTelemetry's HTTP conventions): a 4xx is the
+        // client's, and answered correctly.
+        span.record("otel.status_code", "ERROR");
+        span.record("error.type", error_code.unwrap_or("INTERNAL"));
     }
+    let level = match (status, route) {
+        (500.., _) => Level::ERROR,
+        // Healthchecks and metric scrapes come every few seconds and say nothing new.
+        (200, _) if is_probe_or_scrape(route) => Level::DEBUG,
+        _ => Level::INFO,
+    };
+    let duration_ms = elapsed.as_micros() as f64 / 1000.0;
+    // The route template, not the raw path: bounded cardinality, no ids in the logs.
+    let error = error_detail.as_deref();
+    context.in_scope(|| match level {
+        Level::ERROR => tracing::error!(method = method.as_str(), route, status, duration_ms, error, "request"),
+        Level::DEBUG => tracing::debug!(method = method.as_str(), route, status, duration_ms, error, "request"),
+        _ => tracing::info!(method = method.as_str(), route, status, duration_ms, error, "request"),
+    });
     Ok(reply)
 }
 
-#[derive(Serialize)]
-struct RequestLog<'a> {
-    request_id: &'a str,
-    method: &'a str,
-    /// The route template, not the raw path: bounded cardinality, no ids in the logs.
-    route: &'a str,
-    status: u16,
-    duration_ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
+/// Health probes and metric scrapes: every few seconds, saying nothing new (logged at
+/// debug when answered 200, no span).
+fn is_probe_or_scrape(route: &str) -> bool {
+    matches!(route, "/health" | "/health/live" | "/health/ready" | "/metrics")
 }

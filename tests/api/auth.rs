@@ -217,7 +217,6 @@ async fn reads_batched_together_keep_each_customers_orders_their_own() {
     pg.execute("CREATE DATABASE shop").await;
     let mut config = Config { database_url: pg.url("shop"), port: 0, ..Config::default() };
     jwt_settings(&mut config);
-    order_api::log::set_level(order_api::log::Level::Error);
     order_api::prepare_database(&config, true).await.expect("migrate and seed");
     let app = spawn_app_at(config).await;
     // Watches from the `postgres` database, so that its own statements are not counted.

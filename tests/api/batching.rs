@@ -272,7 +272,6 @@ async fn a_batch_cut_by_a_postgresql_crash_answers_every_order_honestly() {
         request_timeout: Duration::from_secs(5),
         ..order_api::config::Config::default()
     };
-    order_api::log::set_level(order_api::log::Level::Error);
     order_api::prepare_database(&config, true).await.expect("migrate and seed");
     let mut app = spawn_app_at(config).await;
 

@@ -142,7 +142,6 @@ async fn concurrent_catalogue_reads_share_one_query() {
     let pg = PrivatePostgres::start_counting_statements().await;
     pg.execute("CREATE DATABASE shop").await;
     let config = Config { database_url: pg.url("shop"), port: 0, pool_size: 1, ..Config::default() };
-    order_api::log::set_level(order_api::log::Level::Error);
     order_api::prepare_database(&config, true).await.expect("migrate and seed");
     let app = spawn_app_at(config).await;
     assert_eq!(app.get("/api/products").await.status, 200);

@@ -1,6 +1,7 @@
 //! What the real binary writes on stdout: one JSON object per line; one line per request with
-//! its request id, method, route template (never the raw path), status and duration; and the
-//! request id on every line written while serving a request.
+//! its request id, method, route template (never the raw path), status and duration; the
+//! request id (and the trace id, when there is a trace) on every line written while serving a
+//! request; and what `LOG_LEVEL` and `RUST_LOG` let through.
 
 use std::time::Duration;
 
@@ -26,6 +27,15 @@ async fn every_request_is_one_json_line_with_its_id_route_status_and_duration() 
     assert_eq!(missing.status(), 404);
     let generated = http.get(server.url("/api/products/3")).send().await.unwrap();
     let generated_id = generated.headers()["x-request-id"].to_str().unwrap().to_owned();
+    // Tracing is off (no OTLP endpoint), yet the caller's trace id is in the line.
+    let traced = http
+        .get(server.url("/api/products/3"))
+        .header("x-request-id", "trace-caller")
+        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(traced.status(), 200);
 
     server.terminate();
     assert!(server.wait_for_exit(Duration::from_secs(10)).await.is_some_and(|status| status.success()));
@@ -54,9 +64,13 @@ async fn every_request_is_one_json_line_with_its_id_route_status_and_duration() 
     assert_eq!(missing_line["route"], "/api/orders/{orderId}", "the template, not the raw path");
     assert_eq!(missing_line["status"], 404);
     assert_eq!(request(&generated_id)["route"], "/api/products/{productId}");
+    assert!(request(&generated_id).get("trace_id").is_none(), "no trace, no trace id");
+    let traced_line = request("trace-caller");
+    assert_eq!(traced_line["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "the caller's trace");
+    assert!(traced_line.get("span_id").is_none(), "no span of the service's own with tracing off");
     assert_eq!(
         lines.iter().filter(|l| l["msg"] == "request").count(),
-        3,
+        4,
         "one line per request (health checks log at debug):\n{logs}"
     );
 }
@@ -194,4 +208,22 @@ async fn open_mode_warns_at_start_that_any_caller_can_act_as_any_user() {
     let logs = jwt.logs();
     assert!(logs.contains("\"msg\":\"listening\""), "the start-up was logged:\n{logs}");
     assert!(!logs.contains("AUTH_MODE=open"), "jwt mode warned about open mode:\n{logs}");
+}
+
+/// `RUST_LOG` wins over `LOG_LEVEL` and filters per module: here the request lines
+/// (`order_api::http`) are turned off while everything else stays at info, and the start-up
+/// lines are still written.
+#[tokio::test]
+async fn rust_log_filters_per_module_and_wins_over_log_level() {
+    let database = TestDatabase::create().await;
+    let env = [("LOG_LEVEL", "debug"), ("RUST_LOG", "info,order_api::http=off")];
+    let mut server = ServerProcess::start_with_env(&database.url, &env).await;
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    assert_eq!(http.get(server.url("/api/products/3")).send().await.unwrap().status(), 200);
+    server.terminate();
+    assert!(server.wait_for_exit(Duration::from_secs(10)).await.is_some_and(|status| status.success()));
+    let logs = server.logs();
+    assert!(logs.contains(r#""msg":"listening""#), "info lines of other modules are written:\n{logs}");
+    assert!(!logs.contains(r#""msg":"request""#), "order_api::http is off:\n{logs}");
+    assert!(!logs.contains(r#""level":"debug""#), "RUST_LOG, not LOG_LEVEL=debug:\n{logs}");
 }

@@ -35,4 +35,5 @@ mod read_replica;
 mod release;
 mod shutdown;
 mod tls;
+mod traces;
 mod webhooks;

@@ -68,7 +68,11 @@ async fn every_series_of_the_alerts_and_the_dashboard_is_exported() {
         scrape = app.get("/metrics").await;
     }
     assert_eq!(scrape.status, 200);
-    let exported = sample_labels(&scrape.text);
+    let mut exported = sample_labels(&scrape.text);
+    // The test cluster does not archive WAL, and the archive series exist only while it does:
+    // they come from the service's own renderer given a reading with archiving on (and
+    // `archiving.rs` scrapes them from a server on a cluster that archives).
+    exported.extend(sample_labels(&archive_series_when_archiving()));
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut expressions: Vec<(String, String)> = Vec::new(); // (where, PromQL)
@@ -131,6 +135,26 @@ fn metric_names_are_told_from_functions_keywords_labels_and_literals() {
     assert_eq!(names(r#"time() - g{x!~"a{b}(c)"} unless h"#).len(), 2);
     assert_eq!(names("label_values(i{job=\"$job\"}, instance)"), [("i".to_owned(), vec!["job".to_owned()])]);
     assert_eq!(names("count_values(\"v\", j) + topk(3, k) + quantile(0.5, l)").len(), 3);
+}
+
+/// The `order_api_wal_archive_*` series as `/metrics` renders them while WAL is archived.
+fn archive_series_when_archiving() -> String {
+    let watch = order_api::archiving::ArchiveWatch::default();
+    let reading = order_api::db::archiver::ArchiverStats {
+        mode: "on".into(),
+        archived_count: 1,
+        failed_count: 0,
+        last_archived_wal: Some("000000010000000000000001".into()),
+        last_archived_age: Some(1.0),
+        last_failed_wal: None,
+        last_failed_age: None,
+        current_lsn: Some(1 << 24),
+        segment_size: 1 << 24,
+    };
+    watch.record(reading, std::time::Instant::now());
+    let mut text = String::new();
+    watch.render(&mut text);
+    text
 }
 
 /// Sample name -> the label names it is exported with, from Prometheus text.

@@ -19,7 +19,6 @@ async fn app_on_private(pg: &PrivatePostgres, request_timeout: Duration) -> Test
 async fn app_on_private_with(pg: &PrivatePostgres, request_timeout: Duration, pool_size: usize) -> TestApp {
     pg.execute("CREATE DATABASE shop").await;
     let config = Config { database_url: pg.url("shop"), port: 0, request_timeout, pool_size, ..Config::default() };
-    order_api::log::set_level(order_api::log::Level::Error);
     order_api::prepare_database(&config, true).await.expect("migrate and seed");
     spawn_app_at(config).await
 }

@@ -123,7 +123,6 @@ async fn the_order_flow_works_through_pgbouncer_in_transaction_mode() {
     let database = common::TestDatabase::create().await;
     let pooled_url = format!("postgresql://postgres@127.0.0.1:{port}/{}", database.name);
     let config = Config { database_url: pooled_url, transaction_pooler: true, ..Config::default() };
-    order_api::log::set_level(order_api::log::Level::Error); // no migration lines in the output
     order_api::prepare_database(&config, true).await.expect("migrate and seed through pgbouncer");
     let app = common::spawn_app_on(config, database).await;
     exercise(&app).await;

@@ -90,7 +90,6 @@ async fn sslmode_disable_never_encrypts() {
 async fn tls_server() -> (PrivatePostgres, String) {
     let (pg, ca) = PrivatePostgres::start_with_tls().await;
     pg.execute("CREATE DATABASE shop").await;
-    order_api::log::set_level(order_api::log::Level::Error);
     let config = Config { database_url: pg.url("shop"), ..Config::default() };
     order_api::prepare_database(&config, true).await.expect("migrate and seed");
     (pg, ca.to_str().unwrap().to_owned())

@@ -8,8 +8,12 @@
 //! Beside this file: `wait` (poll what a test waits for, with a bound: never a guessed sleep),
 //! `raw` (requests written on sockets of their own, and knowing when the server has read
 //! them), `process` (the real binary as a child process), `private_pg` (a PostgreSQL server
-//! of the test's own).
+//! of the test's own), `otlp` (a collector that receives and decodes the service's spans).
+//!
+//! An in-process server logs nothing (no subscriber is installed; `main` installs it): the
+//! tests of the log lines run the binary.
 
+pub mod otlp;
 pub mod private_pg;
 pub mod process;
 pub mod proxy;
@@ -73,11 +77,10 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
         database_url: database.url.clone(),
         host: [127, 0, 0, 1].into(),
         port: 0,
-        log_level: order_api::log::Level::Error,
+        log_level: tracing::level_filters::LevelFilter::ERROR,
         operator_token: operator_token(),
         ..Config::default()
     };
-    order_api::log::set_level(config.log_level);
     order_api::prepare_database(&config, true).await.expect("migrate and seed the test database");
     customize(&mut config);
     start_server(config, database).await
@@ -86,9 +89,8 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut Config)) -> TestApp {
 /// A server with `config` (already migrated, reaching `database` its own way, e.g. through a
 /// pooler), which the test inspects directly; the database is dropped with the app.
 pub async fn spawn_app_on(mut config: Config, database: TestDatabase) -> TestApp {
-    config.log_level = order_api::log::Level::Error;
+    config.log_level = tracing::level_filters::LevelFilter::ERROR;
     config.operator_token = operator_token();
-    order_api::log::set_level(config.log_level);
     start_server(config, database).await
 }
 
@@ -100,7 +102,7 @@ pub async fn spawn_app_without_database() -> TestApp {
         host: [127, 0, 0, 1].into(),
         port: 0,
         connect_timeout: Duration::from_millis(500),
-        log_level: order_api::log::Level::Error,
+        log_level: tracing::level_filters::LevelFilter::ERROR,
         operator_token: operator_token(),
         ..Config::default()
     };
@@ -118,7 +120,7 @@ pub async fn spawn_app_at(config: Config) -> TestApp {
 /// The same, with the test's own connection to `inspect_url` (for a `DATABASE_URL` the test
 /// cannot connect with, such as a host name that only `hostaddr` makes reachable).
 pub async fn spawn_app_inspected_at(mut config: Config, inspect_url: &str) -> TestApp {
-    config.log_level = order_api::log::Level::Error;
+    config.log_level = tracing::level_filters::LevelFilter::ERROR;
     config.operator_token = operator_token();
     config.host = [127, 0, 0, 1].into();
     let name = inspect_url.rsplit('/').next().unwrap().split('?').next().unwrap().to_owned();
