@@ -13,7 +13,7 @@ use serde_json::Value;
 use tracing::dispatcher::DefaultGuard;
 
 use crate::common::{
-    self, TestApp, TestDatabase, order_body,
+    TestApp, TestDatabase, order_body,
     otlp::{OtlpReceiver, ReceivedSpan},
     process::ServerProcess,
     raw,
@@ -241,26 +241,14 @@ async fn ratio_one_records_every_new_trace_and_still_follows_the_caller() {
 /// 50 orders that arrive together are placed in one batch, and the trace shows it: one batch
 /// span linked to each of the 50 request spans (each in its own trace), with the batch's
 /// database round trips under it. To make the batch form for sure, both slots of the order
-/// lane are first taken by orders waiting for idempotency keys that the test holds (as in
-/// `batch_faults`); the 50 queue meanwhile, and go together once the keys are released.
+/// lane are first taken (`TestApp::hold_order_lanes`); the 50 queue meanwhile, and go
+/// together once the lanes are released.
 #[tokio::test]
 async fn fifty_orders_placed_together_make_fifty_request_spans_linked_to_one_batch_span() {
     const ORDERS: usize = 50;
     let receiver = OtlpReceiver::start().await;
     let (app, telemetry, _guard) = traced_app(&receiver, "always_on", None, |config| config.order_batch_max = 64).await;
-    assert_eq!(order_api::db::Lanes::for_pool(app_pool_size()).orders, 2, "two order batches at a time");
-    let holder = common::connect(&app.database_url).await;
-    holder.batch_execute("BEGIN").await.unwrap();
-    for key in ["blocker-1", "blocker-2"] {
-        holder
-            .execute("INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES (1, $1, 'x')", &[&key])
-            .await
-            .unwrap();
-    }
-    let first = app.spawn_order(Some("blocker-1"), order_body(1, 3, 1));
-    app.wait_for_lock_waiters(1).await;
-    let blockers = [first, app.spawn_order(Some("blocker-2"), order_body(1, 3, 1))];
-    app.wait_for_lock_waiters(2).await;
+    let lanes = app.hold_order_lanes().await;
 
     let requests: Vec<raw::Request> = (0..ORDERS)
         .map(|i| {
@@ -271,12 +259,9 @@ async fn fifty_orders_placed_together_make_fifty_request_spans_linked_to_one_bat
         .collect();
     let in_flight = app.send_all(&requests).await;
     in_flight.read_by_the_server().await;
-    holder.batch_execute("ROLLBACK").await.unwrap();
+    lanes.release().await;
     for reply in in_flight.replies().await {
         assert_eq!(reply.status, 201, "{}", reply.text);
-    }
-    for blocker in blockers {
-        assert_eq!(blocker.await.unwrap().status, 201);
     }
     flushed(telemetry).await;
 
@@ -301,11 +286,6 @@ async fn fifty_orders_placed_together_make_fifty_request_spans_linked_to_one_bat
     assert!(batch.parent_span_id.is_empty());
     assert!(!children(&spans, batch).is_empty(), "the batch's round trips are under it");
     app.assert_invariants().await;
-}
-
-/// The default `DB_POOL_SIZE`.
-fn app_pool_size() -> usize {
-    order_api::config::Config::default().pool_size
 }
 
 /// A webhook attempt is a client span of its own trace, and its `traceparent` goes out with

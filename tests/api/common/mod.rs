@@ -57,6 +57,27 @@ pub struct TestApp {
     _database: Option<TestDatabase>,
 }
 
+/// The order lanes held by `TestApp::hold_order_lanes`.
+pub struct HeldOrderLanes {
+    holder: tokio_postgres::Client,
+    blockers: Vec<JoinHandle<Reply>>,
+}
+
+impl HeldOrderLanes {
+    /// Lets the two blocked orders go (each placing one unit of product 3, as a new order:
+    /// the held keys were never committed); their answers.
+    pub async fn release(self) -> Vec<Reply> {
+        self.holder.batch_execute("ROLLBACK").await.unwrap();
+        let mut answers = Vec::new();
+        for blocker in self.blockers {
+            let answer = blocker.await.unwrap();
+            assert_eq!(answer.status, 201, "{}", answer.text);
+            answers.push(answer);
+        }
+        answers
+    }
+}
+
 /// The operator token of every test server (`OPERATOR_TOKEN`), sent by `TestApp::http`.
 pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789-abcdef";
 
@@ -520,6 +541,26 @@ impl TestApp {
     /// index entry another transaction holds); panics after `wait::PATIENCE`.
     pub async fn wait_for_lock_waiters(&self, count: i64) {
         wait::for_lock_waiters(&self.db, &self.database_name, count).await
+    }
+
+    /// Both slots of the order lane taken (the default pool has two): a keyed order in each
+    /// waits for its Idempotency-Key, which an open transaction of the test holds. Orders sent
+    /// meanwhile queue in the lane, and go together in one batch once `release`d.
+    pub async fn hold_order_lanes(&self) -> HeldOrderLanes {
+        let lanes = order_api::db::Lanes::for_pool(Config::default().pool_size).orders;
+        assert_eq!(lanes, 2, "two order batches at a time");
+        let holder = connect(&self.database_url).await;
+        holder.batch_execute("BEGIN").await.unwrap();
+        let mut blockers = Vec::new();
+        for (i, key) in ["lane-blocker-1", "lane-blocker-2"].into_iter().enumerate() {
+            holder
+                .execute("INSERT INTO idempotency_keys (user_id, key, request_hash) VALUES (1, $1, 'x')", &[&key])
+                .await
+                .unwrap();
+            blockers.push(self.spawn_order(Some(key), order_body(1, 3, 1)));
+            self.wait_for_lock_waiters(i as i64 + 1).await;
+        }
+        HeldOrderLanes { holder, blockers }
     }
 
     /// `POST /api/orders` of `body` (with `key` as its Idempotency-Key) in a task of its own,
