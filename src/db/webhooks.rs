@@ -305,16 +305,21 @@ const CLAIM: Sql = Sql {
     params: &[Type::INT8, Type::FLOAT8, Type::INT8, Type::INT8_ARRAY, Type::INT8_ARRAY],
     text: concat!(
         "
-    WITH ep AS (
-        SELECT w.id, w.routed_tx, w.routed_id, w.types
+    WITH ep AS MATERIALIZED (
+        SELECT w.id
         FROM webhook_endpoints AS w
         WHERE w.enabled
         ORDER BY w.id
         FOR UPDATE SKIP LOCKED
     ), room AS (
-        SELECT ep.*, $1 - coalesce((SELECT q.held FROM unnest($4::int8[], $5::int8[]) AS q (endpoint_id, held)
-                                    WHERE q.endpoint_id = ep.id), 0) AS free
-        FROM ep
+        -- The routed position as of this statement's snapshot, read apart from the lock: a
+        -- row locked FOR UPDATE is its newest version, and a routing that committed after the
+        -- snapshot would show a position past deliveries the snapshot cannot see, letting a
+        -- product's later event go while its earlier one is pending.
+        SELECT w.id, w.routed_tx, w.routed_id, w.types,
+               $1 - coalesce((SELECT q.held FROM unnest($4::int8[], $5::int8[]) AS q (endpoint_id, held)
+                              WHERE q.endpoint_id = w.id), 0) AS free
+        FROM ep JOIN webhook_endpoints AS w ON w.id = ep.id
     ), picked AS (
         SELECT d.id
         FROM room CROSS JOIN LATERAL (
