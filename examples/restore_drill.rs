@@ -584,14 +584,17 @@ impl<'a> Drill<'a> {
                     .batch_execute(
                         "BEGIN;
                          DELETE FROM inventory_movements WHERE order_id IS NOT NULL;
-                         DELETE FROM payments; DELETE FROM order_items; DELETE FROM orders;
+                         DELETE FROM payments; DELETE FROM order_items;
+                         DELETE FROM idempotency_keys WHERE order_id IS NOT NULL;
+                         DELETE FROM events WHERE order_id IS NOT NULL;
+                         DELETE FROM orders;
                          COMMIT;",
                     )
                     .await;
                 self.check(deleted.is_ok(), || format!("the DELETE itself failed: {deleted:?}"));
                 let left: i64 = db.query_one("SELECT count(*) FROM orders", &[]).await.map(|r| r.get(0)).unwrap_or(-1);
                 println!(
-                    "  disaster: DELETE FROM orders (and their lines, payments, ledger movements): {left} orders left"
+                    "  disaster: DELETE FROM orders (and their lines, payments, ledger movements, keys, events): {left} orders left"
                 );
                 self.figure("archive_lag_at_disaster", lag);
                 (target.clone(), None, wal_at_end)
