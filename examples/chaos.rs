@@ -67,7 +67,9 @@ use std::{
 
 use reliability::{
     Answer, Database, Event, Expectations, FaultProxy, Kind, PathMode, Server, Settings, Shopper, exactly_once,
-    free_port, keyed_load, keyed_load_paced, new_record, order_load, receiver::Receiver, stop_load, verdict, verify,
+    free_port, keyed_load, keyed_load_paced, new_record, order_load,
+    receiver::{Receiver, local_ports_of},
+    stop_load, verdict, verify,
 };
 use serde_json::json;
 use tokio::{
@@ -1033,14 +1035,19 @@ async fn events(settings: &Settings, plan: &EventsPlan) -> bool {
     until(plan.receiver_down_for).await;
     let came_up = receiver.come_up().await;
 
-    // The replica dies holding leases: taken when some are out (at most 5 s later).
+    // The replica dies holding leases: killed while the receiver is answering one of its
+    // attempts (looked for up to 10 s), so that what is measured is the take-over of a dead
+    // replica's deliveries, not the survivors' next attempts.
     until(plan.kill_replica_at).await;
-    let mut leased = reliability::events::leased_now(&db, endpoint).await;
     let looking = Instant::now();
-    while leased.is_empty() && looking.elapsed() < Duration::from_secs(5) {
-        sleep_ms(100).await;
-        leased = reliability::events::leased_now(&db, endpoint).await;
+    let mut caught_in_flight = false;
+    while !caught_in_flight && looking.elapsed() < Duration::from_secs(10) {
+        caught_in_flight = receiver.in_flight_from(&local_ports_of(servers[2].pid()));
+        if !caught_in_flight {
+            sleep_ms(20).await;
+        }
     }
+    let leased = reliability::events::leased_now(&db, endpoint).await;
     servers[2].kill();
     let killed_after_s = load_started.elapsed().as_secs_f64();
     let resumed = tokio::spawn({
@@ -1083,6 +1090,7 @@ async fn events(settings: &Settings, plan: &EventsPlan) -> bool {
             "replica_killed": {
                 "at_s": (killed_after_s * 10.0).round() / 10.0,
                 "deliveries_leased_then": leased.len(),
+                "with_an_attempt_in_flight": caught_in_flight,
                 "taken_over_after_lease_expiry": orphaned,
                 "slowest_resumed_ms": resumed_ms.iter().max(),
                 "not_resumed": not_resumed,
@@ -1106,7 +1114,11 @@ async fn events(settings: &Settings, plan: &EventsPlan) -> bool {
                 leased.len()
             )
         });
-        expect.check(!leased.is_empty(), || "no delivery was leased when the replica was killed".into());
+        expect.check(caught_in_flight && orphaned > 0, || {
+            format!(
+                "the replica was killed without a delivery of its own in flight ({orphaned} taken over after expiry)"
+            )
+        });
         expect.check(survivors_running, || "a surviving replica exited".into());
         expect.check(record.count(|e| e.answer == Answer::ServerError) == 0, || {
             format!("answers other than 2xx/4xx/503/504 OUTCOME_UNKNOWN: {:?}", record.bad_answers)

@@ -19,7 +19,7 @@
 //! that delivered event n" is a comparison of ticks.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     convert::Infallible,
     sync::{
         Arc, Mutex,
@@ -80,6 +80,8 @@ struct State {
     /// flight twice (from two replicas).
     in_flight: HashMap<String, u32>,
     overlaps: u64,
+    /// Attempts being answered now, per the sender's port.
+    in_flight_ports: HashMap<u16, u32>,
     /// The body of each event as first received: a later attempt must carry the same.
     bodies: HashMap<String, Bytes>,
     changed_bodies: u64,
@@ -126,11 +128,11 @@ impl Receiver {
             .map_err(|e| format!("the receiver cannot listen on {}: {e}", self.port))?;
         let receiver = self.clone();
         let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            while let Ok((stream, peer)) = listener.accept().await {
                 let receiver = receiver.clone();
                 let service = service_fn(move |request: Request<hyper::body::Incoming>| {
                     let receiver = receiver.clone();
-                    async move { Ok::<_, Infallible>(receiver.answer(request).await) }
+                    async move { Ok::<_, Infallible>(receiver.answer(request, peer.port()).await) }
                 });
                 tokio::spawn(http1::Builder::new().serve_connection(TokioIo::new(stream), service));
             }
@@ -143,7 +145,8 @@ impl Receiver {
         self.ticks.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    async fn answer(&self, request: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+    /// Answers one attempt that came over a connection from `peer_port`.
+    async fn answer(&self, request: Request<hyper::body::Incoming>, peer_port: u16) -> Response<Full<Bytes>> {
         let headers = request.headers().clone();
         let webhook_id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
         let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -166,6 +169,7 @@ impl Receiver {
             if *in_flight > 1 {
                 state.overlaps += 1;
             }
+            *state.in_flight_ports.entry(peer_port).or_default() += 1;
             match state.bodies.get(&webhook_id) {
                 Some(first) if *first != body => state.changed_bodies += 1,
                 Some(_) => {}
@@ -189,7 +193,7 @@ impl Receiver {
         };
         // Counted out of flight however the attempt ends: hyper drops this future, sleep and
         // all, when the sender's connection closes (a SIGKILLed replica's).
-        let _in_flight = InFlight { state: self.state.clone(), webhook_id: webhook_id.clone() };
+        let _in_flight = InFlight { state: self.state.clone(), webhook_id: webhook_id.clone(), peer_port };
         if let Reply::Slow(delay) = reply {
             tokio::time::sleep(delay).await;
         }
@@ -231,6 +235,11 @@ impl Receiver {
         (state.overlaps, state.changed_bodies)
     }
 
+    /// Whether an attempt is being answered now over a connection from one of `ports`.
+    pub fn in_flight_from(&self, ports: &HashSet<u16>) -> bool {
+        self.state.lock().unwrap().in_flight_ports.iter().any(|(port, n)| *n > 0 && ports.contains(port))
+    }
+
     /// Milliseconds since the receiver was made.
     pub fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -249,14 +258,45 @@ impl Drop for Receiver {
 struct InFlight {
     state: Arc<Mutex<State>>,
     webhook_id: String,
+    peer_port: u16,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        if let Some(in_flight) = self.state.lock().unwrap().in_flight.get_mut(&self.webhook_id) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(in_flight) = state.in_flight.get_mut(&self.webhook_id) {
+            *in_flight -= 1;
+        }
+        if let Some(in_flight) = state.in_flight_ports.get_mut(&self.peer_port) {
             *in_flight -= 1;
         }
     }
+}
+
+/// The local TCP ports of process `pid`'s sockets (IPv4, from /proc): with the receiver's
+/// `in_flight_from`, whether a replica is making an attempt now.
+pub fn local_ports_of(pid: u32) -> HashSet<u16> {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(|fd| {
+                let target = std::fs::read_link(fd.ok()?.path()).ok()?;
+                let target = target.to_str()?;
+                Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect()
+        })
+        .unwrap_or_default();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (local, inode) = (fields.get(1)?, fields.get(9)?);
+            let port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+            inodes.contains(*inode).then_some(port)
+        })
+        .collect()
 }
 
 /// The flaky answer to attempt number `seen` (from 0) of `webhook_id`: deterministic, so a
