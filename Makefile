@@ -66,8 +66,9 @@ bench: build
 
 ## chaos: faults injected under load into the release binary, each on a fresh database, then
 ## the data checked: pg-restart (stops the local PostgreSQL for 3 s: run it alone), api-kill,
-## slow-clients, replicas; and failover on request (CHAOS=failover: a pg_auto_failover pair,
-## its primary killed). CHAOS="api-kill replicas" picks some; verdicts in target/reliability/
+## slow-clients, replicas, events (webhooks to a flaky receiver, on a private PostgreSQL);
+## and on request events-heavy, failover (CHAOS=failover: a pg_auto_failover pair, its
+## primary killed). CHAOS="api-kill replicas" picks some; verdicts in target/reliability/
 chaos: build
 	$(CARGO) run --profile tools --locked --example chaos -- $(CHAOS)
 

@@ -32,13 +32,23 @@
 //! - `replicas`: three API processes started at once on an empty database (exactly one
 //!   applies each migration), load over all three, one killed mid-load: the other two keep
 //!   serving and the data holds.
+//! - `events`: order events under faults (CONTRACT part 5), on a private PostgreSQL
+//!   (`reliability::private_pg`, so that restarting it disturbs no one): three replicas with
+//!   webhooks to a receiver in this process (`reliability::receiver`) that is down for the
+//!   first 20 s, then answers 500 to a third of the attempts and slowly to another third;
+//!   keyed orders, cancels and restocks; a replica SIGKILLed (its leased deliveries must be
+//!   taken over within 30 s) and PostgreSQL restarted mid-load. Once the load stops and the
+//!   deliveries drain: every event the database committed received once after dedupe on
+//!   `webhook-id`, none missing, none for nothing committed, none before the one before it
+//!   (`reliability::events`). `events-heavy` (on request only): more load for longer.
 //!
 //! - `failover`: the primary of a pg_auto_failover pair (`.ci/ha`: a monitor and two nodes with
 //!   synchronous replication) SIGKILLed whole, keeper and PostgreSQL, as the loss of its
 //!   machine would, under mixed load where every order carries an Idempotency-Key and is
 //!   retried with it until a definite answer; then the old primary rejoins and a planned
 //!   switchover moves the primary back. No acknowledged order lost, none oversold, exactly one
-//!   order per key, the API never restarted. Needs postgresql-15-auto-failover; not in the
+//!   order per key, the API never restarted; and the events checks of `events`, with a
+//!   receiver registered before the load (every event delivered across the failover). Needs postgresql-15-auto-failover; not in the
 //!   default set (run it with `make chaos CHAOS=failover`, as .ci/run does).
 //!
 //! Every scenario prints `chaos NAME: PASS|FAIL {figures}`; the exit code is 1 if any failed.
@@ -57,7 +67,9 @@ use std::{
 
 use reliability::{
     Answer, Database, Event, Expectations, FaultProxy, Kind, PathMode, Server, Settings, Shopper, exactly_once,
-    free_port, keyed_load, new_record, order_load, stop_load, verdict, verify,
+    free_port, keyed_load, keyed_load_paced, new_record, order_load,
+    receiver::{Receiver, local_ports_of},
+    stop_load, verdict, verify,
 };
 use serde_json::json;
 use tokio::{
@@ -65,7 +77,8 @@ use tokio::{
     net::TcpStream,
 };
 
-const SCENARIOS: [&str; 6] = ["pg-restart", "pg-crash", "net-blackhole", "api-kill", "slow-clients", "replicas"];
+const SCENARIOS: [&str; 7] =
+    ["pg-restart", "pg-crash", "net-blackhole", "api-kill", "slow-clients", "replicas", "events"];
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -83,9 +96,11 @@ async fn main() -> ExitCode {
             "api-kill" => api_kill(&settings).await,
             "slow-clients" => slow_clients(&settings).await,
             "replicas" => replicas(&settings).await,
+            "events" => events(&settings, &EVENTS).await,
+            "events-heavy" => events(&settings, &EVENTS_HEAVY).await,
             "failover" => failover(&settings).await,
             other => {
-                eprintln!("unknown scenario {other:?}; scenarios: {}, failover", SCENARIOS.join(", "));
+                eprintln!("unknown scenario {other:?}; scenarios: {}, events-heavy, failover", SCENARIOS.join(", "));
                 return ExitCode::from(2);
             }
         };
@@ -777,7 +792,9 @@ async fn failover(settings: &Settings) -> bool {
         return fail(e);
     }
     let url = ha(&["url"]).expect(".ci/ha url");
-    let mut server = Server::spawn(settings, "chaos_failover", &url, free_port(), &[("REQUEST_TIMEOUT_MS", "5000")]);
+    let mut env = webhook_env();
+    env.push(("REQUEST_TIMEOUT_MS", "5000"));
+    let mut server = Server::spawn(settings, "chaos_failover", &url, free_port(), &env);
     if let Err(e) = server.wait_healthy(Duration::from_secs(60)).await {
         return fail(format!("the API did not start on the pair: {e}"));
     }
@@ -786,6 +803,22 @@ async fn failover(settings: &Settings) -> bool {
     for product in 1..=4 {
         shopper.restock(&server.base, product, 100).await;
     }
+    // The events go on across the failover: a receiver (up all along) gets every event
+    // committed from here on. It answers every verified attempt at once: this load is not
+    // paced, and the flaky receiver of `events`, slow on a third of the attempts, would take
+    // one product's events (one at a time) at ~3 a second, below the ~6 this load makes.
+    let receiver = Receiver::down(free_port(), false);
+    let db = reliability::connect(&url).await;
+    let baseline = reliability::events::baseline(&db).await;
+    let registered = reliability::events::register_endpoint(&server.base, &receiver.url()).await;
+    let came_up = receiver.come_up().await;
+    let endpoint = match registered {
+        Ok((id, secret)) => {
+            receiver.set_secret(&secret);
+            id
+        }
+        Err(e) => return fail(e),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let (tasks, retries) = keyed_load(&shopper, std::slice::from_ref(&server.base), 8, "failover", &stop);
 
@@ -829,7 +862,9 @@ async fn failover(settings: &Settings) -> bool {
     stop_load(&stop, tasks).await;
     let primary_after = ha_primary().await;
     let mut db = reliability::connect(&url).await;
+    let drained = reliability::events::wait_drained(&db, &receiver, endpoint, baseline, Duration::from_secs(90)).await;
     let verification = verify(&mut db, &record).await;
+    let (event_figures, event_failures) = told_events(&db, &receiver, endpoint, baseline, &record).await;
 
     let (figures, failures) = {
         let record = record.lock().unwrap();
@@ -854,8 +889,12 @@ async fn failover(settings: &Settings) -> bool {
             "answers": record.tally(),
             "api_restarted": !server.running(),
             "data": verification.figures(),
+            "events": event_figures,
+            "events_drained_after_load_ms": drained.as_ref().ok().map(Duration::as_millis),
         });
         let mut expect = Expectations::default();
+        expect.check(came_up.is_ok(), || format!("{came_up:?}"));
+        expect.check(drained.is_ok(), || format!("{drained:?}"));
         expect.check(killed.as_ref().is_some_and(Result::is_ok), || format!("could not kill the primary: {killed:?}"));
         expect.check(record.count(|e| e.answer == Answer::ServerError) == 0, || {
             format!("answers other than 2xx/4xx/503/504 OUTCOME_UNKNOWN: {:?}", record.bad_answers)
@@ -865,6 +904,7 @@ async fn failover(settings: &Settings) -> bool {
         expect.check(switched.is_ok(), || format!("switchover: {switched:?}"));
         expect.check(server.running(), || "the API process exited".into());
         failures.extend(expect.0);
+        failures.extend(event_failures);
         (figures, failures)
     };
     let passed = verdict(settings, "chaos", "failover", &failures, figures);
@@ -876,4 +916,235 @@ async fn failover(settings: &Settings) -> bool {
         let _ = ha(&["down"]);
     }
     passed
+}
+
+/// The shape of an `events` run: its load, its faults and their times (seconds from the
+/// start of the load), and how long the deliveries may take to drain once it stops.
+struct EventsPlan {
+    name: &'static str,
+    workers: usize,
+    /// Each client's pause between requests: the events come no faster than the slow receiver
+    /// takes one product's events, one at a time.
+    pause: Duration,
+    load_for: u64,
+    receiver_down_for: u64,
+    kill_replica_at: u64,
+    restart_postgres_at: u64,
+    drain_limit: Duration,
+}
+
+/// `events`: within the ~90 s of the default list.
+const EVENTS: EventsPlan = EventsPlan {
+    name: "events",
+    workers: 12,
+    pause: Duration::from_millis(250),
+    load_for: 38,
+    receiver_down_for: 20,
+    kill_replica_at: 24,
+    restart_postgres_at: 30,
+    drain_limit: Duration::from_secs(120),
+};
+
+/// `events-heavy`, on request: more clients, no pause, a longer load.
+const EVENTS_HEAVY: EventsPlan = EventsPlan {
+    name: "events-heavy",
+    workers: 16,
+    pause: Duration::ZERO,
+    load_for: 90,
+    receiver_down_for: 20,
+    kill_replica_at: 40,
+    restart_postgres_at: 60,
+    drain_limit: Duration::from_secs(600),
+};
+
+/// Every delay of the retry schedule times this (5 s, 5 min, ... become 0.75 ms, 45 ms, ...,
+/// 13 s): an event failing all through the receiver's 20 s outage has made at most 8 of its 10
+/// attempts when the receiver comes back (the 9th comes 22 s or more after the first, with the
+/// jitter at its lowest), and its next attempts come within ~13 s of each other. Smaller, and
+/// outage attempts use up the schedule (the event would be given up, as the contract allows);
+/// larger, and the drain after the outage takes minutes.
+const EVENTS_RETRY_SCALE: &str = "0.00015";
+
+/// The attempt timeout of the scenarios' servers: the receiver's slow answers (at most 1 s)
+/// are well within it, and a killed replica's leases (this plus 10 s) expire in 15 s.
+const EVENTS_TIMEOUT_MS: &str = "5000";
+
+/// A replica's deliveries must be taken over within this of its death.
+const RESUME_LIMIT: Duration = Duration::from_secs(30);
+
+/// The servers' settings for webhooks to the receiver on 127.0.0.1 over plain http.
+fn webhook_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("WEBHOOK_ALLOW_HTTP", "true"),
+        ("WEBHOOK_ALLOWED_HOSTS", "127.0.0.1"),
+        ("WEBHOOK_RETRY_SCALE", EVENTS_RETRY_SCALE),
+        ("WEBHOOK_TIMEOUT_MS", EVENTS_TIMEOUT_MS),
+    ]
+}
+
+/// Order events under faults: three replicas on a private PostgreSQL, keyed load, a webhook
+/// receiver that is down for the first 20 s and then fails or dawdles on two attempts in three,
+/// a replica SIGKILLed and PostgreSQL restarted mid-load; then every committed event delivered
+/// exactly once after dedupe, in order, nothing for what did not commit.
+async fn events(settings: &Settings, plan: &EventsPlan) -> bool {
+    let name = plan.name;
+    let began = Instant::now();
+    let fail = |failure: String| verdict(settings, "chaos", name, &[failure], json!({}));
+    // A private server: restarting it disturbs nobody, so the scenario can run in the default
+    // list beside others' databases.
+    let pg_dir = settings.out_dir.join(format!("private-pg-{name}-{}", std::process::id()));
+    let pg = match reliability::private_pg::PrivatePostgres::start(&pg_dir).await {
+        Ok(pg) => pg,
+        Err(e) => return fail(format!("the private PostgreSQL did not start: {e}")),
+    };
+    let private =
+        Settings { admin_url: pg.url("postgres"), binary: settings.binary.clone(), out_dir: settings.out_dir.clone() };
+    let database = Database::create(&private, "chaos_events").await;
+    let receiver = Receiver::down(free_port(), true);
+    let env = webhook_env();
+    let mut servers: Vec<Server> = (0..3)
+        .map(|i| Server::spawn(settings, &format!("chaos_{name}_{i}"), &database.url, free_port(), &env))
+        .collect();
+    for server in &mut servers {
+        if let Err(e) = server.wait_healthy(Duration::from_secs(30)).await {
+            return fail(format!("a replica did not start: {e}"));
+        }
+    }
+    let setup = Shopper::new(new_record());
+    for product in 1..=4 {
+        assert_eq!(setup.restock(&servers[0].base, product, 200).await.status, 200);
+    }
+    let db = database.connect().await;
+    let baseline = reliability::events::baseline(&db).await;
+    let endpoint = match reliability::events::register_endpoint(&servers[1].base, &receiver.url()).await {
+        Ok((id, secret)) => {
+            receiver.set_secret(&secret);
+            id
+        }
+        Err(e) => return fail(e),
+    };
+
+    let bases: Vec<String> = servers.iter().map(|s| s.base.clone()).collect();
+    let record = new_record();
+    let shopper = Shopper::new(record.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tasks, retries) = keyed_load_paced(&shopper, &bases, plan.workers, name, &stop, plan.pause);
+    let load_started = Instant::now();
+    let until = |second: u64| tokio::time::sleep_until((load_started + Duration::from_secs(second)).into());
+
+    until(plan.receiver_down_for).await;
+    let came_up = receiver.come_up().await;
+
+    // The replica dies holding leases: killed while the receiver is answering one of its
+    // attempts (looked for up to 10 s), so that what is measured is the take-over of a dead
+    // replica's deliveries, not the survivors' next attempts.
+    until(plan.kill_replica_at).await;
+    let looking = Instant::now();
+    let mut caught_in_flight = false;
+    while !caught_in_flight && looking.elapsed() < Duration::from_secs(10) {
+        caught_in_flight = receiver.in_flight_from(&local_ports_of(servers[2].pid()));
+        if !caught_in_flight {
+            sleep_ms(20).await;
+        }
+    }
+    let leased = reliability::events::leased_now(&db, endpoint).await;
+    servers[2].kill();
+    let killed_after_s = load_started.elapsed().as_secs_f64();
+    let resumed = tokio::spawn({
+        let (url, leased) = (database.url.clone(), leased.clone());
+        async move { reliability::events::wait_resumed(&url, &leased, RESUME_LIMIT + Duration::from_secs(5)).await }
+    });
+
+    until(plan.restart_postgres_at).await;
+    let stopping = Instant::now();
+    let stopped = pg.stop();
+    let stop_took = stopping.elapsed();
+    sleep_ms(2000).await;
+    let started = pg.start_again().await;
+    let postgres_down_ms = stopping.elapsed().as_millis() as u64;
+
+    until(plan.load_for).await;
+    stop_load(&stop, tasks).await;
+    let load_s = load_started.elapsed().as_secs_f64();
+    // PostgreSQL's restart ended the first connection.
+    let db = database.connect().await;
+    let drained = reliability::events::wait_drained(&db, &receiver, endpoint, baseline, plan.drain_limit).await;
+    let resumed = resumed.await.expect("the lease watcher");
+    let mut db = db;
+    let verification = verify(&mut db, &record).await;
+    let survivors_running = servers[0].running() && servers[1].running();
+    let (event_figures, event_failures) = told_events(&db, &receiver, endpoint, baseline, &record).await;
+
+    let (figures, failures) = {
+        let record = record.lock().unwrap();
+        let (exactly_once_figures, mut failures) = exactly_once(&verification, &retries, &record);
+        let resumed_ms: Vec<u64> = resumed.iter().flatten().map(|d| d.as_millis() as u64).collect();
+        let not_resumed = resumed.iter().filter(|r| r.is_none()).count();
+        // Those still leased long after the kill were the dead replica's: a survivor records
+        // its attempts within a second or two.
+        let orphaned = resumed.iter().flatten().filter(|d| **d > Duration::from_secs(5)).count();
+        let figures = json!({
+            "took_s": (began.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            "events": event_figures,
+            "drained_after_load_ms": drained.as_ref().ok().map(Duration::as_millis),
+            "replica_killed": {
+                "at_s": (killed_after_s * 10.0).round() / 10.0,
+                "deliveries_leased_then": leased.len(),
+                "with_an_attempt_in_flight": caught_in_flight,
+                "taken_over_after_lease_expiry": orphaned,
+                "slowest_resumed_ms": resumed_ms.iter().max(),
+                "not_resumed": not_resumed,
+            },
+            "postgres_restart": {"stop_took_ms": stop_took.as_millis() as u64, "down_ms": postgres_down_ms},
+            "receiver_down_s": plan.receiver_down_for,
+            "load_s": (load_s * 10.0).round() / 10.0,
+            "exactly_once": exactly_once_figures,
+            "answers": record.tally(),
+            "data": verification.figures(),
+        });
+        let mut expect = Expectations::default();
+        expect.check(came_up.is_ok(), || format!("{came_up:?}"));
+        expect.check(stopped.is_ok() && started.is_ok(), || {
+            format!("could not restart PostgreSQL: {stopped:?} {started:?}")
+        });
+        expect.check(drained.is_ok(), || format!("{drained:?}"));
+        expect.check(not_resumed == 0, || {
+            format!(
+                "{not_resumed} of {} deliveries leased at the kill did not resume within {RESUME_LIMIT:?}",
+                leased.len()
+            )
+        });
+        expect.check(caught_in_flight && orphaned > 0, || {
+            format!(
+                "the replica was killed without a delivery of its own in flight ({orphaned} taken over after expiry)"
+            )
+        });
+        expect.check(survivors_running, || "a surviving replica exited".into());
+        expect.check(record.count(|e| e.answer == Answer::ServerError) == 0, || {
+            format!("answers other than 2xx/4xx/503/504 OUTCOME_UNKNOWN: {:?}", record.bad_answers)
+        });
+        failures.extend(expect.0);
+        failures.extend(event_failures);
+        (figures, failures)
+    };
+    let passed = verdict(settings, "chaos", name, &failures, figures);
+    drop(servers);
+    database.finish(passed).await;
+    pg.finish(!passed);
+    passed
+}
+
+/// `reliability::events::check` with what the clients of `record` were told.
+async fn told_events(
+    db: &tokio_postgres::Client,
+    receiver: &Receiver,
+    endpoint: i64,
+    baseline: reliability::events::Baseline,
+    record: &reliability::SharedRecord,
+) -> (serde_json::Value, Vec<String>) {
+    let (acknowledged, cancelled) = {
+        let record = record.lock().unwrap();
+        (record.acknowledged.keys().copied().collect::<Vec<i64>>(), record.cancelled.clone())
+    };
+    reliability::events::check(db, receiver, endpoint, baseline, &acknowledged, &cancelled).await
 }

@@ -7,6 +7,10 @@
 
 #![allow(dead_code)] // chaos and soak each use a different part
 
+pub mod events;
+pub mod private_pg;
+pub mod receiver;
+
 use std::{
     collections::{HashMap, HashSet},
     fs::File,
@@ -492,6 +496,19 @@ pub fn keyed_load(
     label: &str,
     stop: &Arc<AtomicBool>,
 ) -> (Vec<tokio::task::JoinHandle<()>>, Arc<Retries>) {
+    keyed_load_paced(shopper, bases, workers, label, stop, Duration::ZERO)
+}
+
+/// `keyed_load` with each client pausing `pause` after every request: a load that produces
+/// events no faster than a receiver that is slow on purpose can take them.
+pub fn keyed_load_paced(
+    shopper: &Shopper,
+    bases: &[String],
+    workers: usize,
+    label: &str,
+    stop: &Arc<AtomicBool>,
+    pause: Duration,
+) -> (Vec<tokio::task::JoinHandle<()>>, Arc<Retries>) {
     let retries = Arc::new(Retries::default());
     let tasks = (0..workers)
         .map(|worker| {
@@ -502,6 +519,7 @@ pub fn keyed_load(
                 target: worker % bases.len(),
                 shopper: shopper.clone(),
                 retries: retries.clone(),
+                pause,
             };
             tokio::spawn(client.run(stop.clone()))
         })
@@ -516,6 +534,8 @@ struct KeyedClient {
     target: usize,
     shopper: Shopper,
     retries: Arc<Retries>,
+    /// Between two requests.
+    pause: Duration,
 }
 
 impl KeyedClient {
@@ -556,6 +576,9 @@ impl KeyedClient {
                         placed.push(reply.body["orderId"].as_i64().unwrap_or_default());
                     }
                 }
+            }
+            if !self.pause.is_zero() {
+                tokio::time::sleep(self.pause).await;
             }
         }
     }
