@@ -199,9 +199,9 @@ API_SCENARIOS = [
 # pgbench references: name -> (title, script, -D variables). Scripts marked "generated" are
 # written from the API's own SQL (see pgbench_scripts()).
 PG_SCENARIOS = {
-    "pg.order_a.spread": ("(a) order, 8 round trips, 4 prod.", "order_a", {"products": 4}),
+    "pg.order_a.spread": ("(a) order, 9 round trips, 4 prod.", "order_a", {"products": 4}),
     "pg.order_b.spread": ("(b) order, API statement, 4 prod", "order_b", {"products": 4}),
-    "pg.order_a.hot": ("(a) order, 8 round trips, hot prod.", "order_a", {"products": 1}),
+    "pg.order_a.hot": ("(a) order, 9 round trips, hot prod.", "order_a", {"products": 1}),
     "pg.order_b.hot": ("(b) order, API statement, hot", "order_b", {"products": 1}),
     "pg.get_order": ("GET_ORDER select, random id", "get_order", {}),
     "pg.products": ("LIST_ALL select (products)", "products", {}),
