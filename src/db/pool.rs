@@ -166,9 +166,12 @@ impl Pool {
         if !settings.unnamed_statements {
             // Sent in the startup packet, so setting them costs no round trip.
             // Options given in DATABASE_URL (`?options=-c search_path=shop`) are kept, after
-            // ours.
+            // ours. JIT off: every statement here is a short OLTP one, and the planner's cost
+            // of the webhook claim (a per-endpoint scan it cannot size) crossed
+            // `jit_above_cost`, so each claim spent 0.7 s compiling, held the feed's watermark
+            // back meanwhile, and deliveries fell to a tenth of the order rate.
             let timeout_ms = settings.statement_timeout.as_millis();
-            let ours = format!("-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms}");
+            let ours = format!("-c statement_timeout={timeout_ms} -c lock_timeout={timeout_ms} -c jit=off");
             let options = match config.get_options() {
                 Some(theirs) => format!("{ours} {theirs}"),
                 None => ours,
