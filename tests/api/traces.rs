@@ -308,6 +308,15 @@ async fn each_webhook_attempt_is_a_client_span_whose_traceparent_reaches_the_rec
     let endpoint_id = created.json["id"].as_i64().unwrap().to_string();
     app.order(2, 1).await;
     let received = receiver.wait_until(Duration::from_secs(20), |r| r.len() >= 2).await;
+    // An attempt's span ends once its answer is read, after the receiver has the request; its
+    // outcome is recorded after that. Flushing before would lose a span that had not ended.
+    for _ in 0..2_000 {
+        let recorded: i64 = app.db.query_one("SELECT count(*) FROM webhook_attempts", &[]).await.unwrap().get(0);
+        if recorded >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     flushed(telemetry).await;
 
     let spans = otlp.spans();
