@@ -114,7 +114,7 @@ backup-check:
 	$(BACKUP) check
 
 ## restore-drill: keyed orders, a backup under load, the repository unplugged and full, a
-## mark T, DELETE FROM orders, a restore to T checked against every client's answers; RPO,
+## mark T, TRUNCATE orders CASCADE, a restore to T checked against every client's answers; RPO,
 ## RTO, sizes in target/reliability/. DRILL=short (CI, ~1 min), HA=1 (across a failover of
 ## the ha-up pair), DISASTER=drop-datadir (the disk lost). Private clusters only
 restore-drill: build
