@@ -152,34 +152,28 @@ impl Metrics {
             let _ = writeln!(out, "{name}_count{{{labels}}} {}", histogram.count);
         }
 
-        family(
+        counters(
             &mut out,
             "order_api_orders_total",
-            "counter",
             "Order creation attempts by outcome: created, replayed, or the rejection code.",
+            "outcome",
+            lock(&self.orders).iter().map(|(outcome, count)| (*outcome, *count)),
         );
-        for (outcome, count) in lock(&self.orders).iter() {
-            let _ = writeln!(out, "order_api_orders_total{{outcome=\"{outcome}\"}} {count}");
-        }
 
-        family(
+        counters(
             &mut out,
             "order_api_events_written_total",
-            "counter",
             "Order events committed by this process, by type (written in the change's own transaction).",
+            "type",
+            crate::db::events::written(),
         );
-        for (kind, count) in crate::db::events::written() {
-            let _ = writeln!(out, "order_api_events_written_total{{type=\"{kind}\"}} {count}");
-        }
-        family(
+        counters(
             &mut out,
             "order_api_webhook_attempts_total",
-            "counter",
             "Webhook delivery attempts by outcome: delivered, retry, failed (given up), disabled (410).",
+            "outcome",
+            lock(&self.webhook_attempts).iter().map(|(outcome, count)| (*outcome, *count)),
         );
-        for (outcome, count) in lock(&self.webhook_attempts).iter() {
-            let _ = writeln!(out, "order_api_webhook_attempts_total{{outcome=\"{outcome}\"}} {count}");
-        }
         let backlog = lock(&self.webhook_backlog).clone();
         family(
             &mut out,
@@ -258,6 +252,20 @@ impl Metrics {
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A counter family with one label: a series per value.
+fn counters<V: std::fmt::Display, C: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    series: impl IntoIterator<Item = (V, C)>,
+) {
+    family(out, name, "counter", help);
+    for (value, count) in series {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
+    }
 }
 
 /// The standard process series, from `/proc/self` (Linux). A series whose file cannot be read
