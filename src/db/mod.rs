@@ -112,7 +112,9 @@ impl Db {
         let primary = Pool::new(settings.primary, settings.pool.clone());
         let standby = settings.standby.map(|standby| Pool::new(standby, settings.pool.clone()));
         let lanes = Lanes::for_pool(settings.pool.max_size);
-        let placing = orders::Placing::start(primary.clone(), settings.place, lanes.orders, lanes.contended_orders);
+        let (events, announcer, listener) = events::listen(primary.clone(), !settings.pool.unnamed_statements);
+        let placing =
+            orders::Placing::start(primary.clone(), settings.place, announcer, lanes.orders, lanes.contended_orders);
         let order_reads = orders::read_in_batches(primary.clone(), lanes.order_reads);
         let (for_catalogue, standby_for_catalogue) = (primary.clone(), standby.clone());
         let catalogue = products::share_catalogue_reads(
@@ -122,7 +124,6 @@ impl Db {
             },
             lanes.catalogue_reads,
         );
-        let (events, listener) = events::listen(primary.clone(), !settings.pool.unnamed_statements);
         Db { primary, standby, placing, order_reads, catalogue, events, listener: Arc::new(listener) }
     }
 

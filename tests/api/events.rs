@@ -141,7 +141,10 @@ async fn nothing_that_did_not_commit_has_an_event_and_a_replay_has_no_second() {
 #[tokio::test]
 async fn every_acknowledged_order_of_concurrent_batches_has_exactly_one_created_event() {
     let app = spawn_app_with(|config| config.order_batch_max = 64).await;
-    let bodies: Vec<Value> = (0..120).map(|i| order_body(1 + i % 2, 1 + i % 4, 1 + i % 3)).collect();
+    let mut bodies: Vec<Value> = (0..120).map(|i| order_body(1 + i % 2, 1 + i % 4, 1 + i % 3)).collect();
+    bodies.extend((0..8).map(
+        |i| json!({"userId": 1 + i % 2, "items": [{"productId": 3, "quantity": 1}, {"productId": 1, "quantity": 2}]}),
+    ));
     let replies = join_all(bodies.iter().map(|body| app.post_order(body))).await;
     let mut acknowledged: Vec<i64> =
         replies.iter().filter(|r| r.status == 201).map(|r| r.json["orderId"].as_i64().unwrap()).collect();
@@ -152,6 +155,18 @@ async fn every_acknowledged_order_of_concurrent_batches_has_exactly_one_created_
     acknowledged.sort_unstable();
     created.sort_unstable();
     assert_eq!(created, acknowledged);
+    // The batch writes each order's data itself (place/write.rs): byte for byte what
+    // order_json (sql/0006, used by every other order event) makes of the order.
+    let differing: i64 = app
+        .db
+        .query_one(
+            "SELECT count(*) FROM events WHERE type = 'order.created' AND data::text <> order_json(order_id)::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(differing, 0);
     app.assert_invariants().await;
 }
 
@@ -264,6 +279,32 @@ async fn a_long_poll_is_woken_by_the_commit() {
     assert_eq!(empty.status, 200);
     assert_eq!(empty.json["events"], json!([]));
     assert!(position(empty.json["next"].as_str().unwrap()) >= position(next), "{}", empty.text);
+}
+
+/// Another replica's long-poll is woken too: an order batch's commit is announced to the
+/// others by a NOTIFY sent after it (db/events.rs, `Announcer`), not from its transaction.
+#[tokio::test]
+async fn a_long_poll_on_another_replica_is_woken_by_the_commit() {
+    let app = spawn_app().await;
+    let mut config = order_api::config::Config {
+        database_url: app.database_url.clone(),
+        port: 0,
+        ..order_api::config::Config::default()
+    };
+    config.migrate_on_start = false;
+    let other = common::spawn_app_at(config).await;
+    let start = other.get("/api/events").await.json["next"].as_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    let waiting = {
+        let (http, url) = (other.http.clone(), other.url(&format!("/api/events?wait=25&after={start}")));
+        tokio::spawn(async move { common::Reply::read(http.get(url).send().await.unwrap()).await })
+    };
+    wait_for_metric(&other, "order_api_event_feed_reads_open", 1.0).await;
+    let order = app.order(2, 1).await;
+    let woken = waiting.await.unwrap();
+    assert_eq!(woken.status, 200, "{}", woken.text);
+    assert!(started.elapsed() < Duration::from_secs(20), "not woken by the commit: {:?}", started.elapsed());
+    assert_eq!(woken.json["events"][0]["orderId"], order);
 }
 
 /// Polls `/metrics` until `name` has `value` (bounded: 10 s).

@@ -58,6 +58,7 @@ use crate::{
     db::{
         Pool,
         batch::{Batches, Job},
+        events::Announcer,
     },
     deadline,
     domain::{IdempotencyKey, NewOrder, OrderStatus},
@@ -127,7 +128,12 @@ pub struct PlaceSettings {
     pub store_refusal: fn(&Error) -> StoredAnswer,
 }
 
-type Settings = PlaceSettings;
+/// What placing needs besides the orders.
+struct Settings {
+    place: PlaceSettings,
+    /// Told after each commit that wrote events.
+    announcer: Announcer,
+}
 
 /// The most orders in one batch.
 pub const MAX_BATCH: usize = 256;
@@ -168,13 +174,20 @@ enum Lanes {
 
 impl Placing {
     /// Starts placing orders on `pool`: `slots` batches at a time that never wait for a
-    /// product lock, and `contended_slots` of the orders they deferred.
-    pub fn start(pool: Pool, settings: PlaceSettings, slots: usize, contended_slots: usize) -> Placing {
-        let settings = Arc::new(settings);
-        if settings.batch_max <= 1 {
+    /// product lock, and `contended_slots` of the orders they deferred; `announcer` hears of
+    /// every commit that wrote events.
+    pub fn start(
+        pool: Pool,
+        place: PlaceSettings,
+        announcer: Announcer,
+        slots: usize,
+        contended_slots: usize,
+    ) -> Placing {
+        let settings = Arc::new(Settings { place, announcer });
+        if settings.place.batch_max <= 1 {
             return Placing { lanes: Lanes::Alone { pool, settings } };
         }
-        let max = settings.batch_max.min(MAX_BATCH);
+        let max = settings.place.batch_max.min(MAX_BATCH);
         let lane = |locking, slots| {
             let (pool, settings) = (pool.clone(), settings.clone());
             Batches::start(max, slots, move |jobs: Vec<Job<OrderRequest>>| {

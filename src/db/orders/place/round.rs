@@ -13,11 +13,7 @@ use super::{
     write::{WRITE_ORDERS, Written},
 };
 use crate::{
-    db::{
-        Failure, Pool, PooledConn, Tx,
-        events::{self, NOTIFY_EVENTS},
-        pipeline::Step,
-    },
+    db::{Failure, Pool, PooledConn, Tx, events, pipeline::Step},
     error::Error,
 };
 
@@ -57,7 +53,7 @@ pub(super) async fn place_round(
         Ok(conn) => conn,
         Err(error) => return RoundEnd::Failed(error),
     };
-    let mut keys = Keys::of(batch, settings.key_retention.as_secs_f64());
+    let mut keys = Keys::of(batch, settings.place.key_retention.as_secs_f64());
     let mut fates: Vec<Fate> = batch.iter().map(|_| Fate::Open).collect();
     let (tx, mut stock) = match read(conn, batch, &mut keys, &mut fates, locking).await {
         Ok(read) => read,
@@ -147,14 +143,13 @@ async fn write(tx: Tx, batch: &[&OrderRequest], keys: &Keys, fates: Vec<Fate>, s
     let placed = batch.iter().zip(&fates).filter(|(_, fate)| matches!(fate, Fate::Placed));
     let written =
         Written::of(placed.map(|(request, _)| (&request.order, request.key.as_ref().map(|key| key.as_str()))));
-    let outcomes = keys.outcomes(&fates, settings.store_refusal);
+    let outcomes = keys.outcomes(&fates, settings.place.store_refusal);
     let write = written.params();
     let save: [&(dyn ToSql + Sync); 4] = [&outcomes.users, &outcomes.keys, &outcomes.statuses, &outcomes.bodies];
     let release: [&(dyn ToSql + Sync); 2] = [&outcomes.release_users, &outcomes.release_keys];
     let mut steps: Vec<Step> = Vec::with_capacity(4);
     if written.len() > 0 {
         steps.push((&WRITE_ORDERS, &write));
-        steps.push((&NOTIFY_EVENTS, &[]));
     }
     if !outcomes.users.is_empty() {
         steps.push((&SAVE_OUTCOMES, &save));
@@ -175,6 +170,9 @@ async fn write(tx: Tx, batch: &[&OrderRequest], keys: &Keys, fates: Vec<Fate>, s
     };
     if created.len() != written.len() {
         return RoundEnd::Failed(Error::Internal(format!("{} orders written of {}", created.len(), written.len())));
+    }
+    if !created.is_empty() {
+        settings.announcer.committed();
     }
     events::count_written("order.created", created.len() as u64);
     events::count_written("product.sold_out", created.first().map_or(0, |row| row.get::<_, i64>(2) as u64));
