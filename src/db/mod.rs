@@ -253,6 +253,11 @@ impl Db {
         webhooks::backlog(&self.primary).await
     }
 
+    /// New statistics of the webhook deliveries (see `webhooks::analyze_deliveries`).
+    pub async fn analyze_webhook_deliveries(&self) -> Result<(), Error> {
+        webhooks::analyze_deliveries(&self.primary).await
+    }
+
     /// `SELECT 1` on a pooled connection of the primary: whether the database answers.
     pub async fn ping(&self) -> Result<(), Error> {
         self.primary.get().await?.client().simple_query("SELECT 1").await?;

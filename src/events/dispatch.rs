@@ -58,6 +58,9 @@ const RECORD_BATCH: usize = 512;
 /// How often the backlog gauges are read from the database.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
 
+/// Pending deliveries that statistics may miss before new ones are taken (beyond doubling).
+const STATISTICS_SLACK: i64 = 1_000;
+
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
     pub send: SendSettings,
@@ -258,12 +261,23 @@ async fn record_loop(
     }
 }
 
+/// Reads the backlog for the metrics; and when the deliveries pending grew past twice the
+/// fewest seen since the last statistics (plus `STATISTICS_SLACK`), takes new ones, so that the
+/// claims are planned for the table as it is (see `db::webhooks::analyze_deliveries`).
 async fn backlog_loop(db: Db, metrics: Arc<Metrics>) {
     let mut ticker = tokio::time::interval(BACKLOG_EVERY);
+    let mut fewest_since_analyzed = 0;
     loop {
         ticker.tick().await;
-        if let Ok(backlog) = db.webhook_backlog().await {
-            metrics.set_webhook_backlog(backlog);
+        let Ok(backlog) = db.webhook_backlog().await else { continue };
+        let pending: i64 = backlog.iter().map(|endpoint| endpoint.undelivered).sum();
+        metrics.set_webhook_backlog(backlog);
+        fewest_since_analyzed = fewest_since_analyzed.min(pending);
+        if pending > 2 * fewest_since_analyzed + STATISTICS_SLACK {
+            match db.analyze_webhook_deliveries().await {
+                Ok(()) => fewest_since_analyzed = pending,
+                Err(error) => tracing::warn!(error = %error.body().error, "analyzing webhook deliveries failed"),
+            }
         }
     }
 }

@@ -418,6 +418,40 @@ async fn two_replicas_share_the_deliveries() {
     assert_eq!(receiver.overlaps(), 0);
 }
 
+/// A backlog that grows from nothing gets new statistics from the dispatcher (not only from
+/// autovacuum, a minute later): claims planned with the statistics of an empty table read the
+/// endpoint's whole pending index per candidate (db/webhooks.rs, `analyze_deliveries`).
+#[tokio::test]
+async fn a_growing_backlog_gets_new_statistics() {
+    let app = webhook_app(1.0).await;
+    let receiver = Receiver::start().await;
+    receiver.script(vec![Answer::status(500)]);
+    register(&app, &receiver.url(), &[]).await;
+    // 1,500 events of one product (a stream, one attempt at a time), failing: they stay pending.
+    app.db
+        .execute(
+            "INSERT INTO events (type, product_id, sequence, data)
+             SELECT 'product.restocked', 1, (SELECT coalesce(max(sequence), 0) FROM events WHERE product_id = 1) + g,
+                    '{}'
+             FROM generate_series(1, 1500) AS g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let analyzed = "SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'webhook_deliveries'";
+    let started = std::time::Instant::now();
+    loop {
+        let count: i64 = app.db.query_one(analyzed, &[]).await.unwrap().get(0);
+        if count > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "webhook_deliveries never analyzed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pending = app.count("webhook_deliveries").await;
+    assert!(pending >= 1_000, "{pending} deliveries");
+}
+
 /// Delivery does not touch the health of the service: /health/ready stays 200 with an endpoint
 /// that fails every attempt.
 #[tokio::test]
