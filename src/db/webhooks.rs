@@ -632,11 +632,11 @@ pub(super) async fn backlog(pool: &Pool) -> Result<Vec<Backlog>, Error> {
 }
 
 /// Takes new statistics of the deliveries. Their number swings from none to tens of thousands
-/// in seconds (an endpoint down, a burst of orders), faster than autovacuum looks (a minute):
-/// with statistics taken while few were pending, the claim's check of a delivery's stream read
-/// the endpoint's whole pending index per candidate instead of the order's (264-296 ms a claim
-/// with 30,000 pending, against 4.5 ms once analyzed), and delivery fell to a quarter of the
-/// order rate for the minute it took autovacuum to come (`make bench`, events.delivery).
+/// in seconds (an endpoint down, a burst of orders), faster than autovacuum looks (a minute,
+/// if it runs at all): with statistics taken while few were pending, the claim's check of a
+/// delivery's stream may read the endpoint's whole pending index per candidate instead of the
+/// order's (264-296 ms a claim with 30,000 pending, against 4.5 ms once analyzed); delivery
+/// fell to a quarter of the order rate (`make bench`, events.delivery, without autovacuum).
 const ANALYZE_DELIVERIES: &str = "ANALYZE webhook_deliveries";
 
 pub(super) async fn analyze_deliveries(pool: &Pool) -> Result<(), Error> {
