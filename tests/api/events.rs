@@ -261,18 +261,7 @@ fn position(text: &str) -> (i64, i64) {
 #[tokio::test]
 async fn a_long_poll_is_woken_by_the_commit() {
     let app = spawn_app().await;
-    let start = app.get("/api/events").await.json["next"].as_str().unwrap().to_owned();
-    let started = std::time::Instant::now();
-    let waiting = {
-        let (http, url) = (app.http.clone(), app.url(&format!("/api/events?wait=25&after={start}")));
-        tokio::spawn(async move { common::Reply::read(http.get(url).send().await.unwrap()).await })
-    };
-    wait_for_metric(&app, "order_api_event_feed_reads_open", 1.0).await;
-    let order = app.order(2, 1).await;
-    let woken = waiting.await.unwrap();
-    assert_eq!(woken.status, 200, "{}", woken.text);
-    assert!(started.elapsed() < Duration::from_secs(20), "not woken by the commit: {:?}", started.elapsed());
-    assert_eq!(woken.json["events"][0]["orderId"], order);
+    let woken = woken_by_an_order(&app, &app).await;
 
     let next = woken.json["next"].as_str().unwrap();
     let empty = app.get(&format!("/api/events?wait=1&after={next}")).await;
@@ -293,18 +282,26 @@ async fn a_long_poll_on_another_replica_is_woken_by_the_commit() {
     };
     config.migrate_on_start = false;
     let other = common::spawn_app_at(config).await;
-    let start = other.get("/api/events").await.json["next"].as_str().unwrap().to_owned();
+    woken_by_an_order(&other, &app).await;
+}
+
+/// A long-poll (25 s) on `reader` from the end of the feed, and an order placed on `writer`
+/// once it waits: the poll's answer, checked to hold the order's event and to have come long
+/// before its wait was over.
+async fn woken_by_an_order(reader: &TestApp, writer: &TestApp) -> common::Reply {
+    let start = reader.get("/api/events").await.json["next"].as_str().unwrap().to_owned();
     let started = std::time::Instant::now();
     let waiting = {
-        let (http, url) = (other.http.clone(), other.url(&format!("/api/events?wait=25&after={start}")));
+        let (http, url) = (reader.http.clone(), reader.url(&format!("/api/events?wait=25&after={start}")));
         tokio::spawn(async move { common::Reply::read(http.get(url).send().await.unwrap()).await })
     };
-    wait_for_metric(&other, "order_api_event_feed_reads_open", 1.0).await;
-    let order = app.order(2, 1).await;
+    wait_for_metric(reader, "order_api_event_feed_reads_open", 1.0).await;
+    let order = writer.order(2, 1).await;
     let woken = waiting.await.unwrap();
     assert_eq!(woken.status, 200, "{}", woken.text);
     assert!(started.elapsed() < Duration::from_secs(20), "not woken by the commit: {:?}", started.elapsed());
     assert_eq!(woken.json["events"][0]["orderId"], order);
+    woken
 }
 
 /// Polls `/metrics` until `name` has `value` (bounded: 10 s).
