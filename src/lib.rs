@@ -189,6 +189,7 @@ fn db_settings(config: &Config) -> Result<DbSettings, StartupError> {
             batch_max: config.order_batch_max,
             key_retention: config.idempotency_retention,
             store_refusal: api::reply::stored_refusal,
+            lock_patience: PlaceSettings::patience_for(config.statement_timeout),
         },
     })
 }

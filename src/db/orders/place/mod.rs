@@ -13,12 +13,16 @@
 //!    movements, stock, and its key's outcome); sent with it, the refused orders' keys get
 //!    their answer, and COMMIT.
 //!
-//! **Lanes.** Batched, every order first joins a batch that never waits for a product lock
-//! (`Locking::Skip`): an order naming a product another transaction holds (a batch in flight
-//! on a hot product, an operator's long transaction) is deferred to the contended lane, whose
-//! batches wait for their locks. So an order's fate never depends on a neighbour's locked
-//! product: only the orders of that product wait, or fail at `lock_timeout`. Each lane has its
-//! own slots (`db::Lanes`), so waiting batches do not hold up the others.
+//! **Lanes.** Batched, every order first joins a batch that waits for its product locks only
+//! for a short while (`Locking::Patient`, `PlaceSettings::lock_patience`): long enough for the
+//! batches ahead of it on the same products, which hold them for milliseconds, too short to
+//! make a batch's orders share the fate of one order naming a product that another
+//! transaction holds for longer (an operator's transaction). When the patience runs out, the
+//! batch runs again skipping the held rows; the orders naming them are deferred to the
+//! contended lane, whose batches wait for their locks, and for a while (`HELD_FOR`) new orders
+//! naming those products go straight there. So only the orders of a held product wait for it,
+//! or fail at `lock_timeout`; the others lose at most the patience. Each lane has its own
+//! slots (`db::Lanes`), so waiting batches do not hold up the others.
 //!
 //! **Rounds.** A batch may take more than one transaction: two orders with the same key go in
 //! successive ones (the second sees the first's outcome, as it would have waited for it on its
@@ -46,7 +50,11 @@ mod round;
 mod stock;
 mod write;
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use serde::Serialize;
 
@@ -64,6 +72,7 @@ use crate::{
     domain::{IdempotencyKey, NewOrder, OrderStatus},
     error::Error,
     money::Money,
+    sync,
 };
 
 /// An order to place, as the client sent it.
@@ -126,13 +135,56 @@ pub struct PlaceSettings {
     /// How the API answers a refused order: what a key stores, so that its replay is the
     /// first answer byte for byte.
     pub store_refusal: fn(&Error) -> StoredAnswer,
+    /// How long a batch waits for a product lock before it runs again without the held
+    /// products (see Lanes above).
+    pub lock_patience: Duration,
 }
+
+impl PlaceSettings {
+    /// The lock patience for a `lock_timeout` of `lock_timeout`: `LOCK_PATIENCE`, or a quarter
+    /// of a shorter lock timeout.
+    pub fn patience_for(lock_timeout: Duration) -> Duration {
+        (lock_timeout / 4).clamp(Duration::from_millis(1), LOCK_PATIENCE)
+    }
+}
+
+/// The lock patience of the batches every order joins first: about ten times what a batch of
+/// the most orders holds its locks for on this 2-core machine (256 orders, ~10 ms), so that
+/// the batches of the service itself are always waited for.
+pub const LOCK_PATIENCE: Duration = Duration::from_millis(100);
+
+/// How long new orders naming a product found held past the patience go straight to the
+/// contended lane (instead of each batch of them waiting out the patience again).
+const HELD_FOR: Duration = Duration::from_secs(1);
 
 /// What placing needs besides the orders.
 struct Settings {
     place: PlaceSettings,
+    /// `lock_patience` as a `lock_timeout` value.
+    patience: String,
     /// Told after each commit that wrote events.
     announcer: Announcer,
+    held: HeldProducts,
+}
+
+/// The products lately found held past the patience, and when.
+#[derive(Clone, Default)]
+struct HeldProducts(Arc<Mutex<HashMap<i32, Instant>>>);
+
+impl HeldProducts {
+    fn saw(&self, products: impl Iterator<Item = i32>) {
+        let now = Instant::now();
+        let mut held = sync::lock(&self.0);
+        held.retain(|_, seen| now.duration_since(*seen) < HELD_FOR);
+        held.extend(products.map(|product| (product, now)));
+    }
+
+    /// Whether `order` names a product held lately.
+    fn named_by(&self, order: &NewOrder) -> bool {
+        let held = sync::lock(&self.0);
+        !held.is_empty()
+            && order.lines.iter().any(|line| held.get(&line.product_id).is_some_and(|seen| seen.elapsed() < HELD_FOR))
+    }
 }
 
 /// The most orders in one batch.
@@ -168,13 +220,14 @@ pub struct Placing {
 enum Lanes {
     /// `ORDER_BATCH_MAX=1`: each order its own transaction, in its request's task.
     Alone { pool: Pool, settings: Arc<Settings> },
-    /// Batches that never wait for a product lock, and batches of the orders they deferred.
-    Batched { free: Batches<OrderRequest, Settled>, contended: Batches<OrderRequest, Settled> },
+    /// Batches that wait for product locks only briefly, and batches of the orders they
+    /// deferred.
+    Batched { free: Batches<OrderRequest, Settled>, contended: Batches<OrderRequest, Settled>, held: HeldProducts },
 }
 
 impl Placing {
-    /// Starts placing orders on `pool`: `slots` batches at a time that never wait for a
-    /// product lock, and `contended_slots` of the orders they deferred; `announcer` hears of
+    /// Starts placing orders on `pool`: `slots` batches at a time that wait for product locks
+    /// only briefly, and `contended_slots` of the orders they deferred; `announcer` hears of
     /// every commit that wrote events.
     pub fn start(
         pool: Pool,
@@ -183,7 +236,9 @@ impl Placing {
         slots: usize,
         contended_slots: usize,
     ) -> Placing {
-        let settings = Arc::new(Settings { place, announcer });
+        let patience = format!("{}ms", place.lock_patience.as_millis().max(1));
+        let held = HeldProducts::default();
+        let settings = Arc::new(Settings { place, patience, announcer, held: held.clone() });
         if settings.place.batch_max <= 1 {
             return Placing { lanes: Lanes::Alone { pool, settings } };
         }
@@ -195,8 +250,8 @@ impl Placing {
                 async move { place_all(&pool, &settings, &jobs, locking).await }
             })
         };
-        let (free, contended) = (lane(Locking::Skip, slots), lane(Locking::Wait, contended_slots));
-        Placing { lanes: Lanes::Batched { free, contended } }
+        let (free, contended) = (lane(Locking::Patient, slots), lane(Locking::Wait, contended_slots));
+        Placing { lanes: Lanes::Batched { free, contended, held } }
     }
 
     /// Places one order.
@@ -207,7 +262,10 @@ impl Placing {
                 let outcome = place_all(pool, settings, std::slice::from_ref(&job), Locking::Wait).await.pop();
                 outcome.unwrap_or_else(|| Err(Error::Internal("an order placed without an outcome".into())))?
             }
-            Lanes::Batched { free, contended } => match free.submit(request).await? {
+            Lanes::Batched { contended, held, .. } if held.named_by(&request.order) => {
+                contended.submit(request).await?
+            }
+            Lanes::Batched { free, contended, .. } => match free.submit(request).await? {
                 Settled::Deferred(request) => contended.submit(request).await?,
                 settled => settled,
             },

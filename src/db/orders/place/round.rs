@@ -9,7 +9,7 @@ use tokio_postgres::{Row, error::SqlState};
 use super::{
     CreatedOrder, Fate, OrderRequest, Placed, Settings, Settled,
     keys::{CLAIM_KEYS, FIND_KEYS, Keys, RELEASE_KEYS, SAVE_OUTCOMES},
-    stock::{EXISTING_PRODUCTS, EXISTING_USERS, Locking, Names, Stock},
+    stock::{EXISTING_PRODUCTS, EXISTING_USERS, Locking, Names, RESTORE_LOCK_TIMEOUT, SET_LOCK_PATIENCE, Stock},
     write::{WRITE_ORDERS, Written},
 };
 use crate::{
@@ -42,27 +42,55 @@ impl From<Error> for RoundEnd {
     }
 }
 
-/// Places `batch` in one transaction.
+/// Places `batch` in one transaction; patient, and again skipping if a lock outlasts the
+/// patience.
 pub(super) async fn place_round(
     pool: &Pool,
     settings: &Settings,
     batch: &[&OrderRequest],
     locking: Locking,
 ) -> RoundEnd {
+    match place_once(pool, settings, batch, locking).await {
+        Outcome::Ended(end) => end,
+        Outcome::OutOfPatience => match place_once(pool, settings, batch, Locking::Skip).await {
+            Outcome::Ended(end) => end,
+            Outcome::OutOfPatience => RoundEnd::Failed(Error::Internal("a skipping round ran out of patience".into())),
+        },
+    }
+}
+
+/// How one attempt at a transaction ended.
+enum Outcome {
+    Ended(RoundEnd),
+    /// Patient, a lock (a product's or a key's) was not granted within the patience: nothing
+    /// was written, and the transaction is rolled back.
+    OutOfPatience,
+}
+
+impl<T: Into<RoundEnd>> From<T> for Outcome {
+    fn from(end: T) -> Outcome {
+        Outcome::Ended(end.into())
+    }
+}
+
+async fn place_once(pool: &Pool, settings: &Settings, batch: &[&OrderRequest], locking: Locking) -> Outcome {
     let conn = match pool.get().await {
         Ok(conn) => conn,
-        Err(error) => return RoundEnd::Failed(error),
+        Err(error) => return error.into(),
     };
     let mut keys = Keys::of(batch, settings.place.key_retention.as_secs_f64());
     let mut fates: Vec<Fate> = batch.iter().map(|_| Fate::Open).collect();
-    let (tx, mut stock) = match read(conn, batch, &mut keys, &mut fates, locking).await {
+    let (tx, mut stock) = match read(conn, batch, &mut keys, &mut fates, locking, &settings.patience).await {
         Ok(read) => read,
-        Err(end) => return end,
+        Err(outcome) => return outcome,
     };
     if let Some(stock) = &mut stock {
+        if locking == Locking::Skip {
+            settings.held.saw(stock.held_elsewhere());
+        }
         stock.decide(batch.iter().map(|request| &request.order).zip(fates.iter_mut()), locking);
     }
-    write(tx, batch, &keys, fates, settings).await
+    write(tx, batch, &keys, fates, settings).await.into()
 }
 
 /// Step 1 and 2: BEGIN, claim the keys and read what they hold, lock the products and read
@@ -70,18 +98,21 @@ pub(super) async fn place_round(
 /// locks: it claims first and locks in a second round trip, only the products of the orders
 /// its keys left open, so that a lock timeout is told apart from a key held by a request
 /// still running (409), and replays take no product lock. `None` stock: no order left open.
+/// (Patient, any lock wait that outlasts the patience, a key's or a product's, is tried again
+/// skipping, where a key's wait gets the whole `lock_timeout`.)
 async fn read(
     conn: PooledConn,
     batch: &[&OrderRequest],
     keys: &mut Keys,
     fates: &mut [Fate],
     locking: Locking,
-) -> Result<(Tx, Option<Stock>), RoundEnd> {
+    patience: &str,
+) -> Result<(Tx, Option<Stock>), Outcome> {
     let claim = keys.claim_params();
-    let mut steps: Vec<Step> =
+    let claims: Vec<Step> =
         if keys.is_empty() { Vec::new() } else { vec![(&CLAIM_KEYS, &claim[..]), (&FIND_KEYS, &claim[..3])] };
     if !keys.is_empty() && locking == Locking::Wait {
-        let (tx, rows) = conn.begin(&steps).await.map_err(|failure| claim_failed(failure, batch))?;
+        let (tx, rows) = conn.begin(&claims).await.map_err(|failure| claim_failed(failure, batch))?;
         keys.read(&rows[0], &rows[1], fates)?;
         let open = batch.iter().zip(fates.iter()).filter(|(_, fate)| matches!(fate, Fate::Open));
         let names = Names::of(open.map(|(request, _)| &request.order));
@@ -93,19 +124,35 @@ async fn read(
         let (tx, rows) = tx.then(&stock_steps(&products, &users, locking)).await?;
         return Ok((tx, Some(stock_of(&rows)?)));
     }
-    // Skipping, no lock waits; so a timeout here is a key claim's (if there are keys).
+    // One round trip: [patience,] [claims,] step 2 [, the lock_timeout back].
     let names = Names::of(batch.iter().map(|request| &request.order));
     let (products, users): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) = ([&names.products], [&names.users]);
+    let patience: [&(dyn ToSql + Sync); 1] = [&patience];
+    let patient = locking == Locking::Patient;
+    let mut steps: Vec<Step> = Vec::with_capacity(8);
+    if patient {
+        steps.push((&SET_LOCK_PATIENCE, &patience));
+    }
+    let first_claim = steps.len();
+    steps.extend(claims);
+    let first_stock = steps.len();
     steps.extend(stock_steps(&products, &users, locking));
+    if patient {
+        steps.push((&RESTORE_LOCK_TIMEOUT, &[]));
+    }
     let (tx, rows) = match conn.begin(&steps).await {
         Ok(begun) => begun,
+        Err(failure) if patient && failure.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+            return Err(Outcome::OutOfPatience);
+        }
+        // Otherwise no lock waits but the claims', so a timeout here is a claim's (if any).
         Err(failure) if keys.is_empty() => return Err(failure.into()),
-        Err(failure) => return Err(claim_failed(failure, batch)),
+        Err(failure) => return Err(claim_failed(failure, batch).into()),
     };
-    if let [claimed, found, _, _, _] = &rows[..] {
-        keys.read(claimed, found, fates)?;
+    if !keys.is_empty() {
+        keys.read(&rows[first_claim], &rows[first_claim + 1], fates)?;
     }
-    Ok((tx, Some(stock_of(&rows[rows.len().saturating_sub(3)..])?)))
+    Ok((tx, Some(stock_of(&rows[first_stock..first_stock + 3])?)))
 }
 
 /// Step 2's statements, given the product ids (ascending) and the user ids.

@@ -1,14 +1,19 @@
 //! Step 2 of a batch: lock the products its orders name and read their stock, then decide
 //! each order against it, in arrival order.
 //!
-//! Two ways to lock (`Locking`):
+//! Three ways to lock (`Locking`):
 //! - **Wait** for every product row, in ascending id order (the order every transaction of the
-//!   service locks in): an order placed on its own (`ORDER_BATCH_MAX=1`) and the batches of
-//!   contended orders.
-//! - **Skip** the rows another transaction holds (`SKIP LOCKED`): the batches every order
-//!   joins first. An order naming a product held elsewhere (a batch in flight on a hot product,
-//!   an operator's long transaction) is not decided here but deferred to the contended
-//!   batches, where it waits for the lock; the batch's other orders never wait for it.
+//!   service locks in), up to `lock_timeout`: an order placed on its own (`ORDER_BATCH_MAX=1`)
+//!   and the batches of contended orders.
+//! - **Patient**: the same, but for a short while (`PlaceSettings::lock_patience`, as the
+//!   transaction's `lock_timeout`): the batches every order joins first. Their locks are held
+//!   mostly by each other, for a few milliseconds, and waiting for them in PostgreSQL's lock
+//!   queue is the fastest way through a hot product (the next batch is ready the moment the
+//!   last one commits). A lock held longer (an operator's transaction, a batch stuck behind
+//!   one) ends the wait, and the batch runs again skipping:
+//! - **Skip** the rows another transaction holds (`SKIP LOCKED`). An order naming a product
+//!   held elsewhere is not decided here but deferred to the contended batches, where it waits
+//!   for the lock; the batch's other orders never wait for it longer than the patience.
 
 use std::collections::{HashMap, HashSet};
 
@@ -22,6 +27,7 @@ use crate::{db::Sql, domain::NewOrder, error::Error};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Locking {
     Wait,
+    Patient,
     Skip,
 }
 
@@ -50,10 +56,18 @@ pub(super) const EXISTING_PRODUCTS: Sql =
 pub(super) const EXISTING_USERS: Sql =
     Sql { params: &[Type::INT4_ARRAY], text: "SELECT id FROM users WHERE id = ANY($1::int4[])" };
 
+/// $1 the lock patience (`100ms`): the transaction's `lock_timeout` until RESTORE_LOCK_TIMEOUT.
+pub(super) const SET_LOCK_PATIENCE: Sql =
+    Sql { params: &[Type::TEXT], text: "SELECT set_config('lock_timeout', $1, true)" };
+
+/// The connection's own `lock_timeout` again (the one it was opened with), for the rest of
+/// the transaction.
+pub(super) const RESTORE_LOCK_TIMEOUT: Sql = Sql { params: &[], text: "SET LOCAL lock_timeout TO DEFAULT" };
+
 impl Locking {
     pub(super) fn statement(self) -> &'static Sql {
         match self {
-            Locking::Wait => &LOCK_PRODUCTS,
+            Locking::Wait | Locking::Patient => &LOCK_PRODUCTS,
             Locking::Skip => &LOCK_FREE_PRODUCTS,
         }
     }
@@ -114,6 +128,11 @@ impl Stock {
             }
         }
         Stock { available, held_elsewhere, users: users.iter().map(|row| row.get(0)).collect() }
+    }
+
+    /// Skipping: the products another transaction held.
+    pub(super) fn held_elsewhere(&self) -> impl Iterator<Item = i32> + '_ {
+        self.held_elsewhere.iter().copied()
     }
 
     /// Decides each open order in arrival order, taking what it places from the stock.
