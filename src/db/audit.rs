@@ -77,6 +77,10 @@ pub struct Audit {
     /// Orders and products whose events are not numbered 1, 2, 3... without a gap (the ids
     /// listed are order ids, and product ids negated).
     pub sequence_gaps: Broken,
+    /// Idempotency keys committed with no outcome (neither an order nor a stored answer): a
+    /// claim that should have been given back. (The database itself refuses a key with both,
+    /// or with an order that does not exist.)
+    pub keys_without_outcome: i64,
 }
 
 impl Audit {
@@ -100,6 +104,9 @@ impl Audit {
                 "{} orders or products have events not numbered 1, 2, 3... (first: {:?})",
                 self.sequence_gaps.count, self.sequence_gaps.first_order_ids
             ));
+        }
+        if self.keys_without_outcome > 0 {
+            found.push(format!("{} idempotency keys hold no outcome", self.keys_without_outcome));
         }
         if self.unbalanced_lines.count > 0 {
             found.push(format!(
@@ -226,6 +233,9 @@ const SEQUENCE_GAPS: &str = "
     FROM streams
     WHERE events <> last OR numbers <> events";
 
+const KEYS_WITHOUT_OUTCOME: &str =
+    "SELECT count(*) FROM idempotency_keys WHERE order_id IS NULL AND response_status IS NULL";
+
 /// Reads the whole database once and returns what it found.
 pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> {
     let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await?;
@@ -248,6 +258,7 @@ pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> 
     let unbalanced_lines = broken(tx.query_one(UNBALANCED_LINES, &[]).await?);
     let orders_with_wrong_events = broken(tx.query_one(ORDERS_WITH_WRONG_EVENTS, &[]).await?);
     let sequence_gaps = broken(tx.query_one(SEQUENCE_GAPS, &[]).await?);
+    let keys_without_outcome = tx.query_one(KEYS_WITHOUT_OUTCOME, &[]).await?.get(0);
     tx.commit().await?;
     Ok(Audit {
         products,
@@ -258,5 +269,6 @@ pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> 
         unbalanced_lines,
         orders_with_wrong_events,
         sequence_gaps,
+        keys_without_outcome,
     })
 }

@@ -40,7 +40,7 @@ pub use pool::{Pool, PoolSettings, PoolStatus, PooledConn};
 pub use products::{Catalogue, Product};
 pub use target::Target;
 pub use tx::Tx;
-pub use webhooks::{Attempt, AttemptRecord, Backlog, Claimed, Endpoint, Outcome, SECRET_OVERLAP};
+pub use webhooks::{Attempt, AttemptRecord, Backlog, Claimed, Endpoint, Outcome, Routed, SECRET_OVERLAP};
 
 use crate::{
     domain::{NewWebhook, OrderStatus, Page, WebhookChange},
@@ -223,7 +223,7 @@ impl Db {
     }
 
     /// Routes the events committed since the last pass to the endpoints' deliveries.
-    pub async fn route_events(&self) -> Result<u64, Error> {
+    pub async fn route_events(&self) -> Result<webhooks::Routed, Error> {
         webhooks::route(&self.primary).await
     }
 

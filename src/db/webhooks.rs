@@ -301,16 +301,25 @@ const ROUTE: Sql = Sql {
 /// Most events routed to one endpoint per pass.
 const ROUTE_BATCH: i64 = 1_000;
 
-/// Routes new events to every endpoint no other replica is routing now; how many deliveries
-/// were made.
-pub(super) async fn route(pool: &Pool) -> Result<u64, Error> {
+/// Routes new events to every endpoint no other replica is routing now.
+pub(super) async fn route(pool: &Pool) -> Result<Routed, Error> {
     let conn = pool.get().await?;
     let (tx, rows) = conn.begin(&[(&LOCK_ENDPOINTS, &[])]).await?;
     let endpoints: Vec<i64> = rows[0].iter().map(|row| row.get(0)).collect();
     let params: Vec<[&(dyn ToSql + Sync); 2]> = endpoints.iter().map(|id| [id as _, &ROUTE_BATCH as _]).collect();
     let steps: Vec<_> = params.iter().map(|params| (&ROUTE, &params[..])).collect();
     let routed = tx.commit(&steps).await?;
-    Ok(routed.iter().filter_map(|rows| rows.first()).map(|row| row.get::<_, i64>(0) as u64).sum())
+    let deliveries = routed.iter().filter_map(|rows| rows.first()).map(|row| row.get::<_, i64>(0) as u64).sum();
+    Ok(Routed { endpoints: endpoints.len(), deliveries })
+}
+
+/// What a routing pass did.
+#[derive(Debug, Clone, Copy)]
+pub struct Routed {
+    /// Endpoints routed (enabled, and not being routed by another replica).
+    pub endpoints: usize,
+    /// Deliveries made.
+    pub deliveries: u64,
 }
 
 /// Claims the deliveries due: for each enabled endpoint no other replica is claiming now (its

@@ -172,13 +172,19 @@ async fn every_acknowledged_order_of_concurrent_batches_has_exactly_one_created_
 
 /// The feed in commit order. An order's transaction is held open after it took its locks (a
 /// trigger waits on an advisory lock the test holds), so it has the smaller transaction id;
-/// orders placed after it commit first. A reader reading all along sees none of them while
+/// orders placed after it commit first. (It waits longer than the lock patience of its first
+/// transaction, which gives up and runs it again in a second: the test goes on once that one
+/// waits, so that it is older than the later orders.) A reader reading all along sees none of them while
 /// the early one is open (handing them out would let the early one's event appear before a
 /// position already given); once it commits, the reader gets it, then the later ones, and a
 /// full re-read from the start gives exactly what the reader saw, in the same order.
 #[tokio::test]
 async fn a_late_commit_is_never_skipped_and_re_reading_gives_the_same_sequence() {
-    let app = spawn_app_with(|config| config.order_batch_max = 64).await;
+    let app = spawn_app_with(|config| {
+        config.order_batch_max = 64;
+        config.statement_timeout = Duration::from_secs(20);
+    })
+    .await;
     app.order(2, 1).await;
     let mut reader = Reader::new(&app).await;
     assert_eq!(reader.seen.len(), 1);
@@ -193,7 +199,7 @@ async fn a_late_commit_is_never_skipped_and_re_reading_gives_the_same_sequence()
         .await
         .unwrap();
     let late = app.spawn_order(None, order_body(1, 4, 1));
-    app.wait_for_lock_waiters(1).await;
+    app.wait_for_a_lock_waiter_older_than(Duration::from_secs(1)).await;
     let later: Vec<i64> = {
         let mut ids = Vec::new();
         for _ in 0..3 {

@@ -203,3 +203,48 @@ fn pool_settings() -> order_api::db::PoolSettings {
         max_lifetime: Duration::from_secs(60),
     }
 }
+
+/// A key holds the id of its order from the claim on (migration 0008): a placed order's key
+/// names that order, a refused order's key holds its answer and no order, and a keyed order
+/// deferred past a product an operator holds (its first claim given back, claimed again in the
+/// contended lane) ends with one key naming the one order it made.
+#[tokio::test]
+async fn each_key_names_the_order_it_made_or_holds_its_refusal() {
+    let app = spawn_app_with(|config| config.order_batch_max = 64).await;
+    let key_row = |key: &'static str| {
+        let db = &app.db;
+        async move {
+            let row = db
+                .query_one(
+                    "SELECT order_id, response_status FROM idempotency_keys WHERE user_id = 1 AND key = $1",
+                    &[&key],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, Option<i64>>(0), row.get::<_, Option<i16>>(1))
+        }
+    };
+
+    let placed = app.post_order_with_key("placed", &order_body(1, 2, 1)).await;
+    assert_eq!(placed.status, 201, "{}", placed.text);
+    assert_eq!(key_row("placed").await, (Some(placed.json["orderId"].as_i64().unwrap()), None));
+
+    let refused = app.post_order_with_key("refused", &order_body(1, 2, 1_000)).await;
+    refused.assert_error(400, "INSUFFICIENT_STOCK");
+    assert_eq!(key_row("refused").await, (None, Some(400)));
+
+    let holder = common::connect(&app.database_url).await;
+    holder.batch_execute("BEGIN; SELECT 1 FROM products WHERE id = 1 FOR UPDATE").await.unwrap();
+    let deferred = app.spawn_order(Some("deferred"), order_body(1, 1, 1));
+    app.wait_for_a_lock_waiter_older_than(Duration::from_secs(1)).await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    let deferred = deferred.await.unwrap();
+    assert_eq!(deferred.status, 201, "{}", deferred.text);
+    assert_eq!(key_row("deferred").await, (Some(deferred.json["orderId"].as_i64().unwrap()), None));
+
+    assert_eq!(app.count("idempotency_keys").await, 3);
+    assert_eq!(app.count("orders").await, 2);
+    let replay = app.post_order_with_key("deferred", &order_body(1, 1, 1)).await;
+    assert_eq!((replay.status, replay.text.as_str()), (201, deferred.text.as_str()));
+    app.assert_invariants().await;
+}

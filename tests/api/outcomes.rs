@@ -112,11 +112,11 @@ fn send_order(app: &TestApp, key: Option<&'static str>) -> tokio::task::JoinHand
 /// The connection dies while an order is inside PostgreSQL (one order per transaction,
 /// `ORDER_BATCH_MAX=1`, so the service's session is the order's). The answer says exactly what
 /// the service can know:
-/// - waiting on a product's lock, before any COMMIT was sent: nothing can have been written,
-///   503, keyed or not;
-/// - in the round trip that carries the COMMIT (held there by a slow trigger on the payment,
-///   or on the key getting its order): 504, keyed or not. A keyed order's outcome is written
-///   with the order, in the round trip that commits.
+/// - waiting on a product's lock, or claiming its key (held there by a slow trigger), before
+///   any COMMIT was sent: nothing can have been written, 503, keyed or not;
+/// - in the round trip that carries the COMMIT (held there by a slow trigger on the payment):
+///   504, keyed or not. A keyed order's key holds the order's id from its claim, and both
+///   commit together.
 ///
 /// Each answer is checked against the database, and the keyed retries place one order each.
 #[tokio::test]
@@ -140,11 +140,11 @@ async fn a_connection_lost_mid_order_is_503_before_the_commit_and_504_after() {
         .await
         .unwrap();
     let slow_payments = "CREATE TRIGGER slow BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION slow()";
-    let slow_keys = "CREATE TRIGGER slow BEFORE UPDATE ON idempotency_keys FOR EACH ROW EXECUTE FUNCTION slow()";
+    let slow_keys = "CREATE TRIGGER slow BEFORE INSERT ON idempotency_keys FOR EACH ROW EXECUTE FUNCTION slow()";
     let cases = [
         (slow_payments, None, 504, "OUTCOME_UNKNOWN"),
         (slow_payments, Some("lost-2"), 504, "OUTCOME_UNKNOWN"),
-        (slow_keys, Some("lost-3"), 504, "OUTCOME_UNKNOWN"),
+        (slow_keys, Some("lost-3"), 503, "SERVICE_UNAVAILABLE"),
     ];
     for (trigger, key, status, code) in cases {
         app.db.batch_execute(trigger).await.unwrap();

@@ -543,6 +543,28 @@ impl TestApp {
         wait::for_lock_waiters(&self.db, &self.database_name, count).await
     }
 
+    /// Polls until one of the service's sessions has waited on a lock for longer than `age`:
+    /// with an `age` past the first lane's lock patience (100 ms), an order that has given up
+    /// waiting patiently and waits in a transaction of the contended lane (or, for a lock its
+    /// write waits on, a second transaction of the same batch).
+    pub async fn wait_for_a_lock_waiter_older_than(&self, age: std::time::Duration) {
+        let what = format!("a session of the service waiting on a lock for over {age:?}");
+        wait::until(&what, wait::PATIENCE, || async {
+            self.db
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = $1 AND application_name = 'order-api' AND wait_event_type = 'Lock'
+                       AND now() - query_start > make_interval(secs => $2)",
+                    &[&self.database_name, &age.as_secs_f64()],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0
+        })
+        .await
+    }
+
     /// Both slots of the order lane taken (the default pool has two): a keyed order in each
     /// waits for its Idempotency-Key, which an open transaction of the test holds. Orders sent
     /// meanwhile queue in the lane, and go together in one batch once `release`d.

@@ -7,7 +7,7 @@
 //! (replayed here) or free again (claimed here). Keys are claimed in (user, key) order, before
 //! any product lock, so claims cannot deadlock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use postgres_types::{ToSql, Type};
 use tokio_postgres::Row;
@@ -15,28 +15,32 @@ use tokio_postgres::Row;
 use super::{CreatedOrder, Fate, OrderRequest, Replay, StoredAnswer};
 use crate::{db::Sql, error::Error, money::Money};
 
-/// Claims keys: inserts each, or takes over an expired one; returns the keys now ours.
-/// $1 users, $2 keys, $3 request fingerprints (same length, no (user, key) twice), $4 retention
-/// in seconds. Inserted in (user, key) order, the order every claim takes them in.
+/// Claims keys: inserts each, or takes over an expired one; returns the keys now ours, each
+/// with the id drawn for its order (ids drawn in arrival order; the order is written with it
+/// if placed, and a refusal gives it up). $1 users, $2 keys, $3 request fingerprints (same
+/// length, no (user, key) twice), $4 retention in seconds. Inserted in (user, key) order, the
+/// order every claim takes them in.
 pub(super) const CLAIM_KEYS: Sql = Sql {
     params: &[Type::INT4_ARRAY, Type::TEXT_ARRAY, Type::TEXT_ARRAY, Type::FLOAT8],
     text: "
-    INSERT INTO idempotency_keys AS k (user_id, key, request_hash)
-    SELECT c.user_id, c.key, md5(c.fingerprint)
-    FROM unnest($1::int4[], $2::text[], $3::text[]) AS c (user_id, key, fingerprint)
+    INSERT INTO idempotency_keys AS k (user_id, key, request_hash, order_id)
+    SELECT c.user_id, c.key, md5(c.fingerprint), c.order_id
+    FROM (SELECT c.*, nextval('orders_id_seq') AS order_id
+          FROM (SELECT * FROM unnest($1::int4[], $2::text[], $3::text[]) WITH ORDINALITY AS c (user_id, key, fingerprint, n)
+                ORDER BY n) AS c) AS c
     ORDER BY c.user_id, c.key
     ON CONFLICT (user_id, key) DO UPDATE
         SET request_hash = EXCLUDED.request_hash, response_status = NULL, response_body = NULL,
-            order_id = NULL, created_at = now()
+            order_id = EXCLUDED.order_id, created_at = now()
         WHERE k.created_at < now() - make_interval(secs => $4)
-    RETURNING k.user_id, k.key",
+    RETURNING k.user_id, k.key, k.order_id",
 };
 
 /// Each key as it stands after the claim (a statement of its own, so that it sees what a
 /// transaction the claim waited for committed): its position in $1..$3 (1-based), whether it
 /// was made for the same request, and its outcome: the order it created (with its total), or
-/// the refusal's status and body. All NULL when it is our own claim. Same parameters as
-/// CLAIM_KEYS.
+/// the refusal's status and body. (For our own claim: the id drawn, no order yet; `read`
+/// tells it by CLAIM_KEYS' rows.) Same parameters as CLAIM_KEYS.
 pub(super) const FIND_KEYS: Sql = Sql {
     params: &[Type::INT4_ARRAY, Type::TEXT_ARRAY, Type::TEXT_ARRAY],
     text: "
@@ -46,15 +50,17 @@ pub(super) const FIND_KEYS: Sql = Sql {
     LEFT JOIN orders AS o ON o.id = k.order_id",
 };
 
-/// Stores the outcome of refused orders' keys, and writes replayed keys again unchanged (NULL
-/// status and body), so that the commit waits for the synchronous standby like any write's (a
-/// replay never promises more than the first answer: see `place`). $1 users, $2 keys, $3
-/// statuses, $4 bodies. Keys of placed orders get their order in `WRITE_ORDERS`.
+/// Stores the outcome of refused orders' keys (giving up the order id drawn), and writes
+/// replayed keys again unchanged (NULL status and body), so that the commit waits for the
+/// synchronous standby like any write's (a replay never promises more than the first answer:
+/// see `place`). $1 users, $2 keys, $3 statuses, $4 bodies. Keys of placed orders hold their
+/// order since the claim.
 pub(super) const SAVE_OUTCOMES: Sql = Sql {
     params: &[Type::INT4_ARRAY, Type::TEXT_ARRAY, Type::INT2_ARRAY, Type::TEXT_ARRAY],
     text: "
     UPDATE idempotency_keys AS k
-    SET response_status = coalesce(s.status, k.response_status), response_body = coalesce(s.body, k.response_body)
+    SET response_status = coalesce(s.status, k.response_status), response_body = coalesce(s.body, k.response_body),
+        order_id = CASE WHEN s.status IS NULL THEN k.order_id END
     FROM unnest($1::int4[], $2::text[], $3::int2[], $4::text[]) AS s (user_id, key, status, body)
     WHERE k.user_id = s.user_id AND k.key = s.key",
 };
@@ -78,8 +84,8 @@ pub(super) struct Keys {
     fingerprints: Vec<String>,
     retention_secs: f64,
     /// Filled by `read`: the keys claimed by this transaction (as opposed to found holding an
-    /// outcome), by position in the batch.
-    claimed: HashSet<usize>,
+    /// outcome), by position in the batch, with the order id drawn for each.
+    claimed: HashMap<usize, i64>,
 }
 
 impl Keys {
@@ -90,7 +96,7 @@ impl Keys {
             keys: Vec::new(),
             fingerprints: Vec::new(),
             retention_secs,
-            claimed: HashSet::new(),
+            claimed: HashMap::new(),
         };
         for (i, request) in batch.iter().enumerate() {
             if let Some(key) = &request.key {
@@ -115,11 +121,12 @@ impl Keys {
     /// Sets the fate of each keyed order from CLAIM_KEYS' and FIND_KEYS' rows: left open if
     /// its key is ours now, else replayed or refused.
     pub(super) fn read(&mut self, claimed: &[Row], found: &[Row], fates: &mut [Fate]) -> Result<(), Error> {
-        let claimed: HashSet<(i32, &str)> = claimed.iter().map(|row| (row.get(0), row.get(1))).collect();
+        let claimed: HashMap<(i32, &str), i64> =
+            claimed.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect();
         let found: HashMap<i64, &Row> = found.iter().map(|row| (row.get(0), row)).collect();
         for (n, &position) in self.positions.iter().enumerate() {
-            if claimed.contains(&(self.users[n], self.keys[n].as_str())) {
-                self.claimed.insert(position);
+            if let Some(&order_id) = claimed.get(&(self.users[n], self.keys[n].as_str())) {
+                self.claimed.insert(position, order_id);
                 continue;
             }
             let row = found
@@ -142,8 +149,13 @@ impl Keys {
         Ok(())
     }
 
+    /// The order id drawn with the key claimed for the order at `position`, if any.
+    pub(super) fn order_id(&self, position: usize) -> Option<i64> {
+        self.claimed.get(&position).copied()
+    }
+
     /// What step 3 does with the keys, from each order's fate: SAVE_OUTCOMES' and
-    /// RELEASE_KEYS' parameters. A placed order's key gets its order in WRITE_ORDERS; a key
+    /// RELEASE_KEYS' parameters. A placed order's key holds its order since the claim; a key
     /// reused for another request is not ours to touch.
     pub(super) fn outcomes(&self, fates: &[Fate], store_refusal: fn(&Error) -> StoredAnswer) -> Outcomes {
         let mut outcomes = Outcomes::default();
@@ -156,7 +168,7 @@ impl Keys {
                     outcomes.save(user, key, Some(answer.status as i16), Some(answer.body));
                 }
                 Fate::Replayed(_) => outcomes.save(user, key, None, None),
-                Fate::Deferred if self.claimed.contains(&position) => {
+                Fate::Deferred if self.claimed.contains_key(&position) => {
                     outcomes.release_users.push(user);
                     outcomes.release_keys.push(key);
                 }

@@ -3,15 +3,15 @@
 //! batching, issue 14) or, with `ORDER_BATCH_MAX=1`, one each.
 //!
 //! One transaction (`round.rs`) is three steps, in two round trips:
-//! 1. `keys.rs`: claim every key and read what each holds. A key already used for the same
-//!    request gets its stored outcome back (a replay) instead of a second order; one used for
-//!    another request is refused.
+//! 1. `keys.rs`: claim every key, with the id drawn for its order, and read what each holds.
+//!    A key already used for the same request gets its stored outcome back (a replay) instead
+//!    of a second order; one used for another request is refused.
 //! 2. `stock.rs`: lock the products the orders name and read their stock, and which products
 //!    and users exist; then decide each order here, in arrival order, against the stock the
 //!    earlier orders of the batch left: placed whole, or refused whole with its reason.
 //! 3. `write.rs`: one statement writes every placed order (lines, payment, inventory
-//!    movements, stock, and its key's outcome); sent with it, the refused orders' keys get
-//!    their answer, and COMMIT.
+//!    movements, stock, events; a keyed order with the id its key holds); sent with it, the
+//!    refused orders' keys get their answer, and COMMIT.
 //!
 //! **Lanes.** Batched, every order first joins a batch that waits for its product locks only
 //! for a short while (`Locking::Patient`, `PlaceSettings::lock_patience`): long enough for the

@@ -9,7 +9,7 @@ use tokio_postgres::{Row, error::SqlState};
 use super::{
     CreatedOrder, Fate, OrderRequest, Placed, Settings, Settled,
     keys::{CLAIM_KEYS, FIND_KEYS, Keys, RELEASE_KEYS, SAVE_OUTCOMES},
-    stock::{EXISTING_PRODUCTS, EXISTING_USERS, Locking, Names, RESTORE_LOCK_TIMEOUT, SET_LOCK_PATIENCE, Stock},
+    stock::{EXISTING_PRODUCTS, EXISTING_USERS, Locking, Names, SET_LOCK_PATIENCE, Stock},
     write::{WRITE_ORDERS, Written},
 };
 use crate::{
@@ -62,8 +62,8 @@ pub(super) async fn place_round(
 /// How one attempt at a transaction ended.
 enum Outcome {
     Ended(RoundEnd),
-    /// Patient, a lock (a product's or a key's) was not granted within the patience: nothing
-    /// was written, and the transaction is rolled back.
+    /// Patient, a lock (a product's, a key's, or one the write waited for) was not granted
+    /// within the patience: nothing was written, and the transaction is rolled back.
     OutOfPatience,
 }
 
@@ -90,7 +90,7 @@ async fn place_once(pool: &Pool, settings: &Settings, batch: &[&OrderRequest], l
         }
         stock.decide(batch.iter().map(|request| &request.order).zip(fates.iter_mut()), locking);
     }
-    write(tx, batch, &keys, fates, settings).await.into()
+    write(tx, batch, &keys, fates, settings, locking).await
 }
 
 /// Step 1 and 2: BEGIN, claim the keys and read what they hold, lock the products and read
@@ -98,8 +98,9 @@ async fn place_once(pool: &Pool, settings: &Settings, batch: &[&OrderRequest], l
 /// locks: it claims first and locks in a second round trip, only the products of the orders
 /// its keys left open, so that a lock timeout is told apart from a key held by a request
 /// still running (409), and replays take no product lock. `None` stock: no order left open.
-/// (Patient, any lock wait that outlasts the patience, a key's or a product's, is tried again
-/// skipping, where a key's wait gets the whole `lock_timeout`.)
+/// (Patient, the whole transaction runs with the patience as its `lock_timeout`, and any lock
+/// wait that outlasts it, a key's, a product's or one in the write, makes the batch run again
+/// skipping, where the other waits get the whole `lock_timeout`.)
 async fn read(
     conn: PooledConn,
     batch: &[&OrderRequest],
@@ -124,7 +125,7 @@ async fn read(
         let (tx, rows) = tx.then(&stock_steps(&products, &users, locking)).await?;
         return Ok((tx, Some(stock_of(&rows)?)));
     }
-    // One round trip: [patience,] [claims,] step 2 [, the lock_timeout back].
+    // One round trip: [patience,] [claims,] step 2.
     let names = Names::of(batch.iter().map(|request| &request.order));
     let (products, users): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) = ([&names.products], [&names.users]);
     let patience: [&(dyn ToSql + Sync); 1] = [&patience];
@@ -137,14 +138,9 @@ async fn read(
     steps.extend(claims);
     let first_stock = steps.len();
     steps.extend(stock_steps(&products, &users, locking));
-    if patient {
-        steps.push((&RESTORE_LOCK_TIMEOUT, &[]));
-    }
     let (tx, rows) = match conn.begin(&steps).await {
         Ok(begun) => begun,
-        Err(failure) if patient && failure.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-            return Err(Outcome::OutOfPatience);
-        }
+        Err(failure) if patient && out_of_patience(&failure) => return Err(Outcome::OutOfPatience),
         // Otherwise no lock waits but the claims', so a timeout here is a claim's (if any).
         Err(failure) if keys.is_empty() => return Err(failure.into()),
         Err(failure) => return Err(claim_failed(failure, batch).into()),
@@ -186,10 +182,16 @@ fn claim_failed(failure: Failure, batch: &[&OrderRequest]) -> RoundEnd {
 /// Step 3: write the placed orders, store the keys' outcomes and give back the keys of
 /// deferred orders, and commit, in one round trip; or roll back when there is nothing to
 /// keep (only refusals and deferred orders).
-async fn write(tx: Tx, batch: &[&OrderRequest], keys: &Keys, fates: Vec<Fate>, settings: &Settings) -> RoundEnd {
-    let placed = batch.iter().zip(&fates).filter(|(_, fate)| matches!(fate, Fate::Placed));
-    let written =
-        Written::of(placed.map(|(request, _)| (&request.order, request.key.as_ref().map(|key| key.as_str()))));
+async fn write(
+    tx: Tx,
+    batch: &[&OrderRequest],
+    keys: &Keys,
+    fates: Vec<Fate>,
+    settings: &Settings,
+    locking: Locking,
+) -> Outcome {
+    let placed = batch.iter().enumerate().zip(&fates).filter(|(_, fate)| matches!(fate, Fate::Placed));
+    let written = Written::of(placed.map(|((position, request), _)| (&request.order, keys.order_id(position))));
     let outcomes = keys.outcomes(&fates, settings.place.store_refusal);
     let write = written.params();
     let save: [&(dyn ToSql + Sync); 4] = [&outcomes.users, &outcomes.keys, &outcomes.statuses, &outcomes.bodies];
@@ -210,24 +212,33 @@ async fn write(tx: Tx, batch: &[&OrderRequest], keys: &Keys, fates: Vec<Fate>, s
     }
     if steps.is_empty() {
         return match tx.rollback().await {
-            Ok(()) => RoundEnd::Answered(answers(fates, batch, &[])),
+            Ok(()) => RoundEnd::Answered(answers(fates, batch, &[])).into(),
             Err(failure) => failure.into(),
         };
     }
     let created = match tx.commit(&steps).await {
         Ok(mut rows) if written.len() > 0 => rows.swap_remove(0),
         Ok(_) => Vec::new(),
-        Err(failure) => return write_failed(failure, batch),
+        // Refused, the statement rolled the transaction back: nothing was written.
+        Err(failure) if locking == Locking::Patient && out_of_patience(&failure) => return Outcome::OutOfPatience,
+        Err(failure) => return write_failed(failure, batch).into(),
     };
     if created.len() != written.len() {
-        return RoundEnd::Failed(Error::Internal(format!("{} orders written of {}", created.len(), written.len())));
+        return RoundEnd::Failed(Error::Internal(format!("{} orders written of {}", created.len(), written.len())))
+            .into();
     }
     if !created.is_empty() {
         settings.announcer.committed();
     }
     events::count_written("order.created", created.len() as u64);
     events::count_written("product.sold_out", created.first().map_or(0, |row| row.get::<_, i64>(2) as u64));
-    RoundEnd::Answered(answers(fates, batch, &created))
+    RoundEnd::Answered(answers(fates, batch, &created)).into()
+}
+
+/// A lock wait ended by the patience (`lock_timeout`); not a cancelled statement, which is the
+/// deadline's or `statement_timeout`'s.
+fn out_of_patience(failure: &Failure) -> bool {
+    matches!(failure, Failure::Db(_)) && failure.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
 }
 
 /// Each order's answer from its fate; `created` holds WRITE_ORDERS' rows for the placed ones,

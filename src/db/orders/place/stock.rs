@@ -56,13 +56,9 @@ pub(super) const EXISTING_PRODUCTS: Sql =
 pub(super) const EXISTING_USERS: Sql =
     Sql { params: &[Type::INT4_ARRAY], text: "SELECT id FROM users WHERE id = ANY($1::int4[])" };
 
-/// $1 the lock patience (`100ms`): the transaction's `lock_timeout` until RESTORE_LOCK_TIMEOUT.
+/// $1 the lock patience (`100ms`): the transaction's `lock_timeout`.
 pub(super) const SET_LOCK_PATIENCE: Sql =
     Sql { params: &[Type::TEXT], text: "SELECT set_config('lock_timeout', $1, true)" };
-
-/// The connection's own `lock_timeout` again (the one it was opened with), for the rest of
-/// the transaction.
-pub(super) const RESTORE_LOCK_TIMEOUT: Sql = Sql { params: &[], text: "SET LOCAL lock_timeout TO DEFAULT" };
 
 impl Locking {
     pub(super) fn statement(self) -> &'static Sql {

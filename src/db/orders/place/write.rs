@@ -5,13 +5,13 @@ use postgres_types::{ToSql, Type};
 
 use crate::{db::Sql, domain::NewOrder};
 
-/// Writes the placed orders of a batch. $1 each order's user and $2 its idempotency key (NULL
-/// without one), in arrival order; then its lines, order after order: $3 the (1-based) order
-/// each line belongs to, $4 product, $5 quantity. Order ids are drawn in arrival order; prices
+/// Writes the placed orders of a batch. $1 each order's user and $2 its id if drawn already
+/// (with its idempotency key's claim, which holds it since; NULL without a key), in arrival
+/// order; then its lines, order after order: $3 the (1-based) order each line belongs to, $4
+/// product, $5 quantity. The other ids are drawn in arrival order; prices
 /// are the locked products' (this statement's snapshot is taken after the locks, so it reads
 /// them as locked); the stock taken is what the batch's lines add up to per product, which the
 /// service checked against the stock it read under those locks, so `CHECK (stock >= 0)` holds.
-/// A keyed order's key (claimed by this transaction) gets the order as its outcome.
 ///
 /// The events go with it (`sql/0006_order_events.sql`): each order's `order.created`, its data
 /// the order as `GET /api/orders/:id` shows it (built here from what is written: the rows are
@@ -20,11 +20,11 @@ use crate::{db::Sql, domain::NewOrder};
 /// other transaction can number one meanwhile). Returns each order's id and total, in arrival
 /// order, and on every row the number of products sold out.
 pub(super) const WRITE_ORDERS: Sql = Sql {
-    params: &[Type::INT4_ARRAY, Type::TEXT_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY],
+    params: &[Type::INT4_ARRAY, Type::INT8_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY],
     text: "
     WITH placed AS (
-        SELECT o.n, o.user_id, o.key, nextval('orders_id_seq') AS id
-        FROM (SELECT * FROM unnest($1::int4[], $2::text[]) WITH ORDINALITY AS o (user_id, key, n) ORDER BY n) AS o
+        SELECT o.n, o.user_id, coalesce(o.id, nextval('orders_id_seq')) AS id
+        FROM (SELECT * FROM unnest($1::int4[], $2::int8[]) WITH ORDINALITY AS o (user_id, id, n) ORDER BY n) AS o
     ),
     line AS (
         SELECT l.position, l.n, l.product_id, l.quantity, products.price, products.name
@@ -62,12 +62,6 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
         INSERT INTO inventory_movements (product_id, delta, reason, order_id)
         SELECT line.product_id, -line.quantity, 'order', placed.id
         FROM line JOIN placed USING (n)
-    ),
-    keyed AS (
-        UPDATE idempotency_keys AS k
-        SET order_id = placed.id
-        FROM placed
-        WHERE placed.key IS NOT NULL AND k.user_id = placed.user_id AND k.key = placed.key
     ),
     order_events AS (
         INSERT INTO events (type, order_id, user_id, sequence, data)
@@ -109,25 +103,25 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
 /// WRITE_ORDERS' parameters for the placed orders.
 pub(super) struct Written {
     users: Vec<i32>,
-    keys: Vec<Option<String>>,
+    ids: Vec<Option<i64>>,
     line_order: Vec<i32>,
     products: Vec<i32>,
     quantities: Vec<i32>,
 }
 
 impl Written {
-    /// The placed orders, each with its key if it has one.
-    pub(super) fn of<'a>(placed: impl Iterator<Item = (&'a NewOrder, Option<&'a str>)>) -> Written {
+    /// The placed orders, each with its id if drawn with its key.
+    pub(super) fn of<'a>(placed: impl Iterator<Item = (&'a NewOrder, Option<i64>)>) -> Written {
         let mut written = Written {
             users: Vec::new(),
-            keys: Vec::new(),
+            ids: Vec::new(),
             line_order: Vec::new(),
             products: Vec::new(),
             quantities: Vec::new(),
         };
-        for (order, key) in placed {
+        for (order, id) in placed {
             written.users.push(order.user_id);
-            written.keys.push(key.map(str::to_owned));
+            written.ids.push(id);
             let n = written.users.len() as i32;
             for line in &order.lines {
                 written.line_order.push(n);
@@ -143,6 +137,6 @@ impl Written {
     }
 
     pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 5] {
-        [&self.users, &self.keys, &self.line_order, &self.products, &self.quantities]
+        [&self.users, &self.ids, &self.line_order, &self.products, &self.quantities]
     }
 }
