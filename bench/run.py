@@ -27,7 +27,8 @@ One run, on one fresh database:
    equals the sum of its inventory movements, prints the tables and writes everything to
    target/bench/ as JSON.
 
-Exit status: 1 when a correctness check fails (an audit violation after any scenario, a request
+Exit status: 1 when a correctness check fails (an audit violation after any scenario of this
+build - the --compare-binary build's are only reported -, a request
 error in an API run, the flash sale selling other than its stock, stock not matching the order
 lines or the ledger, the server not exiting 0 on SIGTERM); 0 otherwise. A performance target
 missed (MISS) is a verdict printed for a person to read, not a failure: figures on a shared
@@ -1304,12 +1305,20 @@ def print_targets(report):
             correct.append((f"{name}: exactly {FLASH_STOCK} of {FLASH_BUYERS} placed, the rest refused",
                             f"{run['accepted']} placed, {run['refused']} refused, {run['other']} other, "
                             f"stock left {run['stock_left']}", run["ok"]))
-    audited = {name: run["audit"] for name, run in runs.items() if "audit" in run}
+    # The audit judges this build. The --compare-binary build is a reference, audited by its own
+    # `audit` and reported, but its violations do not fail the bench: bench/without-events.patch
+    # makes a build that writes no events, which its audit rightly calls missing.
+    audited = {name: run["audit"] for name, run in runs.items() if "audit" in run and not name.endswith("@before")}
     if audited:
         broken = {name: violations for name, violations in audited.items() if violations}
         detail = (f"clean after all {len(audited)} scenarios" if not broken
                   else f"violations after {', '.join(broken)}: {next(iter(broken.values()))[:2]}")
         correct.append(("order-api audit after every API scenario", detail, not broken))
+    reference = {name: run["audit"] for name, run in runs.items() if "audit" in run and name.endswith("@before")}
+    reference_broken = {name: violations for name, violations in reference.items() if violations}
+    if reference_broken:
+        print(f"note: the --compare-binary build's own audit found violations after {', '.join(reference_broken)} "
+              f"(not a failure of this build): {next(iter(reference_broken.values()))[:1]}")
     if "events.delivery" in runs:
         e = runs["events.delivery"]
         correct.append(("every event written delivered to the endpoint", f"{e['events_written']} written, "

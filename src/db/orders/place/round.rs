@@ -146,9 +146,12 @@ async fn read(
         Err(failure) => return Err(claim_failed(failure, batch).into()),
     };
     if !keys.is_empty() {
-        keys.read(&rows[first_claim], &rows[first_claim + 1], fates)?;
+        let Some([claimed, found]) = rows.get(first_claim..first_claim + 2) else {
+            return Err(Error::Internal("the claims answered the wrong number of statements".into()).into());
+        };
+        keys.read(claimed, found, fates)?;
     }
-    Ok((tx, Some(stock_of(&rows[first_stock..first_stock + 3])?)))
+    Ok((tx, Some(stock_of(rows.get(first_stock..).unwrap_or_default())?)))
 }
 
 /// Step 2's statements, given the product ids (ascending) and the user ids.
