@@ -204,8 +204,9 @@ async fn open_mode_warns_at_start_that_any_caller_can_act_as_any_user() {
     let env = [("AUTH_MODE", "jwt"), ("AUTH_JWT_HS256_SECRET", secret)];
     let mut jwt = ServerProcess::start_with_env(&database.url, &env).await;
     jwt.terminate();
-    assert!(jwt.wait_for_exit(Duration::from_secs(10)).await.is_some_and(|status| status.success()));
+    let status = jwt.wait_for_exit(Duration::from_secs(10)).await;
     let logs = jwt.logs();
+    assert!(status.is_some_and(|status| status.success()), "exit {status:?} on SIGTERM:\n{logs}");
     assert!(logs.contains("\"msg\":\"listening\""), "the start-up was logged:\n{logs}");
     assert!(!logs.contains("AUTH_MODE=open"), "jwt mode warned about open mode:\n{logs}");
 }
