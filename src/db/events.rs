@@ -66,7 +66,11 @@ pub fn written() -> impl Iterator<Item = (&'static str, u64)> {
 /// delivered when it commits.
 pub(super) const NOTIFY_EVENTS: Sql = Sql { params: &[], text: "NOTIFY order_api_events" };
 
-const LISTEN_EVENTS: &str = "LISTEN order_api_events";
+/// The listening connection also sends the order batches' NOTIFY, each in a transaction of
+/// its own, whose commit need not wait for its WAL to reach the disk: a notification is not
+/// durable anyway, and these commits' flushes queued beside the batches', which hold their
+/// product locks until their own flush is done.
+const LISTEN_EVENTS: &str = "SET synchronous_commit = off; LISTEN order_api_events";
 
 /// How often a waiter looks again when no notification can be relied on.
 pub const RECHECK_EVERY: Duration = Duration::from_millis(50);

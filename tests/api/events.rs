@@ -141,6 +141,14 @@ async fn nothing_that_did_not_commit_has_an_event_and_a_replay_has_no_second() {
 #[tokio::test]
 async fn every_acknowledged_order_of_concurrent_batches_has_exactly_one_created_event() {
     let app = spawn_app_with(|config| config.order_batch_max = 64).await;
+    // Names that JSON must escape, so that the byte-for-byte check below covers escaping.
+    app.db
+        .batch_execute(
+            "UPDATE products SET name = E'Laptop \"Pro\" \\\\ \\t\u{fc} \u{1F600} </script>' WHERE id = 1;
+             UPDATE users SET email = E'o''brien+\"x\"\\\\@example.com' WHERE id = 2",
+        )
+        .await
+        .unwrap();
     let mut bodies: Vec<Value> = (0..120).map(|i| order_body(1 + i % 2, 1 + i % 4, 1 + i % 3)).collect();
     bodies.extend((0..8).map(
         |i| json!({"userId": 1 + i % 2, "items": [{"productId": 3, "quantity": 1}, {"productId": 1, "quantity": 2}]}),
@@ -149,6 +157,8 @@ async fn every_acknowledged_order_of_concurrent_batches_has_exactly_one_created_
     let mut acknowledged: Vec<i64> =
         replies.iter().filter(|r| r.status == 201).map(|r| r.json["orderId"].as_i64().unwrap()).collect();
     assert!(!acknowledged.is_empty());
+    let failed: Vec<_> = replies.iter().filter(|r| r.status >= 500).map(|r| (r.status, &r.json)).collect();
+    assert!(failed.is_empty(), "{failed:?}");
     let events = all_events(&app).await;
     let mut created: Vec<i64> =
         events.iter().filter(|e| e["type"] == "order.created").map(|e| e["orderId"].as_i64().unwrap()).collect();

@@ -8,10 +8,13 @@
 //!    of a second order; one used for another request is refused.
 //! 2. `stock.rs`: lock the products the orders name and read their stock, and which products
 //!    and users exist; then decide each order here, in arrival order, against the stock the
-//!    earlier orders of the batch left: placed whole, or refused whole with its reason.
+//!    earlier orders of the batch left: placed whole, or refused whole with its reason. Sent
+//!    just before the lock, the orders without a key get their id and `order.created` event
+//!    (`write.rs`, WRITE_EARLY_EVENTS): work that needs no lock is not done while holding one.
 //! 3. `write.rs`: one statement writes every placed order (lines, payment, inventory
-//!    movements, stock, events; a keyed order with the id its key holds); sent with it, the
-//!    refused orders' keys get their answer, and COMMIT.
+//!    movements, stock, the events not written early; a keyed order with the id its key
+//!    holds); sent with it, the refused orders' keys get their answer, the early events of
+//!    orders not placed are dropped, and COMMIT.
 //!
 //! **Lanes.** Batched, every order first joins a batch that waits for its product locks only
 //! for a short while (`Locking::Patient`, `PlaceSettings::lock_patience`): long enough for the
