@@ -151,33 +151,40 @@ pub(super) const DROP_EARLY_EVENTS: Sql = Sql {
     text: "DELETE FROM events WHERE order_id = ANY($1::int8[]) AND type = 'order.created'",
 };
 
-/// WRITE_EARLY_EVENTS' parameters: the orders of a batch that have no key.
-pub(super) struct EarlyEvents {
-    positions: Vec<usize>,
+/// Orders as the statements take them: each order's user, in order; its lines, order after
+/// order, as the (1-based) order each belongs to, product and quantity.
+#[derive(Default)]
+struct OrderArrays {
     users: Vec<i32>,
     line_order: Vec<i32>,
     products: Vec<i32>,
     quantities: Vec<i32>,
 }
 
+impl OrderArrays {
+    fn push(&mut self, order: &NewOrder) {
+        self.users.push(order.user_id);
+        let n = self.users.len() as i32;
+        for line in &order.lines {
+            self.line_order.push(n);
+            self.products.push(line.product_id);
+            self.quantities.push(line.quantity);
+        }
+    }
+}
+
+/// WRITE_EARLY_EVENTS' parameters: the orders of a batch that have no key.
+pub(super) struct EarlyEvents {
+    positions: Vec<usize>,
+    orders: OrderArrays,
+}
+
 impl EarlyEvents {
     pub(super) fn of(batch: &[&OrderRequest]) -> EarlyEvents {
-        let mut early = EarlyEvents {
-            positions: Vec::new(),
-            users: Vec::new(),
-            line_order: Vec::new(),
-            products: Vec::new(),
-            quantities: Vec::new(),
-        };
+        let mut early = EarlyEvents { positions: Vec::new(), orders: OrderArrays::default() };
         for (position, request) in batch.iter().enumerate().filter(|(_, request)| request.key.is_none()) {
             early.positions.push(position);
-            early.users.push(request.order.user_id);
-            let n = early.users.len() as i32;
-            for line in &request.order.lines {
-                early.line_order.push(n);
-                early.products.push(line.product_id);
-                early.quantities.push(line.quantity);
-            }
+            early.orders.push(&request.order);
         }
         early
     }
@@ -187,7 +194,8 @@ impl EarlyEvents {
     }
 
     pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 4] {
-        [&self.users, &self.line_order, &self.products, &self.quantities]
+        let orders = &self.orders;
+        [&orders.users, &orders.line_order, &orders.products, &orders.quantities]
     }
 
     /// The order id of each position in the batch whose event was written, from
@@ -206,45 +214,30 @@ impl EarlyEvents {
 
 /// WRITE_ORDERS' parameters for the placed orders.
 pub(super) struct Written {
-    users: Vec<i32>,
+    orders: OrderArrays,
     ids: Vec<Option<i64>>,
     early: Vec<bool>,
-    line_order: Vec<i32>,
-    products: Vec<i32>,
-    quantities: Vec<i32>,
 }
 
 impl Written {
     /// The placed orders, each with its id if drawn already, and whether its event was
     /// written early.
     pub(super) fn of<'a>(placed: impl Iterator<Item = (&'a NewOrder, Option<i64>, bool)>) -> Written {
-        let mut written = Written {
-            users: Vec::new(),
-            ids: Vec::new(),
-            early: Vec::new(),
-            line_order: Vec::new(),
-            products: Vec::new(),
-            quantities: Vec::new(),
-        };
+        let mut written = Written { orders: OrderArrays::default(), ids: Vec::new(), early: Vec::new() };
         for (order, id, early) in placed {
-            written.users.push(order.user_id);
+            written.orders.push(order);
             written.ids.push(id);
             written.early.push(early);
-            let n = written.users.len() as i32;
-            for line in &order.lines {
-                written.line_order.push(n);
-                written.products.push(line.product_id);
-                written.quantities.push(line.quantity);
-            }
         }
         written
     }
 
     pub(super) fn len(&self) -> usize {
-        self.users.len()
+        self.ids.len()
     }
 
     pub(super) fn params(&self) -> [&(dyn ToSql + Sync); 6] {
-        [&self.users, &self.ids, &self.line_order, &self.products, &self.quantities, &self.early]
+        let orders = &self.orders;
+        [&orders.users, &self.ids, &orders.line_order, &orders.products, &orders.quantities, &self.early]
     }
 }
