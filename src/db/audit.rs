@@ -77,6 +77,9 @@ pub struct Audit {
     /// Orders and products whose events are not numbered 1, 2, 3... without a gap (the ids
     /// listed are order ids, and product ids negated).
     pub sequence_gaps: Broken,
+    /// Events of an order or a product that does not exist (the ids listed are order ids, and
+    /// product ids negated): what the events' foreign keys refused until migration 0009.
+    pub events_of_nothing: Broken,
     /// Idempotency keys committed with no outcome (neither an order nor a stored answer): a
     /// claim that should have been given back. (The database itself refuses a key with both,
     /// or with an order that does not exist.)
@@ -103,6 +106,12 @@ impl Audit {
             found.push(format!(
                 "{} orders or products have events not numbered 1, 2, 3... (first: {:?})",
                 self.sequence_gaps.count, self.sequence_gaps.first_order_ids
+            ));
+        }
+        if self.events_of_nothing.count > 0 {
+            found.push(format!(
+                "{} events name an order or product that does not exist (first: {:?})",
+                self.events_of_nothing.count, self.events_of_nothing.first_order_ids
             ));
         }
         if self.keys_without_outcome > 0 {
@@ -233,6 +242,13 @@ const SEQUENCE_GAPS: &str = "
     FROM streams
     WHERE events <> last OR numbers <> events";
 
+/// Events whose order or product does not exist.
+const EVENTS_OF_NOTHING: &str = "
+    SELECT count(*), coalesce((array_agg(coalesce(e.order_id, -e.product_id) ORDER BY e.id))[1:10], '{}')
+    FROM events AS e
+    WHERE (e.order_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM orders AS o WHERE o.id = e.order_id))
+       OR (e.product_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM products AS p WHERE p.id = e.product_id))";
+
 const KEYS_WITHOUT_OUTCOME: &str =
     "SELECT count(*) FROM idempotency_keys WHERE order_id IS NULL AND response_status IS NULL";
 
@@ -258,6 +274,7 @@ pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> 
     let unbalanced_lines = broken(tx.query_one(UNBALANCED_LINES, &[]).await?);
     let orders_with_wrong_events = broken(tx.query_one(ORDERS_WITH_WRONG_EVENTS, &[]).await?);
     let sequence_gaps = broken(tx.query_one(SEQUENCE_GAPS, &[]).await?);
+    let events_of_nothing = broken(tx.query_one(EVENTS_OF_NOTHING, &[]).await?);
     let keys_without_outcome = tx.query_one(KEYS_WITHOUT_OUTCOME, &[]).await?.get(0);
     tx.commit().await?;
     Ok(Audit {
@@ -269,6 +286,7 @@ pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> 
         unbalanced_lines,
         orders_with_wrong_events,
         sequence_gaps,
+        events_of_nothing,
         keys_without_outcome,
     })
 }

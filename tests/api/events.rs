@@ -460,7 +460,7 @@ async fn the_feed_is_for_operators_and_an_orders_events_for_its_customer() {
 /// `order-api audit` checks the events against the orders: an order whose `order.created` is
 /// gone, or whose events skip a number, is reported.
 #[tokio::test]
-async fn the_audit_finds_missing_events_and_gaps() {
+async fn the_audit_finds_missing_events_gaps_and_events_of_nothing() {
     let app = spawn_app().await;
     let created = app.order(2, 1).await;
     let shipped = app.order(3, 1).await;
@@ -469,9 +469,19 @@ async fn the_audit_finds_missing_events_and_gaps() {
     app.assert_invariants().await;
     app.db.execute("DELETE FROM events WHERE order_id = $1", &[&created]).await.unwrap();
     app.db.execute("DELETE FROM events WHERE order_id = $1 AND sequence = 2", &[&shipped]).await.unwrap();
+    // An event of an order that does not exist (no foreign key refuses it since migration 0009).
+    let nothing = shipped + 1_000;
+    app.db
+        .execute(
+            "INSERT INTO events (type, order_id, user_id, sequence, data) VALUES ('order.created', $1, 1, 1, '{}')",
+            &[&nothing],
+        )
+        .await
+        .unwrap();
     let mut client = common::connect(&app.database_url).await;
     let audit = order_api::db::audit::audit(&mut client).await.unwrap();
     assert_eq!(audit.orders_with_wrong_events.first_order_ids, [created, shipped], "{audit:#?}");
     assert_eq!(audit.sequence_gaps.first_order_ids, [shipped], "{audit:#?}");
-    assert_eq!(audit.violations().len(), 2, "{:?}", audit.violations());
+    assert_eq!(audit.events_of_nothing.first_order_ids, [nothing], "{audit:#?}");
+    assert_eq!(audit.violations().len(), 3, "{:?}", audit.violations());
 }
