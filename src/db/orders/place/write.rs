@@ -111,10 +111,12 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
 };
 
 /// The part of the write that needs no product lock, sent with step 2 before the lock
-/// statement by the batches that do not wait for their locks (round.rs says why): for the orders without a key ($1 each one's user, in arrival order; its lines,
-/// order after order: $2 the 1-based order, $3 product, $4 quantity), draws each one's id and
-/// writes its `order.created`. Written here, the events cost the batches waiting for the same
-/// product locks nothing (in WRITE_ORDERS they were a fifth of the time a batch holds them).
+/// statement by the batches that do not wait for their locks (round.rs says why): for the
+/// orders without a key ($1 each one's user, in arrival order; its lines, order after order:
+/// $2 the 1-based order, $3 product, $4 quantity), draws each one's id and writes its
+/// `order.created`. Written here, the events are not written while the batch holds its
+/// product locks, which other batches on the same products wait for (in WRITE_ORDERS they
+/// lengthened that time by a fifth); their CPU is still shared (docs/performance.md).
 /// The bet is that the order is placed; step 3 drops the events of those that are not
 /// (DROP_EARLY_EVENTS), or the rollback does. Prices and names are read without a lock:
 /// neither ever changes. `now()` is the transaction's start, the order's `created_at`. An
