@@ -121,14 +121,29 @@ async fn nothing_that_did_not_commit_has_an_event_and_a_replay_has_no_second() {
     let keyed = app.post_order_with_key("k", &order_body(1, 2, 1)).await;
     assert_eq!(keyed.status, 201);
     assert_eq!(app.post_order_with_key("k", &order_body(1, 2, 1)).await.header("idempotent-replayed"), Some("true"));
-    for refused in [order_body(1, 1, 11), order_body(1, 99, 1), order_body(9, 2, 1), json!({"userId": 1, "items": []})]
-    {
-        let reply = app.post_order(&refused).await;
+    // Each refusal without a key and with one (a keyed order's event is written with its
+    // key's claim, before its stock is known: place/keys.rs), and the keyed one replayed.
+    let refusals = [order_body(1, 1, 11), order_body(1, 99, 1), order_body(9, 2, 1), json!({"userId": 1, "items": []})];
+    for (i, refused) in refusals.iter().enumerate() {
+        let reply = app.post_order(refused).await;
         assert_eq!(reply.status, 400, "{}", reply.text);
+        for _ in 0..2 {
+            let reply = app.post_order_with_key(&format!("refused-{i}"), refused).await;
+            assert_eq!(reply.status, 400, "{}", reply.text);
+        }
     }
     app.fail_payments().await;
     let body = order_body(1, 3, 1);
-    let failed = join_all((0..5).map(|_| app.post_order(&body))).await;
+    let failed = join_all((0..6).map(|i| {
+        let (app, body) = (&app, &body);
+        async move {
+            match i % 2 {
+                0 => app.post_order(body).await,
+                _ => app.post_order_with_key(&format!("failed-{i}"), body).await,
+            }
+        }
+    }))
+    .await;
     assert!(failed.iter().all(|reply| reply.status == 500), "{failed:?}");
     app.allow_payments().await;
     let events = all_events(&app).await;
@@ -140,7 +155,18 @@ async fn nothing_that_did_not_commit_has_an_event_and_a_replay_has_no_second() {
 /// for any other, and none twice.
 #[tokio::test]
 async fn every_acknowledged_order_of_concurrent_batches_has_exactly_one_created_event() {
-    let app = spawn_app_with(|config| config.order_batch_max = 64).await;
+    every_acknowledged_order_has_exactly_one_created_event(64).await;
+}
+
+/// The same, one order per transaction: those wait for their locks, and write a keyed
+/// order's event with its claim but an unkeyed one's with the order (place/round.rs).
+#[tokio::test]
+async fn every_acknowledged_order_placed_one_by_one_has_exactly_one_created_event() {
+    every_acknowledged_order_has_exactly_one_created_event(1).await;
+}
+
+async fn every_acknowledged_order_has_exactly_one_created_event(batch_max: usize) {
+    let app = spawn_app_with(|config| config.order_batch_max = batch_max).await;
     // Names that JSON must escape, so that the byte-for-byte check below covers escaping.
     app.db
         .batch_execute(
@@ -153,13 +179,21 @@ async fn every_acknowledged_order_of_concurrent_batches_has_exactly_one_created_
     bodies.extend((0..8).map(
         |i| json!({"userId": 1 + i % 2, "items": [{"productId": 3, "quantity": 1}, {"productId": 1, "quantity": 2}]}),
     ));
-    let replies = join_all(bodies.iter().map(|body| app.post_order(body))).await;
+    // A third with a key: their events are written with the key's claim (place/keys.rs).
+    let app = &app;
+    let replies = join_all(bodies.iter().enumerate().map(|(i, body)| async move {
+        match i % 3 {
+            0 => app.post_order_with_key(&format!("key-{i}"), body).await,
+            _ => app.post_order(body).await,
+        }
+    }))
+    .await;
     let mut acknowledged: Vec<i64> =
         replies.iter().filter(|r| r.status == 201).map(|r| r.json["orderId"].as_i64().unwrap()).collect();
     assert!(!acknowledged.is_empty());
     let failed: Vec<_> = replies.iter().filter(|r| r.status >= 500).map(|r| (r.status, &r.json)).collect();
     assert!(failed.is_empty(), "{failed:?}");
-    let events = all_events(&app).await;
+    let events = all_events(app).await;
     let mut created: Vec<i64> =
         events.iter().filter(|e| e["type"] == "order.created").map(|e| e["orderId"].as_i64().unwrap()).collect();
     acknowledged.sort_unstable();

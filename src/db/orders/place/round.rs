@@ -212,13 +212,17 @@ async fn write(
     settings: &Settings,
     locking: Locking,
 ) -> Outcome {
+    // The ids drawn already, each with its order's `order.created`: with the key's claim
+    // (CLAIM_KEYS) or with the early events (WRITE_EARLY_EVENTS).
+    let drawn = |position: usize| keys.order_id(position).or(early_ids.get(position).copied().flatten());
     let placed = batch.iter().enumerate().zip(&fates).filter(|(_, fate)| matches!(fate, Fate::Placed));
-    let written = Written::of(placed.map(|((position, request), _)| {
-        let early_id = early_ids.get(position).copied().flatten();
-        (&request.order, keys.order_id(position).or(early_id), early_id.is_some())
-    }));
-    let unplaced_early: Vec<i64> =
-        early_ids.iter().zip(&fates).filter_map(|(id, fate)| id.filter(|_| !matches!(fate, Fate::Placed))).collect();
+    let written = Written::of(placed.map(|((position, request), _)| (&request.order, drawn(position))));
+    let unplaced_early: Vec<i64> = fates
+        .iter()
+        .enumerate()
+        .filter(|(_, fate)| !matches!(fate, Fate::Placed))
+        .filter_map(|(p, _)| drawn(p))
+        .collect();
     let drop_early: [&(dyn ToSql + Sync); 1] = [&unplaced_early];
     let outcomes = keys.outcomes(&fates, settings.place.store_refusal);
     let write = written.params();

@@ -1,7 +1,7 @@
 //! Step 3 of a batch: one statement writes every placed order, with its lines, payment,
 //! inventory movements and the stock it takes, and gives each keyed order's key its order.
 //! Part of it goes ahead, with step 2: the `order.created` events of the orders without a key
-//! (`WRITE_EARLY_EVENTS`).
+//! (`WRITE_EARLY_EVENTS`); the keyed orders' go with their keys' claim (keys.rs).
 
 use postgres_types::{ToSql, Type};
 
@@ -114,7 +114,8 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
 /// statement by the batches that do not wait for their locks (round.rs says why): for the
 /// orders without a key ($1 each one's user, in arrival order; its lines, order after order:
 /// $2 the 1-based order, $3 product, $4 quantity), draws each one's id and writes its
-/// `order.created`. Written here, the events are not written while the batch holds its
+/// `order.created`. (A keyed order's is written by its key's claim, CLAIM_KEYS, even when
+/// waiting: the claim gives the transaction its id anyway.) Written here, the events are not written while the batch holds its
 /// product locks, which other batches on the same products wait for (in WRITE_ORDERS they
 /// lengthened that time by a fifth); their CPU is still shared (docs/performance.md).
 /// The bet is that the order is placed; step 3 drops the events of those that are not
@@ -156,15 +157,15 @@ pub(super) const DROP_EARLY_EVENTS: Sql = Sql {
 /// Orders as the statements take them: each order's user, in order; its lines, order after
 /// order, as the (1-based) order each belongs to, product and quantity.
 #[derive(Default)]
-struct OrderArrays {
-    users: Vec<i32>,
-    line_order: Vec<i32>,
-    products: Vec<i32>,
-    quantities: Vec<i32>,
+pub(super) struct OrderArrays {
+    pub users: Vec<i32>,
+    pub line_order: Vec<i32>,
+    pub products: Vec<i32>,
+    pub quantities: Vec<i32>,
 }
 
 impl OrderArrays {
-    fn push(&mut self, order: &NewOrder) {
+    pub(super) fn push(&mut self, order: &NewOrder) {
         self.users.push(order.user_id);
         let n = self.users.len() as i32;
         for line in &order.lines {
@@ -222,14 +223,14 @@ pub(super) struct Written {
 }
 
 impl Written {
-    /// The placed orders, each with its id if drawn already, and whether its event was
-    /// written early.
-    pub(super) fn of<'a>(placed: impl Iterator<Item = (&'a NewOrder, Option<i64>, bool)>) -> Written {
+    /// The placed orders, each with its id if drawn already: an order's id is drawn ahead
+    /// only with its `order.created` (CLAIM_KEYS, WRITE_EARLY_EVENTS).
+    pub(super) fn of<'a>(placed: impl Iterator<Item = (&'a NewOrder, Option<i64>)>) -> Written {
         let mut written = Written { orders: OrderArrays::default(), ids: Vec::new(), early: Vec::new() };
-        for (order, id, early) in placed {
+        for (order, id) in placed {
             written.orders.push(order);
             written.ids.push(id);
-            written.early.push(early);
+            written.early.push(id.is_some());
         }
         written
     }
