@@ -37,7 +37,8 @@ pub(super) const CLAIM_KEYS: Sql = Sql {
         Type::INT4_ARRAY,
         Type::INT4_ARRAY,
     ],
-    text: "
+    text: concat!(
+        "
     WITH claimed AS (
         INSERT INTO idempotency_keys AS k (user_id, key, request_hash, order_id)
         SELECT c.user_id, c.key, md5(c.fingerprint), c.order_id
@@ -51,14 +52,9 @@ pub(super) const CLAIM_KEYS: Sql = Sql {
             WHERE k.created_at < now() - make_interval(secs => $4)
         RETURNING k.user_id, k.key, k.order_id
     ),
-    items AS (
-        SELECT l.n, sum(products.price * l.quantity) AS total,
-               string_agg(order_created_item(l.product_id, products.name, l.quantity, products.price), ','
-                          ORDER BY l.position) AS json
-        FROM unnest($5::int4[], $6::int4[], $7::int4[]) WITH ORDINALITY AS l (n, product_id, quantity, position)
-        JOIN products ON products.id = l.product_id
-        GROUP BY l.n
-    ),
+    ",
+        created_items!("$5", "$6", "$7"),
+        ",
     created AS (
         INSERT INTO events (type, order_id, user_id, sequence, data)
         SELECT 'order.created', claimed.order_id, users.id, 1,
@@ -69,7 +65,8 @@ pub(super) const CLAIM_KEYS: Sql = Sql {
         JOIN users ON users.id = c.user_id
         ORDER BY c.n
     )
-    SELECT user_id, key, order_id FROM claimed",
+    SELECT user_id, key, order_id FROM claimed"
+    ),
 };
 
 /// Each key as it stands after the claim (a statement of its own, so that it sees what a

@@ -48,6 +48,31 @@
 //! through its commit's WAL flush, so they go one flush after another; a batch takes the lock
 //! once, writes its orders with a few set-based statements and flushes once.
 
+/// The `items` of orders about to get their `order.created` before they are written (the
+/// early events, and a keyed order's with its claim): per order (`n`, 1-based), its total and
+/// its lines' data, from the lines' (order, product, quantity) parameters given, and the
+/// products as they stand (neither prices nor names ever change).
+macro_rules! created_items {
+    ($line_order:literal, $products:literal, $quantities:literal) => {
+        concat!(
+            "items AS (
+        SELECT l.n, sum(products.price * l.quantity) AS total,
+               string_agg(order_created_item(l.product_id, products.name, l.quantity, products.price), ','
+                          ORDER BY l.position) AS json
+        FROM unnest(",
+            $line_order,
+            "::int4[], ",
+            $products,
+            "::int4[], ",
+            $quantities,
+            "::int4[]) WITH ORDINALITY AS l (n, product_id, quantity, position)
+        JOIN products ON products.id = l.product_id
+        GROUP BY l.n
+    )"
+        )
+    };
+}
+
 mod keys;
 mod round;
 mod stock;

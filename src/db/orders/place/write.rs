@@ -125,19 +125,15 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
 /// missing a line; it is dropped all the same. Returns the ids, in arrival order.
 pub(super) const WRITE_EARLY_EVENTS: Sql = Sql {
     params: &[Type::INT4_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY, Type::INT4_ARRAY],
-    text: "
+    text: concat!(
+        "
     WITH placed AS (
         SELECT o.n, o.user_id, nextval('orders_id_seq') AS id
         FROM (SELECT * FROM unnest($1::int4[]) WITH ORDINALITY AS o (user_id, n) ORDER BY n) AS o
     ),
-    items AS (
-        SELECT l.n, sum(products.price * l.quantity) AS total,
-               string_agg(order_created_item(l.product_id, products.name, l.quantity, products.price), ','
-                          ORDER BY l.position) AS json
-        FROM unnest($2::int4[], $3::int4[], $4::int4[]) WITH ORDINALITY AS l (n, product_id, quantity, position)
-        JOIN products ON products.id = l.product_id
-        GROUP BY l.n
-    ),
+    ",
+        created_items!("$2", "$3", "$4"),
+        ",
     written AS (
         INSERT INTO events (type, order_id, user_id, sequence, data)
         SELECT 'order.created', placed.id, users.id, 1,
@@ -145,7 +141,8 @@ pub(super) const WRITE_EARLY_EVENTS: Sql = Sql {
         FROM placed JOIN items USING (n) JOIN users ON users.id = placed.user_id
         ORDER BY placed.n
     )
-    SELECT id FROM placed ORDER BY n",
+    SELECT id FROM placed ORDER BY n"
+    ),
 };
 
 /// Drops the early events of orders that were not placed. $1 their ids.
