@@ -115,9 +115,11 @@ pub(super) const WRITE_ORDERS: Sql = Sql {
 /// orders without a key ($1 each one's user, in arrival order; its lines, order after order:
 /// $2 the 1-based order, $3 product, $4 quantity), draws each one's id and writes its
 /// `order.created`. (A keyed order's is written by its key's claim, CLAIM_KEYS, even when
-/// waiting: the claim gives the transaction its id anyway.) Written here, the events are not written while the batch holds its
-/// product locks, which other batches on the same products wait for (in WRITE_ORDERS they
-/// lengthened that time by a fifth); their CPU is still shared (docs/performance.md).
+/// waiting: the claim gives the transaction its id anyway.) Written here, the events are not
+/// written while the batch holds its product locks, which other batches on the same products
+/// wait for (in WRITE_ORDERS they lengthened that time by a fifth). Their cost is not where
+/// they are written but that they are: about a fifth of batched throughput either way
+/// (docs/performance.md).
 /// The bet is that the order is placed; step 3 drops the events of those that are not
 /// (DROP_EARLY_EVENTS), or the rollback does. Prices and names are read without a lock:
 /// neither ever changes. `now()` is the transaction's start, the order's `created_at`. An
