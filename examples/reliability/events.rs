@@ -209,7 +209,7 @@ pub async fn check(
         .query(
             "WITH e AS (
                 SELECT 'evt_' || replace(e.event_id::text, '-', '') AS public_id, e.type, e.order_id,
-                       e.product_id, e.sequence, e.data
+                       e.product_id, e.sequence, coalesce(e.data, order_created_json(e.order_id)) AS data
                 FROM events AS e WHERE e.id > $1
             ), restocks AS (
                 SELECT product_id, count(*) AS n FROM inventory_movements

@@ -131,7 +131,7 @@ macro_rules! event_columns {
     () => {
         "e.tx::text::int8, e.id, 'evt_' || replace(e.event_id::text, '-', ''), e.type, e.sequence,
          to_char(e.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-         e.order_id, e.user_id, e.product_id, e.data::text"
+         e.order_id, e.user_id, e.product_id, coalesce(e.data, order_created_json(e.order_id))::text"
     };
 }
 

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use postgres_types::{ToSql, Type};
 use tokio_postgres::Row;
 
-use super::{CreatedOrder, Fate, OrderRequest, Replay, StoredAnswer, write::OrderArrays};
+use super::{CreatedOrder, Fate, OrderRequest, Replay, StoredAnswer};
 use crate::{db::Sql, error::Error, money::Money};
 
 /// Claims keys: inserts each, or takes over an expired one; returns the keys now ours, each
@@ -20,25 +20,14 @@ use crate::{db::Sql, error::Error, money::Money};
 /// if placed, and a refusal gives it up). $1 users, $2 keys, $3 request fingerprints (same
 /// length, no (user, key) twice), $4 retention in seconds. Inserted in (user, key) order, the
 /// order every claim takes them in.
-///
-/// It also writes the `order.created` event of each claimed key's order, as WRITE_EARLY_EVENTS
-/// does for the orders without a key, and for the same reason: not while the batch holds its
-/// product locks. Which keys are claimed is known only here (the others replay or are
-/// refused), so the claim writes them, from the orders' lines: $5 the (1-based) key each line
-/// belongs to, $6 product, $7 quantity. Step 3 drops the events of the orders then refused or
-/// deferred (DROP_EARLY_EVENTS).
 pub(super) const CLAIM_KEYS: Sql = Sql {
     params: &[
         Type::INT4_ARRAY,
         Type::TEXT_ARRAY,
         Type::TEXT_ARRAY,
         Type::FLOAT8,
-        Type::INT4_ARRAY,
-        Type::INT4_ARRAY,
-        Type::INT4_ARRAY,
     ],
-    text: concat!(
-        "
+    text: "
     WITH claimed AS (
         INSERT INTO idempotency_keys AS k (user_id, key, request_hash, order_id)
         SELECT c.user_id, c.key, md5(c.fingerprint), c.order_id
@@ -51,22 +40,8 @@ pub(super) const CLAIM_KEYS: Sql = Sql {
                 order_id = EXCLUDED.order_id, created_at = now()
             WHERE k.created_at < now() - make_interval(secs => $4)
         RETURNING k.user_id, k.key, k.order_id
-    ),
-    ",
-        created_items!("$5", "$6", "$7"),
-        ",
-    created AS (
-        INSERT INTO events (type, order_id, user_id, sequence, data)
-        SELECT 'order.created', claimed.order_id, users.id, 1,
-               order_created_json(claimed.order_id, items.total, now(), users.id, users.email, items.json)
-        FROM unnest($1::int4[], $2::text[]) WITH ORDINALITY AS c (user_id, key, n)
-        JOIN claimed ON claimed.user_id = c.user_id AND claimed.key = c.key
-        JOIN items ON items.n = c.n
-        JOIN users ON users.id = c.user_id
-        ORDER BY c.n
     )
-    SELECT user_id, key, order_id FROM claimed"
-    ),
+    SELECT user_id, key, order_id FROM claimed",
 };
 
 /// Each key as it stands after the claim (a statement of its own, so that it sees what a
@@ -114,8 +89,7 @@ pub(super) struct Keys {
     positions: Vec<usize>,
     keys: Vec<String>,
     fingerprints: Vec<String>,
-    /// The keyed orders: their users, and their lines for their events (CLAIM_KEYS' $1, $5-$7).
-    orders: OrderArrays,
+    users: Vec<i32>,
     retention_secs: f64,
     /// Filled by `read`: the keys claimed by this transaction (as opposed to found holding an
     /// outcome), by position in the batch, with the order id drawn for each.
@@ -128,7 +102,7 @@ impl Keys {
             positions: Vec::new(),
             keys: Vec::new(),
             fingerprints: Vec::new(),
-            orders: OrderArrays::default(),
+            users: Vec::new(),
             retention_secs,
             claimed: HashMap::new(),
         };
@@ -137,7 +111,7 @@ impl Keys {
                 keys.positions.push(i);
                 keys.keys.push(key.as_str().to_owned());
                 keys.fingerprints.push(request.order.fingerprint());
-                keys.orders.push(&request.order);
+                keys.users.push(request.order.user_id);
             }
         }
         keys
@@ -148,17 +122,8 @@ impl Keys {
     }
 
     /// CLAIM_KEYS' parameters (FIND_KEYS takes the first three).
-    pub(super) fn claim_params(&self) -> [&(dyn ToSql + Sync); 7] {
-        let lines = &self.orders;
-        [
-            &lines.users,
-            &self.keys,
-            &self.fingerprints,
-            &self.retention_secs,
-            &lines.line_order,
-            &lines.products,
-            &lines.quantities,
-        ]
+    pub(super) fn claim_params(&self) -> [&(dyn ToSql + Sync); 4] {
+        [&self.users, &self.keys, &self.fingerprints, &self.retention_secs]
     }
 
     /// Sets the fate of each keyed order from CLAIM_KEYS' and FIND_KEYS' rows: left open if
@@ -168,7 +133,7 @@ impl Keys {
             claimed.iter().map(|row| ((row.get(0), row.get(1)), row.get(2))).collect();
         let found: HashMap<i64, &Row> = found.iter().map(|row| (row.get(0), row)).collect();
         for (n, &position) in self.positions.iter().enumerate() {
-            if let Some(&order_id) = claimed.get(&(self.orders.users[n], self.keys[n].as_str())) {
+            if let Some(&order_id) = claimed.get(&(self.users[n], self.keys[n].as_str())) {
                 self.claimed.insert(position, order_id);
                 continue;
             }
@@ -203,7 +168,7 @@ impl Keys {
     pub(super) fn outcomes(&self, fates: &[Fate], store_refusal: fn(&Error) -> StoredAnswer) -> Outcomes {
         let mut outcomes = Outcomes::default();
         for (n, &position) in self.positions.iter().enumerate() {
-            let (user, key) = (self.orders.users[n], self.keys[n].clone());
+            let (user, key) = (self.users[n], self.keys[n].clone());
             match &fates[position] {
                 Fate::Refused(Error::IdempotencyKeyReused) | Fate::Placed | Fate::Open => {}
                 Fate::Refused(refusal) => {

@@ -8,13 +8,10 @@
 //!    of a second order; one used for another request is refused.
 //! 2. `stock.rs`: lock the products the orders name and read their stock, and which products
 //!    and users exist; then decide each order here, in arrival order, against the stock the
-//!    earlier orders of the batch left: placed whole, or refused whole with its reason. Sent
-//!    just before the lock, the orders without a key get their id and `order.created` event
-//!    (`write.rs`, WRITE_EARLY_EVENTS): work that needs no lock is not done while holding one.
+//!    earlier orders of the batch left: placed whole, or refused whole with its reason.
 //! 3. `write.rs`: one statement writes every placed order (lines, payment, inventory
-//!    movements, stock, the events not written early; a keyed order with the id its key
-//!    holds); sent with it, the refused orders' keys get their answer, the early events of
-//!    orders not placed are dropped, and COMMIT.
+//!    movements, stock, events; a keyed order with the id its key holds); sent with it, the
+//!    refused orders' keys get their answer, and COMMIT.
 //!
 //! **Lanes.** Batched, every order first joins a batch that waits for its product locks only
 //! for a short while (`Locking::Patient`, `PlaceSettings::lock_patience`): long enough for the
@@ -47,31 +44,6 @@
 //! Why batches: on a hot product every single-order transaction holds the product's row lock
 //! through its commit's WAL flush, so they go one flush after another; a batch takes the lock
 //! once, writes its orders with a few set-based statements and flushes once.
-
-/// The `items` of orders about to get their `order.created` before they are written (the
-/// early events, and a keyed order's with its claim): per order (`n`, 1-based), its total and
-/// its lines' data, from the lines' (order, product, quantity) parameters given, and the
-/// products as they stand (neither prices nor names ever change).
-macro_rules! created_items {
-    ($line_order:literal, $products:literal, $quantities:literal) => {
-        concat!(
-            "items AS (
-        SELECT l.n, sum(products.price * l.quantity) AS total,
-               string_agg(order_created_item(l.product_id, products.name, l.quantity, products.price), ','
-                          ORDER BY l.position) AS json
-        FROM unnest(",
-            $line_order,
-            "::int4[], ",
-            $products,
-            "::int4[], ",
-            $quantities,
-            "::int4[]) WITH ORDINALITY AS l (n, product_id, quantity, position)
-        JOIN products ON products.id = l.product_id
-        GROUP BY l.n
-    )"
-        )
-    };
-}
 
 mod keys;
 mod round;

@@ -10,7 +10,7 @@ use super::{
     CreatedOrder, Fate, OrderRequest, Placed, Settings, Settled,
     keys::{CLAIM_KEYS, FIND_KEYS, Keys, RELEASE_KEYS, SAVE_OUTCOMES},
     stock::{EXISTING_PRODUCTS, EXISTING_USERS, Locking, Names, SET_LOCK_PATIENCE, Stock},
-    write::{DROP_EARLY_EVENTS, EarlyEvents, WRITE_EARLY_EVENTS, WRITE_ORDERS, Written},
+    write::{WRITE_ORDERS, Written},
 };
 use crate::{
     db::{Failure, Pool, PooledConn, Tx, events, pipeline::Step},
@@ -80,24 +80,21 @@ async fn place_once(pool: &Pool, settings: &Settings, batch: &[&OrderRequest], l
     };
     let mut keys = Keys::of(batch, settings.place.key_retention.as_secs_f64());
     let mut fates: Vec<Fate> = batch.iter().map(|_| Fate::Open).collect();
-    let early = EarlyEvents::of(batch);
-    let (tx, mut stock, early_ids) =
-        match read(conn, batch, &mut keys, &early, &mut fates, locking, &settings.patience).await {
-            Ok(read) => read,
-            Err(outcome) => return outcome,
-        };
+    let (tx, mut stock) = match read(conn, batch, &mut keys, &mut fates, locking, &settings.patience).await {
+        Ok(read) => read,
+        Err(outcome) => return outcome,
+    };
     if let Some(stock) = &mut stock {
         if locking == Locking::Skip {
             settings.held.saw(stock.held_elsewhere());
         }
         stock.decide(batch.iter().map(|request| &request.order).zip(fates.iter_mut()), locking);
     }
-    write(tx, batch, &keys, &early_ids, fates, settings, locking).await
+    write(tx, batch, &keys, fates, settings, locking).await
 }
 
-/// Step 1 and 2: BEGIN, claim the keys and read what they hold, write the early events, lock
-/// the products and read the stock and the users; returns, by position in the batch, the order
-/// ids drawn with early events. One round trip, except for a batch with keys that waits for its
+/// Step 1 and 2: BEGIN, claim the keys and read what they hold, lock the products and read the
+/// stock and the users. One round trip, except for a batch with keys that waits for its
 /// locks: it claims first and locks in a second round trip, only the products of the orders
 /// its keys left open, so that a lock timeout is told apart from a key held by a request
 /// still running (409), and replays take no product lock. `None` stock: no order left open.
@@ -108,12 +105,10 @@ async fn read(
     conn: PooledConn,
     batch: &[&OrderRequest],
     keys: &mut Keys,
-    early: &EarlyEvents,
     fates: &mut [Fate],
     locking: Locking,
     patience: &str,
-) -> Result<(Tx, Option<Stock>, Vec<Option<i64>>), Outcome> {
-    let no_early_ids = || vec![None; batch.len()];
+) -> Result<(Tx, Option<Stock>), Outcome> {
     let claim = keys.claim_params();
     let claims: Vec<Step> =
         if keys.is_empty() { Vec::new() } else { vec![(&CLAIM_KEYS, &claim[..]), (&FIND_KEYS, &claim[..3])] };
@@ -123,33 +118,24 @@ async fn read(
         let open = batch.iter().zip(fates.iter()).filter(|(_, fate)| matches!(fate, Fate::Open));
         let names = Names::of(open.map(|(request, _)| &request.order));
         if names.users.is_empty() {
-            return Ok((tx, None, no_early_ids()));
+            return Ok((tx, None));
         }
         let (products, users): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
             ([&names.products], [&names.users]);
         let (tx, rows) = tx.then(&stock_steps(&products, &users, locking)).await?;
-        return Ok((tx, Some(stock_of(&rows)?), no_early_ids()));
+        return Ok((tx, Some(stock_of(&rows)?)));
     }
-    // One round trip: [patience,] [claims,] [early events,] step 2.
+    // One round trip: [patience,] [claims,] step 2.
     let names = Names::of(batch.iter().map(|request| &request.order));
     let (products, users): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) = ([&names.products], [&names.users]);
     let patience: [&(dyn ToSql + Sync); 1] = [&patience];
-    let early_params = early.params();
     let patient = locking == Locking::Patient;
-    let mut steps: Vec<Step> = Vec::with_capacity(8);
+    let mut steps: Vec<Step> = Vec::with_capacity(6);
     if patient {
         steps.push((&SET_LOCK_PATIENCE, &patience));
     }
     let first_claim = steps.len();
     steps.extend(claims);
-    // Not when waiting for the locks (the contended lane, one order per transaction): the
-    // events would give the transaction its id before a wait that may last up to
-    // `lock_timeout`, and the feed hands out nothing past a transaction still running.
-    let write_early = !early.is_empty() && locking != Locking::Wait;
-    let early_step = steps.len();
-    if write_early {
-        steps.push((&WRITE_EARLY_EVENTS, &early_params));
-    }
     let first_stock = steps.len();
     steps.extend(stock_steps(&products, &users, locking));
     let (tx, rows) = match conn.begin(&steps).await {
@@ -165,11 +151,7 @@ async fn read(
         };
         keys.read(claimed, found, fates)?;
     }
-    let early_ids = match rows.get(early_step) {
-        Some(written) if write_early => early.ids(written, batch.len())?,
-        _ => no_early_ids(),
-    };
-    Ok((tx, Some(stock_of(rows.get(first_stock..).unwrap_or_default())?), early_ids))
+    Ok((tx, Some(stock_of(rows.get(first_stock..).unwrap_or_default())?)))
 }
 
 /// Step 2's statements, given the product ids (ascending) and the user ids.
@@ -201,29 +183,18 @@ fn claim_failed(failure: Failure, batch: &[&OrderRequest]) -> RoundEnd {
 }
 
 /// Step 3: write the placed orders, store the keys' outcomes, give back the keys of deferred
-/// orders and drop the early events of the orders not placed, and commit, in one round trip;
+/// orders, and commit, in one round trip;
 /// or roll back when there is nothing to keep (only refusals and deferred orders).
 async fn write(
     tx: Tx,
     batch: &[&OrderRequest],
     keys: &Keys,
-    early_ids: &[Option<i64>],
     fates: Vec<Fate>,
     settings: &Settings,
     locking: Locking,
 ) -> Outcome {
-    // The ids drawn already, each with its order's `order.created`: with the key's claim
-    // (CLAIM_KEYS) or with the early events (WRITE_EARLY_EVENTS).
-    let drawn = |position: usize| keys.order_id(position).or(early_ids.get(position).copied().flatten());
     let placed = batch.iter().enumerate().zip(&fates).filter(|(_, fate)| matches!(fate, Fate::Placed));
-    let written = Written::of(placed.map(|((position, request), _)| (&request.order, drawn(position))));
-    let unplaced_early: Vec<i64> = fates
-        .iter()
-        .enumerate()
-        .filter(|(_, fate)| !matches!(fate, Fate::Placed))
-        .filter_map(|(p, _)| drawn(p))
-        .collect();
-    let drop_early: [&(dyn ToSql + Sync); 1] = [&unplaced_early];
+    let written = Written::of(placed.map(|((position, request), _)| (&request.order, keys.order_id(position))));
     let outcomes = keys.outcomes(&fates, settings.place.store_refusal);
     let write = written.params();
     let save: [&(dyn ToSql + Sync); 4] = [&outcomes.users, &outcomes.keys, &outcomes.statuses, &outcomes.bodies];
@@ -247,9 +218,6 @@ async fn write(
             Ok(()) => RoundEnd::Answered(answers(fates, batch, &[])).into(),
             Err(failure) => failure.into(),
         };
-    }
-    if !unplaced_early.is_empty() {
-        steps.push((&DROP_EARLY_EVENTS, &drop_early));
     }
     let created = match tx.commit(&steps).await {
         Ok(mut rows) if written.len() > 0 => rows.swap_remove(0),
