@@ -121,8 +121,8 @@ async fn nothing_that_did_not_commit_has_an_event_and_a_replay_has_no_second() {
     let keyed = app.post_order_with_key("k", &order_body(1, 2, 1)).await;
     assert_eq!(keyed.status, 201);
     assert_eq!(app.post_order_with_key("k", &order_body(1, 2, 1)).await.header("idempotent-replayed"), Some("true"));
-    // Each refusal without a key and with one (a keyed order's event is written with its
-    // key's claim, before its stock is known: place/keys.rs), and the keyed one replayed.
+    // Each refusal without a key and with one (a keyed order draws its id when its key is
+    // claimed, before its stock is known: place/keys.rs), and the keyed one replayed.
     let refusals = [order_body(1, 1, 11), order_body(1, 99, 1), order_body(9, 2, 1), json!({"userId": 1, "items": []})];
     for (i, refused) in refusals.iter().enumerate() {
         let reply = app.post_order(refused).await;
@@ -158,8 +158,7 @@ async fn every_acknowledged_order_of_concurrent_batches_has_exactly_one_created_
     every_acknowledged_order_has_exactly_one_created_event(64).await;
 }
 
-/// The same, one order per transaction: those wait for their locks, and write a keyed
-/// order's event with its claim but an unkeyed one's with the order (place/round.rs).
+/// The same, one order per transaction (those wait for their locks: place/round.rs).
 #[tokio::test]
 async fn every_acknowledged_order_placed_one_by_one_has_exactly_one_created_event() {
     every_acknowledged_order_has_exactly_one_created_event(1).await;
@@ -179,7 +178,7 @@ async fn every_acknowledged_order_has_exactly_one_created_event(batch_max: usize
     bodies.extend((0..8).map(
         |i| json!({"userId": 1 + i % 2, "items": [{"productId": 3, "quantity": 1}, {"productId": 1, "quantity": 2}]}),
     ));
-    // A third with a key: their events are written with the key's claim (place/keys.rs).
+    // A third with a key: their ids are drawn with the key's claim (place/keys.rs).
     let app = &app;
     let replies = join_all(bodies.iter().enumerate().map(|(i, body)| async move {
         match i % 3 {

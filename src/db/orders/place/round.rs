@@ -183,8 +183,8 @@ fn claim_failed(failure: Failure, batch: &[&OrderRequest]) -> RoundEnd {
 }
 
 /// Step 3: write the placed orders, store the keys' outcomes, give back the keys of deferred
-/// orders, and commit, in one round trip;
-/// or roll back when there is nothing to keep (only refusals and deferred orders).
+/// orders, and commit, in one round trip; or roll back when there is nothing to keep (only
+/// refusals and deferred orders).
 async fn write(
     tx: Tx,
     batch: &[&OrderRequest],
