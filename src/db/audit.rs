@@ -13,6 +13,7 @@
 //! - Every order placed since events are written: its events match its history (one
 //!   `order.created`, one event per status reached); every order's and product's events are
 //!   numbered 1, 2, 3... without a gap.
+//! - Every event and idempotency key names an order (or product) that exists.
 //!
 //! Orders placed before the ledger started (see `ledger_start!`) count in the order checks
 //! but not in the stock and movement checks.
@@ -81,9 +82,11 @@ pub struct Audit {
     /// product ids negated): what the events' foreign keys refused until migration 0009.
     pub events_of_nothing: Broken,
     /// Idempotency keys committed with no outcome (neither an order nor a stored answer): a
-    /// claim that should have been given back. (The database itself refuses a key with both,
-    /// or with an order that does not exist.)
+    /// claim that should have been given back. (The database itself refuses a key with both.)
     pub keys_without_outcome: i64,
+    /// Idempotency keys naming an order that does not exist (the ids listed are those
+    /// orders'): what the keys' foreign key refused until migration 0011.
+    pub keys_of_nothing: Broken,
 }
 
 impl Audit {
@@ -116,6 +119,12 @@ impl Audit {
         }
         if self.keys_without_outcome > 0 {
             found.push(format!("{} idempotency keys hold no outcome", self.keys_without_outcome));
+        }
+        if self.keys_of_nothing.count > 0 {
+            found.push(format!(
+                "{} idempotency keys name an order that does not exist (first: {:?})",
+                self.keys_of_nothing.count, self.keys_of_nothing.first_order_ids
+            ));
         }
         if self.unbalanced_lines.count > 0 {
             found.push(format!(
@@ -252,6 +261,12 @@ const EVENTS_OF_NOTHING: &str = "
 const KEYS_WITHOUT_OUTCOME: &str =
     "SELECT count(*) FROM idempotency_keys WHERE order_id IS NULL AND response_status IS NULL";
 
+/// Idempotency keys whose order does not exist (no foreign key refuses one since sql/0011).
+const KEYS_OF_NOTHING: &str = "
+    SELECT count(*), coalesce((array_agg(k.order_id ORDER BY k.order_id))[1:10], '{}')
+    FROM idempotency_keys AS k
+    WHERE k.order_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM orders AS o WHERE o.id = k.order_id)";
+
 /// Reads the whole database once and returns what it found.
 pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> {
     let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start().await?;
@@ -276,6 +291,7 @@ pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> 
     let sequence_gaps = broken(tx.query_one(SEQUENCE_GAPS, &[]).await?);
     let events_of_nothing = broken(tx.query_one(EVENTS_OF_NOTHING, &[]).await?);
     let keys_without_outcome = tx.query_one(KEYS_WITHOUT_OUTCOME, &[]).await?.get(0);
+    let keys_of_nothing = broken(tx.query_one(KEYS_OF_NOTHING, &[]).await?);
     tx.commit().await?;
     Ok(Audit {
         products,
@@ -288,5 +304,6 @@ pub async fn audit(client: &mut Client) -> Result<Audit, tokio_postgres::Error> 
         sequence_gaps,
         events_of_nothing,
         keys_without_outcome,
+        keys_of_nothing,
     })
 }

@@ -172,8 +172,8 @@ pub(super) async fn rotate(pool: &Pool, id: i64, secret: &str) -> Result<String,
 const REPLAY: Sql = Sql {
     params: &[Type::INT8, Type::TEXT, Type::INT8],
     text: "
-    INSERT INTO webhook_deliveries (endpoint_id, event_id, order_id, product_id, sequence)
-    SELECT w.id, e.id, e.order_id, e.product_id, e.sequence
+    INSERT INTO webhook_deliveries (endpoint_id, event_tx, event_id, order_id, product_id, sequence)
+    SELECT w.id, e.tx, e.id, e.order_id, e.product_id, e.sequence
     FROM webhook_endpoints AS w
     JOIN events AS e ON (e.tx, e.id) > ($2::text::xid8, $3) AND (e.tx, e.id) <= (w.routed_tx, w.routed_id)
     WHERE w.id = $1 AND (cardinality(w.types) = 0 OR e.type = ANY (w.types))
@@ -215,7 +215,7 @@ const ATTEMPTS: Sql = Sql {
            a.status, a.latency_ms, a.outcome, a.error
     FROM webhook_attempts AS a
     JOIN webhook_deliveries AS d ON d.id = a.delivery_id
-    JOIN events AS e ON e.id = d.event_id
+    JOIN events AS e ON (e.tx, e.id) = (d.event_tx, d.event_id)
     WHERE a.endpoint_id = $1 AND a.id < $2
     ORDER BY a.id DESC
     LIMIT $3",
@@ -277,8 +277,8 @@ const ROUTE: Sql = Sql {
             LIMIT $2
         ) AS e
     ), routed AS (
-        INSERT INTO webhook_deliveries (endpoint_id, event_id, order_id, product_id, sequence)
-        SELECT $1, p.id, p.order_id, p.product_id, p.sequence
+        INSERT INTO webhook_deliveries (endpoint_id, event_tx, event_id, order_id, product_id, sequence)
+        SELECT $1, p.tx, p.id, p.order_id, p.product_id, p.sequence
         FROM picked AS p, w
         WHERE cardinality(w.types) = 0 OR p.type = ANY (w.types)
         ON CONFLICT (endpoint_id, event_id) DO NOTHING
@@ -392,7 +392,7 @@ const CLAIM: Sql = Sql {
         -- claim that committed since may have leased it (the UPDATE re-reads it).
         WHERE d.id = ANY (ARRAY(SELECT id FROM picked))
           AND d.state = 'pending' AND (d.leased_until IS NULL OR d.leased_until <= now())
-        RETURNING d.id, d.endpoint_id, d.attempts, d.event_id
+        RETURNING d.id, d.endpoint_id, d.attempts, d.event_tx, d.event_id
     )
     SELECT c.id, c.endpoint_id, c.attempts, w.url, w.secret,
            CASE WHEN w.previous_secret_until > now() THEN w.previous_secret END, ",
@@ -400,7 +400,7 @@ const CLAIM: Sql = Sql {
         "
     FROM claimed AS c
     JOIN webhook_endpoints AS w ON w.id = c.endpoint_id
-    JOIN events AS e ON e.id = c.event_id"
+    JOIN events AS e ON (e.tx, e.id) = (c.event_tx, c.event_id)"
     ),
 };
 
@@ -614,7 +614,8 @@ const BACKLOG: Sql = Sql {
     SELECT w.id,
            (SELECT count(*) FROM webhook_deliveries AS d WHERE d.endpoint_id = w.id AND d.state = 'pending'),
            coalesce(extract(epoch FROM now() - least(
-               (SELECT min(e.occurred_at) FROM webhook_deliveries AS d JOIN events AS e ON e.id = d.event_id
+               (SELECT min(e.occurred_at) FROM webhook_deliveries AS d
+                JOIN events AS e ON (e.tx, e.id) = (d.event_tx, d.event_id)
                 WHERE d.endpoint_id = w.id AND d.state = 'pending'),
                (SELECT min(e.occurred_at) FROM events AS e
                 WHERE (e.tx, e.id) > (w.routed_tx, w.routed_id)

@@ -248,3 +248,21 @@ async fn each_key_names_the_order_it_made_or_holds_its_refusal() {
     assert_eq!((replay.status, replay.text.as_str()), (201, deferred.text.as_str()));
     app.assert_invariants().await;
 }
+
+/// A key holds its order's id (no foreign key since sql/0011): `order-api audit` reports a key
+/// naming an order that does not exist.
+#[tokio::test]
+async fn the_audit_finds_a_key_naming_no_order() {
+    let app = spawn_app().await;
+    let placed = app.post_order_with_key("kept", &order_body(1, 2, 1)).await;
+    assert_eq!(placed.status, 201, "{}", placed.text);
+    app.assert_invariants().await;
+    let order: i64 =
+        app.db.query_one("SELECT order_id FROM idempotency_keys WHERE key = 'kept'", &[]).await.unwrap().get(0);
+    let nothing = order + 1_000;
+    app.db.execute("UPDATE idempotency_keys SET order_id = $1 WHERE key = 'kept'", &[&nothing]).await.unwrap();
+    let mut client = common::connect(&app.database_url).await;
+    let audit = order_api::db::audit::audit(&mut client).await.unwrap();
+    assert_eq!(audit.keys_of_nothing.first_order_ids, [nothing], "{audit:#?}");
+    assert_eq!(audit.violations().len(), 1, "{:?}", audit.violations());
+}
