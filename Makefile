@@ -3,11 +3,15 @@
 
 CARGO   ?= cargo
 RELEASE := target/release/order-api
+# The binary the image ships (Dockerfile): the same build with glibc linked statically, under
+# target/<host triple>/. `make bench` measures this one.
+HOST     = $(shell rustc -vV | sed -n 's/^host: //p')
+SHIPPED  = target/$(HOST)/release/order-api
 # Compose v2 (`docker compose`) when the Docker CLI has it, else v1 (`docker-compose`).
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
 IMAGE   ?= order-api
 
-.PHONY: run build migrate seed test lint fuzz bench chaos soak ha-up ha-down ha-status fmt clean docker-build up down logs help \
+.PHONY: run build build-shipped migrate seed test lint fuzz bench chaos soak ha-up ha-down ha-status fmt clean docker-build up down logs help \
 	up-observed rules-check prometheus-check k8s-check release-check client-check openapi-client-check \
 	webhook-receiver-check backup-setup backup backups restore backup-check restore-drill up-backup
 
@@ -18,6 +22,10 @@ run: build
 
 build:
 	$(CARGO) build --release --locked
+
+# RUSTFLAGS reach only the --target build, not build scripts and proc macros (as in the Dockerfile).
+build-shipped:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked --target $(HOST)
 
 ## migrate: create the database if missing and apply pending migrations
 migrate: build
@@ -58,11 +66,12 @@ fuzz:
 ## Exits 1 on a failed correctness check (audit, request errors, flash sale, ledger, exit
 ## code, an event not delivered); a missed performance target is printed as MISS and does not
 ## change the exit status. COMPARE_BINARY=path also runs the orders scenarios with another build
-## (e.g. one without order events) beside this one, on a database of its own.
+## (e.g. one without order events) beside this one, on a database of its own. The binary measured
+## is the one the image ships (glibc linked statically: `build-shipped`).
 DURATION ?= 15
-bench: build
+bench: build-shipped
 	$(CARGO) build --profile tools --locked --example webhook_sink
-	python3 bench/run.py --duration $(DURATION) $(if $(COMPARE_BINARY),--compare-binary $(COMPARE_BINARY))
+	python3 bench/run.py --binary $(SHIPPED) --duration $(DURATION) $(if $(COMPARE_BINARY),--compare-binary $(COMPARE_BINARY))
 
 ## chaos: faults injected under load into the release binary, each on a fresh database, then
 ## the data checked: pg-restart (stops the local PostgreSQL for 3 s: run it alone), api-kill,

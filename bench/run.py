@@ -3,7 +3,8 @@
 
 One run, on one fresh database:
 
-1. Builds nothing (the Makefile builds the release binary first); drops and recreates the
+1. Builds nothing (the Makefile builds the binary first: the one the image ships, glibc
+   linked statically, passed as --binary); drops and recreates the
    database `order_api_bench`, migrates and seeds it with `order-api seed`, raises the stock
    of the four in-stock products by 1e9 (with its ledger movement) so that no order is ever
    refused for stock, and adds a history of 20,000 delivered orders (see HISTORY_SQL).
